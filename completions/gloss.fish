@@ -1,0 +1,1 @@
+complete --command gloss --no-files --arguments "(env _GLOSS_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) gloss)" --condition "env _GLOSS_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) gloss"

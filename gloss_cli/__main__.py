@@ -1,0 +1,3 @@
+from gloss_cli.cli import main
+
+main()

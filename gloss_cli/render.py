@@ -1,0 +1,52 @@
+"""Tables for stdout. Imported by the CLI only after a stage has run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from gloss_cli.console import out
+from gloss_cli.project import Project, StageState
+from gloss_cli.sources import DatasetInfo
+
+_STATE_STYLE = {"done": "green", "stale": "yellow", "missing": "red"}
+
+
+def data_table(info: DatasetInfo, stats: dict[str, Any]) -> None:
+    table = Table(title=f"gloss data: {info.name}", title_justify="left")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_column("canonical 5-core", justify="right")
+    rows = [
+        ("users (>= 3 interactions)", "users", "test_users"),
+        ("items with a title", "items", "items"),
+        ("interactions kept", "interactions", "interactions"),
+        ("train examples", "train_examples", None),
+        ("validation users (5 %, seed 42)", "validation_users", "validation_users"),
+        ("test users (last item)", "test_users", "test_users"),
+    ]
+    for label, key, canon in rows:
+        want = info.canonical.get(canon) if canon else None
+        mark = "" if want is None else (f"[green]{want:,} ✓[/]" if want == stats[key] else f"[yellow]{want:,} ✗[/]")
+        table.add_row(label, f"{stats[key]:,}", mark)
+    table.add_row(
+        "sequence length",
+        f"{stats['seq_len_mean']:.2f} ± {stats['seq_len_std']:.2f} (max {stats['seq_len_max']})",
+        "",
+    )
+    out.print(table)
+
+
+def status_table(project: Project, states: list[StageState], next_command: str | None) -> None:
+    table = Table(title=f"gloss project {project.root}", title_justify="left")
+    for column in ("stage", "state", "finished", "note"):
+        table.add_column(column)
+    for s in states:
+        style = _STATE_STYLE[s.state]
+        table.add_row(s.name, f"[{style}]{s.state}[/]", s.finished or "", s.reason)
+    out.print(table)
+    if next_command:
+        out.print(f"next: [bold]{next_command}[/]")
+    else:
+        out.print("[green]all stages are done.[/]")

@@ -1,0 +1,307 @@
+"""Where the Amazon 2014 files come from, and reading them safely.
+
+Order: ``--source DIR``, then ``$GLOSS_DATA_DIR/<dataset>/``, then a download of the original McAuley files
+(cached under ``$GLOSS_HOME/downloads``). A folder may hold either format:
+
+* original: ``reviews_<Category>_5.json.gz`` (JSON lines) + ``meta_<Category>.json.gz`` (Python literals, one per
+  line, parsed with ``ast.literal_eval``);
+* compact: ``interactions.csv.gz`` (user_id,item_id,timestamp) + ``items.csv.gz`` (item_id,title).
+
+Every reading error becomes a one-line :class:`GlossError` naming the file (and the line where it can).
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import gzip
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from gloss_cli.console import Reporter
+from gloss_cli.errors import GlossError
+from gloss_cli.project import sha256_file
+
+AMAZON_2014_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
+# A raw title longer than this is not a product title but a broken file (an unclosed quote swallowing rows).
+MAX_RAW_TITLE_WORDS = 1000
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    category: str  # McAuley's file-name category
+    # Canonical counts after GLoSS processing (no --dedup), used to warn on any difference.
+    canonical: dict[str, int] = field(default_factory=dict)
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "beauty": DatasetInfo(
+        "beauty",
+        "Beauty",
+        {"test_users": 22_363, "items": 12_094, "validation_users": 1_118, "interactions": 198_371},
+    ),
+    "toys": DatasetInfo(
+        "toys",
+        "Toys_and_Games",
+        {"test_users": 19_395, "items": 11_865, "validation_users": 969, "interactions": 166_738},
+    ),
+    "sports": DatasetInfo(
+        "sports",
+        "Sports_and_Outdoors",
+        {"test_users": 35_597, "items": 18_267, "validation_users": 1_779, "interactions": 295_111},
+    ),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    info = DATASETS.get(name.lower())
+    if info is None:
+        raise GlossError(
+            f"Unknown dataset '{name}'.",
+            f"Use one of: {', '.join(DATASETS)} (e.g. 'gloss data --dataset beauty').",
+        )
+    return info
+
+
+def gloss_home() -> Path:
+    return Path(os.environ.get("GLOSS_HOME") or Path.home() / ".cache" / "gloss").expanduser()
+
+
+@dataclass
+class Source:
+    kind: str  # "compact" | "original"
+    origin: str  # "--source" | "GLOSS_DATA_DIR" | "download"
+    interactions: Path
+    items: Path
+    downloads: list[dict[str, Any]] = field(default_factory=list)
+
+
+def original_names(info: DatasetInfo) -> tuple[str, str]:
+    return f"reviews_{info.category}_5.json.gz", f"meta_{info.category}.json.gz"
+
+
+def find_in_dir(folder: Path, info: DatasetInfo, origin: str) -> Source | None:
+    if (folder / "interactions.csv.gz").is_file() and (folder / "items.csv.gz").is_file():
+        return Source("compact", origin, folder / "interactions.csv.gz", folder / "items.csv.gz")
+    reviews, meta = original_names(info)
+    if (folder / reviews).is_file() and (folder / meta).is_file():
+        return Source("original", origin, folder / reviews, folder / meta)
+    return None
+
+
+def resolve_source(info: DatasetInfo, source: Path | None, reporter: Reporter) -> Source:
+    reviews, meta = original_names(info)
+    expected = f"interactions.csv.gz + items.csv.gz, or {reviews} + {meta}"
+    if source is not None:
+        for folder in (source, source / info.name):
+            if folder.is_dir() and (found := find_in_dir(folder, info, "--source")):
+                return found
+        raise GlossError(
+            f"--source {source} holds no {info.name} data (expected {expected}).",
+            "Point --source at the folder with those files.",
+        )
+    mirror = os.environ.get("GLOSS_DATA_DIR")
+    if mirror:
+        folder = Path(mirror).expanduser() / info.name
+        if found := find_in_dir(folder, info, "GLOSS_DATA_DIR"):
+            return found
+        raise GlossError(
+            f"GLOSS_DATA_DIR={mirror} has no {info.name}/ folder with {expected}.",
+            "Fix GLOSS_DATA_DIR, or unset it to download the original files.",
+        )
+    return download_original(info, reporter)
+
+
+# -- download ---------------------------------------------------------------------------------------------
+def download_original(info: DatasetInfo, reporter: Reporter) -> Source:
+    base = os.environ.get("GLOSS_AMAZON_URL", AMAZON_2014_URL).rstrip("/") + "/"
+    folder = gloss_home() / "downloads" / "amazon2014" / info.name
+    records = [download(base + name, folder / name, reporter) for name in original_names(info)]
+    reviews, meta = (folder / name for name in original_names(info))
+    return Source("original", "download", reviews, meta, records)
+
+
+def download(url: str, dest: Path, reporter: Reporter, chunk: int = 2**16) -> dict[str, Any]:
+    """Fetch ``url`` to ``dest`` via ``dest.part``, resuming a partial download with an HTTP Range request."""
+    if dest.is_file():
+        return {"url": url, "path": str(dest), "size": dest.stat().st_size, "sha256": sha256_file(dest)}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as exc:
+        if exc.code != 416 or not have:  # 416: the part file already holds everything
+            raise GlossError(
+                f"Download of {url} failed: HTTP {exc.code} {exc.reason}.",
+                "Pass --source DIR or set GLOSS_DATA_DIR to a folder holding the files.",
+            ) from None
+        response = None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise GlossError(
+            f"Could not download {url} ({reason}).",
+            "Check the network, or pass --source DIR / set GLOSS_DATA_DIR to a folder holding the files.",
+        ) from None
+    if response is not None:
+        with response:
+            resumed = response.status == 206
+            if not resumed:
+                have = 0  # the server ignored the range: start over
+            length = response.headers.get("Content-Length")
+            total = have + int(length) if length else None
+            with (
+                part.open("ab" if resumed else "wb") as fh,
+                reporter.progress(f"download {dest.name}", total, bytes_=True) as tick,
+            ):
+                tick.advance(have)
+                try:
+                    while block := response.read(chunk):
+                        fh.write(block)
+                        tick.advance(len(block))
+                except OSError as exc:
+                    raise GlossError(
+                        f"Download of {url} broke off ({exc}).",
+                        "Run the same command again: it resumes where it stopped.",
+                    ) from None
+            if total is not None and part.stat().st_size != total:
+                raise GlossError(
+                    f"Download of {url} ended early ({part.stat().st_size} of {total} bytes).",
+                    "Run the same command again: it resumes where it stopped.",
+                )
+    os.replace(part, dest)
+    return {"url": url, "path": str(dest), "size": dest.stat().st_size, "sha256": sha256_file(dest)}
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+def read_gz(path: Path) -> bytes:
+    """The decompressed bytes, checked to be complete, non-empty UTF-8."""
+    try:
+        data = gzip.decompress(path.read_bytes())
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise GlossError(
+            f"{path} is not a complete gzip file ({exc}).",
+            "The file is truncated or corrupt: fetch it again (delete it to re-download).",
+        ) from None
+    if not data.strip():
+        raise GlossError(f"{path} is empty.", "Fetch the file again, or point gloss at another copy.")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise GlossError(
+            f"{path}, line {line}: bytes that are not UTF-8 ({data[exc.start : exc.start + 1]!r}).",
+            "Re-encode the file as UTF-8.",
+        ) from None
+    return data
+
+
+def _csv_rows(data: bytes) -> Iterator[tuple[int, list[str]]]:
+    reader = csv.reader(io.StringIO(data.decode("utf-8")))
+    for row in reader:
+        yield reader.line_num, row
+
+
+def read_csv(path: Path, schema: dict[str, Any]) -> pl.DataFrame:
+    data = read_gz(path)
+    header = next(csv.reader(io.StringIO(data[: data.find(b"\n")].decode("utf-8"))), [])
+    missing = [col for col in schema if col not in header]
+    if missing:
+        raise GlossError(
+            f"{path} lacks column(s) {', '.join(missing)} (header: {','.join(header)}).",
+            f"The file needs a header line with {','.join(schema)}.",
+        )
+    try:
+        frame = pl.read_csv(io.BytesIO(data), schema_overrides=schema, columns=list(schema), infer_schema=False)
+    except pl.exceptions.PolarsError as exc:
+        frame = None
+        error = str(exc).splitlines()[0]
+    required = [col for col in schema if col != "title"]  # an empty title is allowed (the item is dropped)
+    if frame is None or frame.select(required).null_count().sum_horizontal().item():
+        # Rare path: find the first bad line for the message (slow, but only on broken files).
+        positions = [header.index(col) for col in schema]
+        for line, row in _csv_rows(data):
+            if line == 1:
+                continue
+            if len(row) != len(header):
+                raise GlossError(
+                    f"{path}, line {line}: expected {len(header)} fields, found {len(row)}.",
+                    "Fix or remove that line (titles with commas must be quoted).",
+                )
+            for col, i in zip(schema, positions, strict=True):
+                if col in required and not row[i]:
+                    raise GlossError(f"{path}, line {line}: empty {col}.", "Fix or remove that line.")
+                if schema[col] == pl.Int64 and not row[i].lstrip("-").isdigit():
+                    raise GlossError(
+                        f"{path}, line {line}: {col} '{row[i][:40]}' is not an integer.",
+                        "Fix or remove that line.",
+                    )
+        if frame is None:
+            raise GlossError(f"{path}: cannot be parsed as CSV ({error}).", "Check the file's quoting.")
+    return frame
+
+
+def read_json_lines(path: Path, schema: dict[str, Any]) -> pl.DataFrame:
+    data = read_gz(path)
+    try:
+        frame = pl.read_ndjson(io.BytesIO(data), schema=schema)
+    except pl.exceptions.PolarsError as exc:
+        for line, text in enumerate(data.decode("utf-8").splitlines(), 1):
+            if not text.strip():
+                continue
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as bad:
+                raise GlossError(f"{path}, line {line}: not valid JSON ({bad.msg}).", "Fetch the file again.") from None
+        raise GlossError(f"{path}: cannot be read as JSON lines ({exc}).", "Fetch the file again.") from None
+    missing = [col for col in schema if frame[col].null_count() == frame.height]
+    if missing:
+        raise GlossError(f"{path} has no field(s) {', '.join(missing)}.", f"Each line needs {', '.join(schema)}.")
+    return frame
+
+
+def read_meta(path: Path) -> pl.DataFrame:
+    """asin + title from the 2014 meta file, whose lines are Python literals (never ``eval``)."""
+    asins: list[str] = []
+    titles: list[str | None] = []
+    for line, text in enumerate(read_gz(path).decode("utf-8").splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            record = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise GlossError(f"{path}, line {line}: not a Python literal.", "Fetch the file again.") from None
+        if not isinstance(record, dict) or not isinstance(record.get("asin"), str):
+            raise GlossError(f"{path}, line {line}: a record without an 'asin'.", "Fetch the file again.")
+        title = record.get("title")
+        asins.append(record["asin"])
+        titles.append(title if isinstance(title, str) else None)
+    return pl.DataFrame({"item_id": asins, "title": titles}, schema={"item_id": pl.String, "title": pl.String})
+
+
+def read_source(source: Source) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(interactions[user_id, item_id, timestamp], items[item_id, title]) in source-file order."""
+    if source.kind == "compact":
+        interactions = read_csv(
+            source.interactions, {"user_id": pl.String, "item_id": pl.String, "timestamp": pl.Int64}
+        )
+        items = read_csv(source.items, {"item_id": pl.String, "title": pl.String})
+    else:
+        reviews = read_json_lines(
+            source.interactions, {"reviewerID": pl.String, "asin": pl.String, "unixReviewTime": pl.Int64}
+        )
+        interactions = reviews.rename({"reviewerID": "user_id", "asin": "item_id", "unixReviewTime": "timestamp"})
+        items = read_meta(source.items)
+    return interactions, items

@@ -1,0 +1,74 @@
+"""Test isolation: every test gets its own GLOSS_HOME, no inherited project, and runs in tmp_path."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# The real Amazon 2014 mirror (CI and the project's machines have ../shared beside the repo).
+SHARED_DATA = Path(os.environ.get("GLOSS_DATA_DIR") or REPO.parent / "shared" / "data" / "amazon2014")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("GLOSS_HOME", str(tmp_path / "home"))
+    for var in ("GLOSS_PROJECT", "GLOSS_DATA_DIR", "GLOSS_DEBUG", "GLOSS_AMAZON_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "beauty" / "interactions.csv.gz").is_file():
+        pytest.skip(f"real Amazon 2014 mirror not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def write_gz_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(buf.getvalue().encode("utf-8")))
+    return path
+
+
+def synthetic_rows(seed: int = 7, users: int = 60, items: int = 40) -> tuple[list[list[object]], list[list[object]]]:
+    """A small catalogue with every awkward case: untitled items, messy whitespace, > 25-word titles, same-day
+    ties, exact duplicate reviews, and users left with fewer than 3 titled interactions."""
+    rng = random.Random(seed)
+    item_rows: list[list[object]] = []
+    for i in range(items):
+        words = [f"w{i}_{k}" for k in range(rng.choice([2, 5, 30]))]
+        title = "  ".join(words) if i % 5 else "\t".join(words) + "  "
+        item_rows.append([f"I{i:03d}", "" if i % 13 == 12 else title])
+    inter_rows: list[list[object]] = []
+    for u in range(users):
+        n = rng.choice([2, 3, 4, 5, 8, 12])
+        day = 1_400_000_000
+        for _ in range(n):
+            day += rng.choice([0, 0, 86_400])  # many same-day ties
+            inter_rows.append([f"U{u:03d}", f"I{rng.randrange(items):03d}", day])
+        if u % 9 == 0:
+            inter_rows.append(list(inter_rows[-1]))  # an exact duplicate review
+    rng.shuffle(inter_rows)  # file order is not time order; ties must keep this order
+    return inter_rows, item_rows
+
+
+@pytest.fixture
+def synthetic(tmp_path: Path) -> Path:
+    """A compact-format dataset folder (interactions.csv.gz + items.csv.gz)."""
+    inter, items = synthetic_rows()
+    folder = tmp_path / "src"
+    write_gz_csv(folder / "interactions.csv.gz", ["user_id", "item_id", "timestamp"], inter)
+    write_gz_csv(folder / "items.csv.gz", ["item_id", "title"], items)
+    return folder

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from gloss_cli import __version__
+from gloss_cli.cli import app
+from gloss_cli.completion import SHELLS, script
+from tests.conftest import REPO
+
+runner = CliRunner()
+
+
+def test_version_and_short_help() -> None:
+    assert runner.invoke(app, ["--version"]).stdout.strip() == f"gloss {__version__}"
+    result = runner.invoke(app, ["-h"])
+    assert result.exit_code == 0 and "data" in result.stdout and "status" in result.stdout
+    data_help = runner.invoke(app, ["data", "-h"])
+    assert "--project" in data_help.stdout and "Examples" in data_help.stdout
+
+
+def test_help_does_not_import_heavy_libraries() -> None:
+    code = (
+        "import sys; from gloss_cli.cli import app\n"
+        "try: app(['--help'], prog_name='gloss')\n"
+        "except SystemExit: pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'polars', 'sentence_transformers', 'bm25s', 'usearch')"
+        " if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+
+
+def test_python_dash_m_works() -> None:
+    result = subprocess.run([sys.executable, "-m", "gloss_cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"gloss {__version__}"
+
+
+def test_completion_scripts_are_current() -> None:
+    for shell, name in SHELLS.items():
+        path = REPO / "completions" / name
+        assert path.is_file(), f"missing {path}: run python -m gloss_cli.completion"
+        assert path.read_text() == script(shell), f"{path} is stale: run python -m gloss_cli.completion"
+
+
+def test_completion_answers_with_dataset_names(tmp_path: Path) -> None:
+    env = {"_GLOSS_COMPLETE": "complete_bash", "COMP_WORDS": "gloss data --dataset s", "COMP_CWORD": "3"}
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "gloss_cli"], capture_output=True, text=True, env=os.environ | env)
+    assert result.stdout.split() == ["sports"]
