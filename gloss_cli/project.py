@@ -228,6 +228,19 @@ class Project:
             path.unlink(missing_ok=True)
 
     # -- running a stage ----------------------------------------------------------------------------------
+    def _upstream(self, manifest: dict[str, Any], name: str, upstream: tuple[str, ...] | None) -> dict[str, str]:
+        """Fingerprints of the stage records this one uses (default: its PIPELINE family's upstream stages)."""
+        if upstream is None:
+            spec = next((s for s in PIPELINE if s.name == name.split("/")[0]), None)
+            upstream = spec.upstream if spec else ()
+        fingerprints = {}
+        for up in upstream:
+            record = manifest["stages"].get(up)
+            if record is None:
+                self.require(up)
+            fingerprints[up] = record["fingerprint"]
+        return fingerprints
+
     @contextlib.contextmanager
     def run_stage(
         self,
@@ -237,30 +250,33 @@ class Project:
         command: str,
         libraries: tuple[str, ...] = (),
         out_dir: str | None = None,
+        upstream: tuple[str, ...] | None = None,
+        in_place: bool = False,
     ) -> Iterator[StageRun]:
-        """Run a stage into a temp folder; on success publish it as ``<out_dir or name>/`` and record it.
+        """Run a stage and record it in the manifest under ``name`` (e.g. ``data``, ``index/bm25``).
 
-        On any exception the temp folder is removed and neither the old outputs nor the manifest change.
-        The caller must hold :meth:`lock`.
+        By default the stage writes into a temp folder that replaces ``<out_dir or name>/`` on success; on any
+        exception the temp folder is removed and neither the old outputs nor the manifest change. With
+        ``in_place`` the stage writes straight into its folder (for append-only, resumable outputs such as
+        generated queries) and only the manifest is updated at the end. The caller must hold :meth:`lock`.
         """
         manifest = self.manifest()  # fail early on a bad manifest, before any work
-        spec = next((s for s in PIPELINE if s.name == name), None)
-        upstream = {}
-        for up in spec.upstream if spec else ():
-            record = manifest["stages"].get(up)
-            if record is None:
-                self.require(up)
-            upstream[up] = record["fingerprint"]
+        fingerprints = self._upstream(manifest, name, upstream)
         final = self.root / (out_dir or name)
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=self.root))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if in_place:
+            final.mkdir(parents=True, exist_ok=True)
+            work = final
+        else:
+            work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=self.root))
         started, t0 = now_iso(), time.perf_counter()
-        run = StageRun(name=name, dir=tmp, params=params, libraries=libraries)
+        run = StageRun(name=name, dir=work, params=params, libraries=libraries)
         try:
             yield run
+            rel = final.relative_to(self.root).as_posix()
             outputs = [
-                file_entry(p, tmp) | {"path": f"{final.name}/{p.relative_to(tmp)}"}
-                for p in sorted(tmp.rglob("*"))
+                file_entry(p, work) | {"path": f"{rel}/{p.relative_to(work).as_posix()}"}
+                for p in sorted(work.rglob("*"))
                 if p.is_file()
             ]
             record = {
@@ -268,7 +284,7 @@ class Project:
                 "params": run.params,
                 "inputs": run.inputs,
                 "outputs": outputs,
-                "upstream": upstream,
+                "upstream": fingerprints,
                 "metrics": run.metrics,
                 "versions": library_versions(*run.libraries),
                 "started": started,
@@ -276,9 +292,13 @@ class Project:
                 "duration_s": round(time.perf_counter() - t0, 3),
             }
             record["fingerprint"] = fingerprint({k: record[k] for k in ("params", "inputs", "outputs", "upstream")})
-            self._publish(tmp, final, manifest, name, record)
+            if in_place:
+                self._write_manifest(manifest, name, record)
+            else:
+                self._publish(work, final, manifest, name, record)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not in_place:
+                shutil.rmtree(work, ignore_errors=True)
 
     def _publish(self, tmp: Path, final: Path, manifest: dict[str, Any], name: str, record: dict[str, Any]) -> None:
         old = None
@@ -286,14 +306,8 @@ class Project:
             old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=self.root))
             os.replace(final, old / "x")
         os.replace(tmp, final)
-        manifest = dict(manifest)
-        manifest["stages"] = dict(manifest["stages"]) | {name: record}
-        manifest["schema_version"] = SCHEMA_VERSION
-        manifest["gloss_version"] = __version__
-        manifest.setdefault("created", record["started"])
-        manifest["updated"] = record["finished"]
         try:
-            atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+            self._write_manifest(manifest, name, record)
         except BaseException:
             shutil.rmtree(final, ignore_errors=True)
             if old is not None:
@@ -302,6 +316,15 @@ class Project:
         finally:
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def _write_manifest(self, manifest: dict[str, Any], name: str, record: dict[str, Any]) -> None:
+        manifest = dict(manifest)
+        manifest["stages"] = dict(manifest["stages"]) | {name: record}
+        manifest["schema_version"] = SCHEMA_VERSION
+        manifest["gloss_version"] = __version__
+        manifest.setdefault("created", record["started"])
+        manifest["updated"] = record["finished"]
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
 
     # -- status -------------------------------------------------------------------------------------------
     def _changed_outputs(self, record: dict[str, Any]) -> str | None:
@@ -324,27 +347,33 @@ class Project:
         return None
 
     def status(self) -> list[StageState]:
+        """One row per stage record (``index/bm25``, ``eval/...``), and one per pipeline stage never run."""
         stages = self.manifest()["stages"]
         dataset = (stages.get("data") or {}).get("params", {}).get("dataset", "beauty")
         states: dict[str, StageState] = {}
         for spec in PIPELINE:
             command = spec.command.format(dataset=dataset)
-            record = stages.get(spec.name)
-            if record is None:
+            names = [n for n in stages if n == spec.name or n.startswith(spec.name + "/")]
+            if not names:
                 states[spec.name] = StageState(spec.name, "missing", "never run", command)
-                continue
-            reason = self._changed_outputs(record)
-            for up in spec.upstream:
-                if reason:
-                    break
-                up_record = stages.get(up)
-                if up_record is None or states[up].state == "missing":
-                    reason = f"upstream '{up}' is missing"
-                elif record.get("upstream", {}).get(up) != up_record.get("fingerprint"):
-                    reason = f"upstream '{up}' was re-run"
-                elif states[up].state == "stale":
-                    reason = f"upstream '{up}' is stale"
-            states[spec.name] = StageState(
-                spec.name, "stale" if reason else "done", reason or "", command, record.get("finished")
-            )
+            for name in names:
+                record = stages[name]
+                reason = self._changed_outputs(record)
+                for up, recorded in record.get("upstream", {}).items():
+                    if reason:
+                        break
+                    up_record = stages.get(up)
+                    if up_record is None:
+                        reason = f"upstream '{up}' is missing"
+                    elif recorded != up_record.get("fingerprint"):
+                        reason = f"upstream '{up}' was re-run"
+                    elif up in states and states[up].state == "stale":
+                        reason = f"upstream '{up}' is stale"
+                states[name] = StageState(
+                    name,
+                    "stale" if reason else "done",
+                    reason or "",
+                    record.get("command", command),
+                    record.get("finished"),
+                )
         return list(states.values())

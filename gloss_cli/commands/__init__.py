@@ -1,0 +1,1 @@
+"""One module per command: parse options, call one stage function, render. No heavy imports."""

@@ -1,0 +1,38 @@
+"""Options shared by every command (aliases, so that every command spells them the same way)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gloss_cli.project import DEFAULT_PROJECT
+
+ProjectOpt = Annotated[
+    Path,
+    typer.Option(
+        "--project",
+        "-p",
+        envvar="GLOSS_PROJECT",
+        help="Project folder (manifest.json + one folder per stage).",
+        show_default=True,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info messages (warnings stay).")]
+
+
+def _complete_dataset(incomplete: str) -> list[str]:
+    from gloss_cli.sources import DATASETS
+
+    return [name for name in DATASETS if name.startswith(incomplete)]
+
+
+DatasetOpt = Annotated[
+    str,
+    typer.Option(
+        "--dataset", "-d", help="beauty, toys or sports.", autocompletion=_complete_dataset, show_default=True
+    ),
+]
+DEFAULT_PROJECT_PATH = Path(DEFAULT_PROJECT)
