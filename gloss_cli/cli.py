@@ -66,9 +66,12 @@ def _main(
     pass
 
 
-from gloss_cli.commands import data, status  # noqa: E402
+from gloss_cli.commands import data, evaluate, index, segments, status  # noqa: E402
 
 app.command()(data.data)
+app.command()(index.index)
+app.command("eval")(evaluate.evaluate)
+app.command()(segments.segments)
 app.command()(status.status)
 
 

@@ -36,3 +36,16 @@ DatasetOpt = Annotated[
     ),
 ]
 DEFAULT_PROJECT_PATH = Path(DEFAULT_PROJECT)
+RetrieverOpt = Annotated[
+    str,
+    typer.Option(
+        "--retriever",
+        "-r",
+        help="bm25, dense (uses --encoder), or an encoder name: minilm, mpnet, e5, e5-base, an HF id or a path.",
+        show_default=True,
+    ),
+]
+EncoderOpt = Annotated[
+    str | None,
+    typer.Option(help="Encoder for --retriever dense (default minilm: all-MiniLM-L6-v2, offline from PyPI)."),
+]

@@ -45,11 +45,14 @@ class Stage:
 
 
 # Pipeline order. A stage is listed here once its command exists.
-PIPELINE: tuple[Stage, ...] = (Stage("data", (), "gloss data --dataset {dataset}"),)
+PIPELINE: tuple[Stage, ...] = (
+    Stage("data", (), "gloss data --dataset {dataset}"),
+    Stage("index", ("data",), "gloss index --retriever bm25"),
+    Stage("eval", ("data",), "gloss eval --baseline lis"),
+    Stage("segments", ("data",), "gloss segments"),
+)
 # Stages to come, in order (each is added to PIPELINE together with its command):
-#   Stage("train", ("data",), "gloss train --dataset {dataset}"),
 #   Stage("index", ("data",), "gloss index --retriever bm25"),          records index/<retriever>
-#   Stage("generate", ("data", "train"), "gloss generate --split test"),  records generate/<split>
 #   Stage("eval", (...), "gloss eval --retriever bm25"),                 records eval/<run name>
 #   Stage("segments", (...), "gloss segments"),
 

@@ -50,3 +50,40 @@ def status_table(project: Project, states: list[StageState], next_command: str |
         out.print(f"next: [bold]{next_command}[/]")
     else:
         out.print("[green]all stages are done.[/]")
+
+
+def eval_table(result: Any) -> None:
+    table = Table(
+        title=f"gloss eval: {result.name}", title_justify="left", caption=result.describe(), caption_justify="left"
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("95% CI", justify="right")
+    for metric, value in result.metrics.items():
+        lo_hi = result.ci.get(metric)
+        table.add_row(metric, f"{value:.4f}", f"[{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else "")
+    out.print(table)
+    for note in result.notes:
+        out.print(f"[yellow]note:[/] {note}")
+    out.print(f"[dim]per-user metrics, TREC run and qrels: {result.folder}[/]")
+
+
+def segments_table(report: Any) -> None:
+    k = report.k
+    for run in report.runs:
+        rows = report.table.filter(report.table["run"] == run)
+        table = Table(
+            title=f"gloss segments: {run}",
+            title_justify="left",
+            caption=f"cold-start <= {report.cold} < regular <= {report.power} < power (interactions, duplicates "
+            f"removed); metrics @ {k}, mean over the segment's users",
+            caption_justify="left",
+        )
+        for column in ("segment", "users", "share", f"recall@{k}", f"ndcg@{k}"):
+            table.add_column(column, justify="left" if column == "segment" else "right")
+        for r in rows.iter_rows(named=True):
+            table.add_row(
+                r["segment"], f"{r['users']:,}", f"{r['share']:.1%}", f"{r[f'recall@{k}']:.4f}", f"{r[f'ndcg@{k}']:.4f}"
+            )
+        out.print(table)
+    out.print(f"plot: {report.plot}")

@@ -1,0 +1,97 @@
+"""`gloss eval`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gloss_cli.console import RichReporter, print_json
+from gloss_cli.options import DEFAULT_PROJECT_PATH, EncoderOpt, JsonOpt, ProjectOpt, QuietOpt, RetrieverOpt
+
+
+def evaluate(
+    retriever: RetrieverOpt = "bm25",
+    encoder: EncoderOpt = None,
+    split: Annotated[str, typer.Option(help="test or validation.")] = "test",
+    k: Annotated[list[int] | None, typer.Option("--k", "-k", help="Cut-off; repeat for several (default 5).")] = None,
+    protocol: Annotated[
+        str, typer.Option(help="paper: top-1 per generated query, as GLoSS; fused: top-K per query, rank fusion.")
+    ] = "paper",
+    exclude_seen: Annotated[
+        bool, typer.Option("--exclude-seen", help="Never recommend the user's history items.")
+    ] = False,
+    baseline: Annotated[str | None, typer.Option(help="lis: query with the title of the user's last item.")] = None,
+    queries: Annotated[
+        Path | None, typer.Option(help="GLoSS JSON file (reviewer_id, asin, seen_asins, generated_sequences).")
+    ] = None,
+    num_queries: Annotated[int, typer.Option(help="Generated queries used per user.")] = 5,
+    name: Annotated[
+        str | None, typer.Option(help="Run name (default: <source>-<retriever>-<protocol>-<split>).")
+    ] = None,
+    project: ProjectOpt = DEFAULT_PROJECT_PATH,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Evaluate recommendations: Recall@K, NDCG@K and MRR@K on the held-out item, with a bootstrap 95% CI.
+
+    Queries come from 'gloss generate' (default), a GLoSS JSON file (--queries) or the Last-Item-Search baseline
+    (--baseline lis). The index is built on the fly if missing. Writes eval/<name>/: per_user.parquet,
+    run.trec + qrels.trec (for ranx / trec_eval) and metrics.json.
+
+    [dim]Examples:[/]
+
+      gloss eval --baseline lis
+
+      gloss eval --retriever e5 --protocol fused --exclude-seen
+
+      gloss eval --queries llama-1b_test.json -k 5 -k 10
+    """
+    from gloss_cli.evaluate import run
+    from gloss_cli.project import Project
+
+    reporter = RichReporter(quiet)
+    proj = Project(project)
+    command = f"gloss eval --retriever {retriever} --split {split} --protocol {protocol}"
+    command += (" --exclude-seen" if exclude_seen else "") + (f" --baseline {baseline}" if baseline else "")
+    command += f" --queries {queries}" if queries else ""
+    with proj.lock(command):
+        result = run(
+            proj,
+            split=split,
+            retriever=retriever,
+            encoder=encoder,
+            ks=k,
+            protocol=protocol,
+            exclude_seen=exclude_seen,
+            queries_file=queries,
+            baseline=baseline,
+            num_queries=num_queries,
+            name=name,
+            command=command,
+            reporter=reporter,
+        )
+    if json_:
+        print_json(
+            {
+                "project": str(proj.root),
+                "run": result.name,
+                "protocol": result.protocol,
+                "protocol_description": result.describe(),
+                "split": result.split,
+                "retriever": result.retriever,
+                "source": result.source,
+                "users": result.users,
+                "k": result.ks,
+                "exclude_seen": result.exclude_seen,
+                "metrics": result.metrics,
+                "ci95": result.ci,
+                "notes": result.notes,
+                "folder": str(result.folder),
+            }
+        )
+        return
+    from gloss_cli.render import eval_table
+
+    eval_table(result)

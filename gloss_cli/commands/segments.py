@@ -1,0 +1,45 @@
+"""`gloss segments`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from gloss_cli.console import print_json
+from gloss_cli.options import DEFAULT_PROJECT_PATH, JsonOpt, ProjectOpt, QuietOpt
+
+
+def segments(
+    run: Annotated[list[str] | None, typer.Option("--run", help="Eval run(s) to compare (default: all).")] = None,
+    k: Annotated[int, typer.Option("--k", "-k", help="Cut-off of the metrics shown.")] = 5,
+    cold: Annotated[int | None, typer.Option(help="Cold-start: at most this many interactions (default 5).")] = None,
+    power: Annotated[
+        int | None, typer.Option(help="Power users: more than this many (default 14 Beauty, 13 Toys/Sports).")
+    ] = None,
+    project: ProjectOpt = DEFAULT_PROJECT_PATH,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Split eval runs' per-user metrics into cold-start / regular / power users, with a PNG bar chart.
+
+    [dim]Examples:[/]
+
+      gloss segments
+
+      gloss segments --run lis-bm25-paper-test --run model-bm25-paper-test --json
+    """
+    from gloss_cli.project import Project
+    from gloss_cli.segments import as_json
+    from gloss_cli.segments import run as run_segments
+
+    proj = Project(project)
+    command = "gloss segments" + "".join(f" --run {r}" for r in run or []) + f" -k {k}"
+    with proj.lock(command):
+        report = run_segments(proj, runs=run, k=k, cold=cold, power=power, command=command)
+    if json_:
+        print_json(as_json(report))
+        return
+    from gloss_cli.render import segments_table
+
+    segments_table(report)

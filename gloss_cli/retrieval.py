@@ -1,0 +1,164 @@
+"""Retrievers over the catalog: BM25 (bm25s) and dense (sentence encoders + usearch), behind one small interface.
+
+Keys returned by a retriever are row numbers of ``data/items.parquet`` (catalog order). Each index folder keeps
+the library's own format (bm25s folder; ``index.usearch`` + ``vectors.npy``) plus a ``meta.json`` that names the
+retriever and the catalog fingerprint it was built on, so that an index from other items is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from gloss_cli.console import Reporter, Tick
+from gloss_cli.errors import GlossError
+
+# GLoSS's BM25: bm25s defaults (Lucene variant, k1 = 1.5, b = 0.75), English stop words, no stemmer.
+BM25_PARAMS = {"method": "lucene", "k1": 1.5, "b": 0.75, "stopwords": "en"}
+DENSE_ALIASES = {"dense": None}  # "dense" = the default encoder (or --encoder)
+
+
+class Retriever(Protocol):
+    name: str
+    description: str
+
+    def search(
+        self, texts: Sequence[str], k: int, *, tick: Tick | None = None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """(keys, scores), both (len(texts), k), best first; higher score = better."""
+        ...
+
+
+def catalog_fingerprint(item_ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(item_ids).encode()).hexdigest()[:16]
+
+
+def index_key(retriever: str, encoder: str | None = None) -> str:
+    """Stage/folder name of an index: ``bm25``, or the encoder's name made path-safe (``minilm``, ``e5``...)."""
+    if retriever == "bm25":
+        return "bm25"
+    name = encoder if retriever in DENSE_ALIASES else retriever
+    if name is None:
+        from gloss_cli.backends.encoders import DEFAULT_ENCODER
+
+        name = DEFAULT_ENCODER
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip("/")).strip("_")
+
+
+# -- BM25 ---------------------------------------------------------------------------------------------------
+@dataclass
+class BM25Retriever:
+    model: Any
+    name: str = "bm25"
+    description: str = "BM25 (bm25s, Lucene, k1=1.5, b=0.75, English stop words)"
+
+    @classmethod
+    def build(cls, texts: Sequence[str], folder: Path) -> BM25Retriever:
+        import bm25s
+
+        params = {k: v for k, v in BM25_PARAMS.items() if k != "stopwords"}
+        model = bm25s.BM25(**params)
+        model.index(
+            bm25s.tokenize(list(texts), stopwords=BM25_PARAMS["stopwords"], show_progress=False), show_progress=False
+        )
+        model.save(str(folder), show_progress=False)
+        return cls(model)
+
+    @classmethod
+    def load(cls, folder: Path) -> BM25Retriever:
+        import bm25s
+
+        return cls(bm25s.BM25.load(str(folder), show_progress=False))
+
+    def search(
+        self, texts: Sequence[str], k: int, *, tick: Tick | None = None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        import bm25s
+
+        tokens = bm25s.tokenize(list(texts), stopwords=BM25_PARAMS["stopwords"], show_progress=False)
+        k = min(k, int(self.model.scores["num_docs"]))
+        keys, scores = self.model.retrieve(tokens, k=k, show_progress=False, n_threads=0)
+        if tick is not None:
+            tick.advance(len(texts))
+        return keys.astype(np.int64), scores.astype(np.float32)
+
+
+# -- dense --------------------------------------------------------------------------------------------------
+@dataclass
+class DenseRetriever:
+    encoder: Any
+    index: Any
+    name: str
+    description: str
+
+    def search(
+        self, texts: Sequence[str], k: int, *, tick: Tick | None = None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        vectors = self.encoder.encode(list(texts), kind="query", tick=tick)
+        keys, scores = self.index.search(vectors, k)
+        return np.asarray(keys, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+
+
+def build_index(
+    retriever: str,
+    texts: Sequence[str],
+    folder: Path,
+    *,
+    encoder: str | None = None,
+    ann: bool = False,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Build the index in ``folder`` and return its meta (also written to ``folder/meta.json``)."""
+    reporter = reporter or Reporter()
+    meta: dict[str, Any] = {"retriever": retriever, "count": len(texts)}
+    if retriever == "bm25":
+        with reporter.progress("bm25 index", None):
+            BM25Retriever.build(texts, folder)
+        meta |= {"kind": "bm25", "params": BM25_PARAMS}
+    else:
+        from gloss_cli.backends.dense import build_dense_index
+        from gloss_cli.backends.encoders import load_encoder
+
+        requested = encoder if retriever in DENSE_ALIASES else retriever
+        enc = load_encoder(requested, reporter) if requested else load_encoder(reporter=reporter)
+        with reporter.progress(f"encode catalog ({enc.name})", len(texts)) as tick:
+            vectors = enc.encode(list(texts), kind="passage", tick=tick)
+        info = build_dense_index(vectors, folder, ann=ann)
+        meta |= {
+            "kind": "dense",
+            "encoder": enc.name,
+            "resolved": enc.resolved,
+            "fallback": enc.fallback,
+            "dim": enc.dim,
+            "ann": ann,
+            "index": info,
+        }
+    return meta
+
+
+def load_retriever(folder: Path, meta: dict[str, Any], reporter: Reporter | None = None) -> Retriever:
+    if meta["kind"] == "bm25":
+        return BM25Retriever.load(folder)
+    from gloss_cli.backends.dense import DenseIndex
+    from gloss_cli.backends.encoders import load_encoder
+
+    encoder = load_encoder(meta["encoder"], reporter)
+    if encoder.resolved != meta["resolved"]:
+        raise GlossError(
+            f"The index in {folder} was encoded with {meta['resolved']}, but '{meta['encoder']}' now loads "
+            f"{encoder.resolved}.",
+            f"Rebuild it: gloss index --retriever {meta['encoder']}",
+        )
+    return DenseRetriever(encoder, DenseIndex.load(folder), meta["encoder"], encoder.resolved)
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from gloss_cli.cli import app
+from gloss_cli.evaluate import rank_items
+
+runner = CliRunner()
+
+
+def _project(synthetic: Path, name: str = "p") -> Path:
+    result = runner.invoke(app, ["data", "--source", str(synthetic), "-p", name, "-q"])
+    assert result.exit_code == 0, result.output
+    return Path(name)
+
+
+def _gloss_file(project: Path, path: Path, split: str = "test", n: int = 5) -> list[dict]:
+    items = pl.read_parquet(project / "data/items.parquet")
+    titles = dict(items.iter_rows())
+    rows = []
+    for r in pl.read_parquet(project / f"data/{split}.parquet").iter_rows(named=True):
+        # queries: the target's own title first (a perfect model), then the history's titles
+        queries = [titles[r["target"]], *(titles[h] for h in reversed(r["history"]))][:n]
+        queries += ["no such thing"] * (n - len(queries))
+        rows.append(
+            {
+                "reviewer_id": r["user_id"],
+                "asin": r["target"],
+                "seen_asins": r["history"],
+                "generated_sequences": [f"Title: {q}" for q in queries],
+            }
+        )
+    path.write_text(json.dumps(rows))
+    return rows
+
+
+def test_paper_protocol_keeps_top1_per_query_merges_and_sorts_by_score() -> None:
+    keys = np.array([[[3, 9], [3, 8], [5, 1]]])
+    scores = np.array([[[2.0, 1.9], [4.0, 3.0], [3.0, 0.1]]], dtype=np.float32)
+    ranked = rank_items(keys, scores, [set()], protocol="paper", depth=1, k=5)
+    assert ranked.tolist() == [[3, 5, -1, -1, -1]]  # 3 twice (best score 4.0), fewer than K items
+
+
+def test_fused_protocol_fills_to_k_and_excludes_seen() -> None:
+    keys = np.array([[[3, 9, 7], [3, 8, 6]]])
+    scores = np.ones((1, 2, 3), dtype=np.float32)
+    ranked = rank_items(keys, scores, [{9}], protocol="fused", depth=3, k=4)
+    assert ranked[0, 0] == 3 and 9 not in ranked[0] and (ranked[0] >= 0).all()
+
+
+def test_lis_eval_end_to_end(synthetic: Path) -> None:
+    project = _project(synthetic)
+    result = runner.invoke(app, ["eval", "--baseline", "lis", "-p", "p", "--json", "-k", "5", "-k", "10"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["run"] == "lis-bm25-paper-test" and doc["users"] == pl.read_parquet(project / "data/test.parquet").height
+    assert "history items kept" in doc["protocol_description"] and "users" in doc["protocol_description"]
+    assert doc["metrics"]["recall@10"] >= doc["metrics"]["recall@5"]
+    folder = project / "eval" / doc["run"]
+    per_user = pl.read_parquet(folder / "per_user.parquet")
+    assert per_user.height == doc["users"]
+    assert per_user["recall@5"].mean() == pytest.approx(doc["metrics"]["recall@5"])
+    run_lines = (folder / "run.trec").read_text().splitlines()
+    assert run_lines and len(run_lines[0].split()) == 6 and run_lines[0].split()[1] == "Q0"
+    assert len((folder / "qrels.trec").read_text().splitlines()) == doc["users"]
+    manifest = json.loads((project / "manifest.json").read_text())
+    assert set(manifest["stages"]["eval/lis-bm25-paper-test"]["upstream"]) == {"data", "index/bm25"}
+
+
+@pytest.mark.slow  # ranx compiles its metrics with numba on first use (~30 s)
+def test_trec_files_read_by_ranx_give_the_same_recall(synthetic: Path) -> None:
+    project = _project(synthetic)
+    doc = json.loads(runner.invoke(app, ["eval", "--baseline", "lis", "-p", "p", "--json", "-q"]).stdout)
+    folder = project / "eval" / doc["run"]
+    ranx = pytest.importorskip("ranx")
+    theirs = ranx.evaluate(
+        ranx.Qrels.from_file(str(folder / "qrels.trec"), kind="trec"),
+        ranx.Run.from_file(str(folder / "run.trec"), kind="trec"),
+        "recall@5",
+    )
+    assert theirs == pytest.approx(doc["metrics"]["recall@5"])
+
+
+def test_exclude_seen_never_recommends_history(synthetic: Path) -> None:
+    project = _project(synthetic)
+    result = runner.invoke(app, ["eval", "--baseline", "lis", "--exclude-seen", "--protocol", "fused", "-p", "p", "-q"])
+    assert result.exit_code == 0, result.output
+    history = {
+        r["user_id"]: set(r["history"]) for r in pl.read_parquet(project / "data/test.parquet").iter_rows(named=True)
+    }
+    for line in (project / "eval/lis-bm25-fused-xseen-test/run.trec").read_text().splitlines():
+        user, _, item, *_ = line.split()
+        assert item not in history[user]
+
+
+def test_gloss_json_queries_file(synthetic: Path, tmp_path: Path) -> None:
+    project = _project(synthetic)
+    _gloss_file(project, tmp_path / "q.json")
+    result = runner.invoke(app, ["eval", "--queries", str(tmp_path / "q.json"), "-p", "p", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    # the first query is the target's exact title: BM25 finds it (or a same-titled item) at the top
+    assert doc["metrics"]["recall@5"] > 0.8 and doc["run"] == "file-bm25-paper-test"
+
+
+def test_segments_table_and_plot(synthetic: Path) -> None:
+    _project(synthetic)
+    assert runner.invoke(app, ["eval", "--baseline", "lis", "-p", "p", "-q"]).exit_code == 0
+    result = runner.invoke(app, ["segments", "-p", "p", "--json", "--cold", "3", "--power", "6"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    seq = pl.read_parquet("p/data/sequences.parquet")
+    users = {r["segment"]: r["users"] for r in doc["segments"]}
+    assert users == {
+        "cold-start": int((seq["n_dedup"] <= 3).sum()),
+        "regular": int(((seq["n_dedup"] > 3) & (seq["n_dedup"] <= 6)).sum()),
+        "power": int((seq["n_dedup"] > 6).sum()),
+    }
+    assert Path(doc["plot"]).read_bytes()[:4] == b"\x89PNG"
+
+
+# -- bad input: one line, exit 1, nothing written ---------------------------------------------------------------
+def _assert_refused(args: list[str], message: str, project: Path | None = None) -> None:
+    before = json.loads((project / "manifest.json").read_text()) if project else None
+    evals = sorted(p.name for p in (project / "eval").iterdir()) if project and (project / "eval").exists() else []
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr.splitlines()[-2], result.stderr
+    assert result.stderr.splitlines()[-1].startswith("hint: ")
+    if project:
+        assert json.loads((project / "manifest.json").read_text()) == before
+        now = sorted(p.name for p in (project / "eval").iterdir()) if (project / "eval").exists() else []
+        assert now == evals and not list(project.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda rows: "{broken", "is not JSON"),
+        (lambda rows: [{k: v for k, v in rows[0].items() if k != "seen_asins"}], "no field seen_asins"),
+        (lambda rows: [rows[0] | {"reviewer_id": "NOBODY"}], "unknown user"),
+        (lambda rows: [rows[0] | {"seen_asins": ["B0NOTREAL"]}], "unknown item B0NOTREAL"),
+        (
+            lambda rows: [rows[0] | {"generated_sequences": rows[0]["generated_sequences"][:3]}],
+            "3 generated sequences, expected 5",
+        ),
+    ],
+    ids=["not-json", "missing-field", "unknown-user", "unknown-item", "few-sequences"],
+)
+def test_bad_queries_file(synthetic: Path, tmp_path: Path, mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    project = _project(synthetic)
+    rows = _gloss_file(project, tmp_path / "q.json")
+    bad = mutate(rows)
+    (tmp_path / "bad.json").write_text(bad if isinstance(bad, str) else json.dumps(bad))
+    _assert_refused(["eval", "--queries", str(tmp_path / "bad.json"), "-p", "p"], message, project)
+
+
+def test_eval_before_data_is_refused() -> None:
+    _assert_refused(["eval", "--baseline", "lis", "-p", "empty"], "Stage 'data' has not run")
+    assert not Path("empty/manifest.json").exists()
+
+
+def test_eval_of_a_model_before_generate_is_refused(synthetic: Path) -> None:
+    project = _project(synthetic)
+    _assert_refused(["eval", "-p", "p"], "Stage 'generate/test' has not run", project)
+
+
+def test_index_from_another_catalog_is_refused(synthetic: Path, tmp_path: Path) -> None:
+    project = _project(synthetic)
+    assert runner.invoke(app, ["index", "-p", "p", "-q"]).exit_code == 0
+    # the data stage is re-run on a catalog with one more item: the old index no longer fits
+    items = pl.read_csv(synthetic / "items.csv.gz")
+    pl.concat([items, pl.DataFrame({"item_id": ["I999"], "title": ["brand new thing"]})]).write_csv(
+        tmp_path / "items.csv"
+    )
+    import gzip
+
+    (synthetic / "items.csv.gz").write_bytes(gzip.compress((tmp_path / "items.csv").read_bytes()))
+    assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "p", "-q"]).exit_code == 0
+    _assert_refused(["eval", "--baseline", "lis", "-p", "p"], "index/bm25 was built on other items", project)
+    status = json.loads(runner.invoke(app, ["status", "-p", "p", "--json"]).stdout)
+    assert {s["name"]: s["state"] for s in status["stages"]}["index/bm25"] == "stale"
+
+
+def test_unknown_protocol(synthetic: Path) -> None:
+    project = _project(synthetic)
+    _assert_refused(
+        ["eval", "--baseline", "lis", "--protocol", "magic", "-p", "p"], "Unknown protocol 'magic'", project
+    )
