@@ -66,12 +66,16 @@ def _main(
     pass
 
 
-from gloss_cli.commands import data, evaluate, index, segments, status  # noqa: E402
+from gloss_cli.commands import data, evaluate, generate, index, recommend, run, segments, status, train  # noqa: E402
 
 app.command()(data.data)
+app.command()(train.train)
+app.command()(generate.generate)
 app.command()(index.index)
 app.command("eval")(evaluate.evaluate)
 app.command()(segments.segments)
+app.command()(recommend.recommend)
+app.command()(run.run)
 app.command()(status.status)
 
 

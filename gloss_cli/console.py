@@ -93,7 +93,7 @@ def print_error(message: str, hint: str | None) -> None:
         err.print(f"[bold cyan]hint:[/] {hint}", highlight=False, soft_wrap=True)
 
 
-def print_json(document: Any) -> None:
-    """One JSON document on stdout (plain, so that `jq` and pipes get exactly the bytes)."""
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+def print_json(document: Any, indent: int | None = 2) -> None:
+    """One JSON document on stdout (plain, so that `jq` and pipes get exactly the bytes); indent=None: one line."""
+    sys.stdout.write(json.dumps(document, indent=indent, default=str, ensure_ascii=False) + "\n")
     sys.stdout.flush()

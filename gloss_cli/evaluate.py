@@ -65,6 +65,33 @@ class EvalResult:
         )
 
 
+def merge_user(
+    keys: npt.NDArray[np.int64], scores: npt.NDArray[np.float32], seen: set[int], *, protocol: str, depth: int
+) -> list[tuple[int, float, int]]:
+    """One user's merged list: (item key, value, index of the first query that found it), best first.
+
+    keys/scores: (queries, retrieved), each query's results best first.
+    """
+    best: dict[int, float] = {}
+    found_by: dict[int, int] = {}
+    for q in range(keys.shape[0]):
+        taken = 0
+        for key, score in zip(keys[q].tolist(), scores[q].tolist(), strict=True):
+            if taken == depth:
+                break
+            if key < 0 or key in seen:
+                continue
+            taken += 1
+            found_by.setdefault(key, q)
+            if protocol == "paper":  # keep the highest retrieval score
+                best[key] = max(best.get(key, score), score)
+            else:  # add beam-weighted reciprocal ranks
+                best[key] = best.get(key, 0.0) + (1.0 / (q + 1)) / (RRF_K + taken)
+    # Sorted by value, ties in first-found order (dicts keep insertion order; the sort is stable).
+    order = sorted(best, key=best.__getitem__, reverse=True)
+    return [(key, best[key], found_by[key]) for key in order]
+
+
 def rank_items(
     keys: npt.NDArray[np.int64],
     scores: npt.NDArray[np.float32],
@@ -75,26 +102,9 @@ def rank_items(
     k: int,
 ) -> npt.NDArray[np.int64]:
     """Per user, the ranked item keys (n, k), -1 padded. keys/scores: (n, queries, retrieved) best first."""
-    n, n_queries, _ = keys.shape
-    ranked = np.full((n, k), -1, dtype=np.int64)
-    for u in range(n):
-        best: dict[int, float] = {}
-        for q in range(n_queries):
-            taken = 0
-            for key, score in zip(keys[u, q].tolist(), scores[u, q].tolist(), strict=True):
-                if taken == depth:
-                    break
-                if key < 0 or key in seen[u]:
-                    continue
-                taken += 1
-                # paper: keep the highest retrieval score; fused: add beam-weighted reciprocal ranks
-                value = score if protocol == "paper" else (1.0 / (q + 1)) / (RRF_K + taken)
-                if protocol == "paper":
-                    best[key] = max(best.get(key, value), value)
-                else:
-                    best[key] = best.get(key, 0.0) + value
-        # Sorted by value, ties in first-seen order (dicts keep insertion order; sort is stable).
-        order = sorted(best, key=best.__getitem__, reverse=True)[:k]
+    ranked = np.full((keys.shape[0], k), -1, dtype=np.int64)
+    for u in range(keys.shape[0]):
+        order = [key for key, _, _ in merge_user(keys[u], scores[u], seen[u], protocol=protocol, depth=depth)[:k]]
         ranked[u, : len(order)] = order
     return ranked
 
@@ -143,6 +153,13 @@ def load_queries(
     return load_generated(path, split_df, titles, stage, n), (stage,)
 
 
+def generated_users(project: Project, split: str) -> list[str]:
+    stage = f"generate/{split}"
+    project.require(stage, f"gloss generate --split {split}")
+    with project.path(f"{stage}/queries.jsonl").open(encoding="utf-8") as fh:
+        return [json.loads(line)["user_id"] for line in fh if line.strip()]
+
+
 def write_outputs(
     folder: Path, name: str, qs: QuerySet, ranked: npt.NDArray[np.int64], item_ids: list[str], ks: list[int]
 ) -> dict[str, Any]:
@@ -180,6 +197,7 @@ def run(
     queries_file: Path | None = None,
     baseline: str | None = None,
     num_queries: int = 5,
+    match_generated: bool = False,
     name: str | None = None,
     command: str = "gloss eval",
     reporter: Reporter | None = None,
@@ -197,12 +215,18 @@ def run(
     item_ids = items.get_column("item_id").to_list()
     titles = dict(zip(item_ids, items.get_column("title").to_list(), strict=True))
     split_df = load_split(project.path("data"), split)
+    split_users = split_df.height
+    extra_stages: tuple[str, ...] = ()
+    if match_generated:  # the users that `gloss generate` covered, so that a baseline compares like with like
+        split_df = split_df.filter(pl.col("user_id").is_in(generated_users(project, split)))
+        extra_stages = (f"generate/{split}",)
     qs, query_stages = load_queries(
         project, split, split_df, titles, queries_file=queries_file, baseline=baseline, n=num_queries
     )
     index, meta = open_index(project, retriever, encoder=encoder, reporter=reporter)
     source = "lis" if qs.source == "lis" else ("model" if qs.source.startswith("generate") else "file")
-    name = name or f"{source}-{meta['key']}-{protocol}{'-xseen' if exclude_seen else ''}-{split}"
+    subset = f"-{len(qs.users)}u" if len(qs.users) < split_users else ""  # never mix subset and full-split names
+    name = name or f"{source}-{meta['key']}-{protocol}{'-xseen' if exclude_seen else ''}-{split}{subset}"
     params = {
         "split": split,
         "retriever": meta["key"],
@@ -215,7 +239,7 @@ def run(
     }
     if meta.get("fallback"):
         params["encoder_fallback"] = meta["fallback"]
-    upstream = ("data", f"index/{meta['key']}", *query_stages)
+    upstream = tuple(dict.fromkeys(("data", f"index/{meta['key']}", *query_stages, *extra_stages)))
     with project.run_stage(
         f"eval/{name}", params, command=command, upstream=upstream, libraries=("bm25s", "numpy")
     ) as stage:

@@ -47,7 +47,9 @@ class Stage:
 # Pipeline order. A stage is listed here once its command exists.
 PIPELINE: tuple[Stage, ...] = (
     Stage("data", (), "gloss data --dataset {dataset}"),
+    Stage("train", ("data",), "gloss train --dataset {dataset}"),
     Stage("index", ("data",), "gloss index --retriever bm25"),
+    Stage("generate", ("data", "train"), "gloss generate --split test"),
     Stage("eval", ("data",), "gloss eval --baseline lis"),
     Stage("segments", ("data",), "gloss segments"),
 )

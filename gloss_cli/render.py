@@ -82,8 +82,66 @@ def segments_table(report: Any) -> None:
         for column in ("segment", "users", "share", f"recall@{k}", f"ndcg@{k}"):
             table.add_column(column, justify="left" if column == "segment" else "right")
         for r in rows.iter_rows(named=True):
-            table.add_row(
-                r["segment"], f"{r['users']:,}", f"{r['share']:.1%}", f"{r[f'recall@{k}']:.4f}", f"{r[f'ndcg@{k}']:.4f}"
-            )
+            values = ["-" if r[m] is None else f"{r[m]:.4f}" for m in (f"recall@{k}", f"ndcg@{k}")]
+            table.add_row(r["segment"], f"{r['users']:,}", f"{r['share']:.1%}", *values)
         out.print(table)
     out.print(f"plot: {report.plot}")
+
+
+def recommendations(result: Any, *, profile: bool, protocol: str, exclude_seen: bool) -> None:
+    who = f"user {result.user_id}" if result.user_id else "the given history"
+    shown = result.history[-5:]
+    out.print(f"[bold]{who}[/] · {len(result.history)} items, latest last:")
+    if len(result.history) > len(shown):
+        out.print("  [dim]…[/]")
+    for title in shown:
+        out.print(f"  • {title}")
+    table = Table(
+        title=f"recommendations for {who}",
+        title_justify="left",
+        caption=f"protocol {protocol}; history items {'excluded' if exclude_seen else 'allowed'}; "
+        "query = the generated title (beam rank) that found the item first",
+        caption_justify="left",
+    )
+    for column, justify in (
+        ("rank", "right"),
+        ("item", "left"),
+        ("title", "left"),
+        ("score", "right"),
+        ("query", "left"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for item in result.items:
+        query = result.queries[item.query][0]
+        table.add_row(str(item.rank), item.item_id, item.title, f"{item.score:.4f}", f"#{item.query + 1} {query}")
+    out.print(table)
+    if profile:
+        t = result.timings
+        out.print(
+            f"[dim]time per user: prompt {t['prompt'] * 1000:.1f} ms · generation {t['generation']:.3f} s · "
+            f"retrieval {t['retrieval'] * 1000:.1f} ms[/]"
+        )
+
+
+def run_summary(summary: Any) -> None:
+    table = Table(title="gloss run: model vs LIS baseline", title_justify="left")
+    for column in ("run", "queries", "protocol", "history", "users", "recall@5", "ndcg@5", "mrr@5"):
+        table.add_column(column, justify="right" if column in ("users", "recall@5", "ndcg@5", "mrr@5") else "left")
+    for r in summary.rows:
+        table.add_row(
+            r["run"],
+            "LIS" if r["source"] == "lis" else "model",
+            r["protocol"],
+            "excluded" if r["exclude_seen"] else "kept",
+            f"{r['users']:,}",
+            f"{r['recall@5']:.4f}",
+            f"{r['ndcg@5']:.4f}",
+            f"{r['mrr@5']:.4f}",
+        )
+    out.print(table)
+    out.print(
+        "[dim]test split, the same users for every row; mean over users, one held-out item each; K = 5. paper: top-1 "
+        "per generated query (LIS: top-5 of the last item's title); fused: top-5 per query, beam-weighted rank fusion."
+        "[/]"
+    )
+    out.print(f"segments plot: {summary.plot}")

@@ -107,6 +107,20 @@ class DenseRetriever:
         return np.asarray(keys, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
 
+_ENCODERS: dict[str, Any] = {}
+
+
+def _encoder(name: str | None, reporter: Reporter | None) -> Any:
+    """One encoder per name and process: building an index on the fly and then searching it loads (and warns
+    about a fallback) once."""
+    from gloss_cli.backends.encoders import DEFAULT_ENCODER, load_encoder
+
+    name = name or DEFAULT_ENCODER
+    if name not in _ENCODERS:
+        _ENCODERS[name] = load_encoder(name, reporter)
+    return _ENCODERS[name]
+
+
 def build_index(
     retriever: str,
     texts: Sequence[str],
@@ -125,10 +139,8 @@ def build_index(
         meta |= {"kind": "bm25", "params": BM25_PARAMS}
     else:
         from gloss_cli.backends.dense import build_dense_index
-        from gloss_cli.backends.encoders import load_encoder
 
-        requested = encoder if retriever in DENSE_ALIASES else retriever
-        enc = load_encoder(requested, reporter) if requested else load_encoder(reporter=reporter)
+        enc = _encoder(encoder if retriever in DENSE_ALIASES else retriever, reporter)
         with reporter.progress(f"encode catalog ({enc.name})", len(texts)) as tick:
             vectors = enc.encode(list(texts), kind="passage", tick=tick)
         info = build_dense_index(vectors, folder, ann=ann)
@@ -148,9 +160,8 @@ def load_retriever(folder: Path, meta: dict[str, Any], reporter: Reporter | None
     if meta["kind"] == "bm25":
         return BM25Retriever.load(folder)
     from gloss_cli.backends.dense import DenseIndex
-    from gloss_cli.backends.encoders import load_encoder
 
-    encoder = load_encoder(meta["encoder"], reporter)
+    encoder = _encoder(meta["encoder"], reporter)
     if encoder.resolved != meta["resolved"]:
         raise GlossError(
             f"The index in {folder} was encoded with {meta['resolved']}, but '{meta['encoder']}' now loads "

@@ -61,10 +61,16 @@ def segment_table(
         joined = frame.join(counts, on="user_id", how="left")
         if joined.get_column("n_dedup").null_count():
             raise GlossError(f"Eval run '{run}' has users that are not in this project's data.", "Re-run 'gloss eval'.")
-        frames.append(
+        stats = (
             joined.with_columns(segment=segment)
             .group_by("segment")
             .agg(users=pl.len(), recall=pl.col(f"recall@{k}").mean(), ndcg=pl.col(f"ndcg@{k}").mean())
+        )
+        # every segment appears, an empty one with 0 users and no metric values
+        frames.append(
+            pl.DataFrame({"segment": list(SEGMENTS)})
+            .join(stats, on="segment", how="left")
+            .with_columns(pl.col("users").fill_null(0).cast(pl.UInt32))
             .with_columns(run=pl.lit(run), share=pl.col("users") / pl.col("users").sum())
         )
     order = {name: i for i, name in enumerate(SEGMENTS)}
@@ -90,7 +96,9 @@ def plot(table: pl.DataFrame, k: int, path: Path, title: str) -> None:
     for ax, metric in zip(axes, (f"recall@{k}", f"ndcg@{k}"), strict=True):
         for i, run in enumerate(runs):
             rows = table.filter(pl.col("run") == run)
-            ax.bar(np.arange(len(SEGMENTS)) + i * width, rows.get_column(metric).to_list(), width, label=run)
+            ax.bar(
+                np.arange(len(SEGMENTS)) + i * width, rows.get_column(metric).fill_null(0).to_list(), width, label=run
+            )
         labels = [
             f"{s}\n({n:,} users)"
             for s, n in zip(SEGMENTS, table.filter(pl.col("run") == runs[0]).get_column("users"), strict=True)

@@ -27,6 +27,9 @@ def evaluate(
         Path | None, typer.Option(help="GLoSS JSON file (reviewer_id, asin, seen_asins, generated_sequences).")
     ] = None,
     num_queries: Annotated[int, typer.Option(help="Generated queries used per user.")] = 5,
+    match_generated: Annotated[
+        bool, typer.Option("--match-generated", help="Only the users 'gloss generate' covered (for baselines).")
+    ] = False,
     name: Annotated[
         str | None, typer.Option(help="Run name (default: <source>-<retriever>-<protocol>-<split>).")
     ] = None,
@@ -68,6 +71,7 @@ def evaluate(
             queries_file=queries,
             baseline=baseline,
             num_queries=num_queries,
+            match_generated=match_generated,
             name=name,
             command=command,
             reporter=reporter,

