@@ -42,7 +42,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "amazon2014" / "beauty"
 
 
 @dataclass
-class Result:
+class Result:  # one row of the table
     backend: str
     seconds: float
     per_user: list[float]
@@ -115,7 +115,9 @@ def q8_copy(hf_folder: Path) -> Path:
     return target if target.is_file() else export_gguf(hf_folder, None, target, outtype="q8_0")
 
 
-def run_llama_cpp(gguf: Path, prompts: list[str], threads: int, parallel: int, exact: bool, label: str) -> Result:
+def run_llama_cpp(
+    gguf: Path, prompts: list[str], *, threads: int, parallel: int | None, exact: bool, label: str
+) -> Result:
     from gloss_cli.backends.llama_cpp import LlamaCppGenerator
 
     t0 = time.perf_counter()
@@ -123,16 +125,16 @@ def run_llama_cpp(gguf: Path, prompts: list[str], threads: int, parallel: int, e
     load = time.perf_counter() - t0
     per_user, top = [], []
     t0 = time.perf_counter()
-    for start in range(0, len(prompts), parallel):  # timed per group of `parallel` prompts, to share out per user
-        group = prompts[start : start + parallel]
+    for start in range(0, len(prompts), gen.parallel):  # timed per group of prompts in flight, shared per user
+        group = prompts[start : start + gen.parallel]
         t1 = time.perf_counter()
         hyps = gen.generate(group, beams=BEAMS, num_return=NUM_RETURN, max_new_tokens=MAX_NEW)
         per_user += [(time.perf_counter() - t1) / len(group)] * len(group)
         top += [h[0][0] for h in hyps]
     seconds = time.perf_counter() - t0
-    notes = {"threads": threads, "parallel": parallel, "exact": exact, "gguf": gguf.name}
+    notes = {"threads": threads, "parallel": gen.parallel, "exact": exact, "gguf": gguf.name}
     notes["prompt_tokens"] = statistics.mean(gen.count_tokens(prompts))
-    return Result(f"llama-cpp {label}", seconds, per_user, gen.decoded_tokens, top, load, notes)
+    return done(Result(f"llama-cpp {label}", seconds, per_user, gen.decoded_tokens, top, load, notes))
 
 
 def run_hf(
@@ -176,10 +178,18 @@ def run_hf(
             top[i] = texts[k * NUM_RETURN]
     seconds = time.perf_counter() - t0
     notes = {"batch": batch, "device": device, "dtype": dtype, "prompt_tokens": statistics.mean(lengths)}
-    return Result(name, seconds, per_user, beam_tokens, top, load, notes)
+    return done(Result(name, seconds, per_user, beam_tokens, top, load, notes))
 
 
 # -- report -----------------------------------------------------------------------------------------------------
+
+
+def done(result: Result) -> Result:
+    """Say each row as it is measured (a full run takes minutes on a CPU)."""
+    n = len(result.per_user)
+    speed = f"{n / result.seconds:.3f} users/s, {result.seconds:.0f} s"
+    print(f"{result.backend}: {speed}, {result.notes}", file=sys.stderr)
+    return result
 
 
 def table(results: Sequence[Result], n: int) -> str:
@@ -203,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=8, help="number of prompts (validation users)")
     parser.add_argument("--project", type=Path, help="a gloss project (data/validation.parquet, data/items.parquet)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
-    parser.add_argument("--parallel", type=int, default=4, help="prompts searched together by llama.cpp")
+    parser.add_argument(
+        "--parallel", type=int, help="prompts searched together by llama.cpp (default: 1 if exact, else 4)"
+    )
     parser.add_argument("--hf-batch", type=int, default=8, help="hf backend batch on CPU (gloss's default: 8)")
     parser.add_argument("--cuda-batch", type=int, default=64, help="hf backend batch on CUDA (gloss's default: 64)")
     parser.add_argument(
@@ -221,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     gguf = smollm2_gguf()
     folder = hf_copy(gguf) if {"hf", "paper"} & set(args.only) else gguf
     print(f"{len(prompts)} prompts, {gguf.name}, torch threads {torch.get_num_threads()}", file=sys.stderr)
-    results = []
+    results: list[Result] = []
     for device, dtype in [("cpu", "float32")] + ([("cuda", "bfloat16")] if torch.cuda.is_available() else []):
         suffix = "" if device == "cpu" else "-cuda"
         batch = args.hf_batch if device == "cpu" else args.cuda_batch
@@ -229,15 +241,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             results.append(run_hf(folder, prompts, "hf" + suffix, batch, device, dtype, sort=True, inference=True))
         if "paper" in args.only:
             results.append(run_hf(folder, prompts, "paper" + suffix, 8, device, dtype, sort=False, inference=False))
+    llama = {"threads": args.threads, "parallel": args.parallel}
     if "llama-cpp" in args.only:
-        results.append(run_llama_cpp(gguf, prompts, args.threads, args.parallel, True, "Q4_1"))
+        results.append(run_llama_cpp(gguf, prompts, exact=True, label="Q4_1", **llama))
     if "llama-cpp-q8" in args.only:  # needs the hf copy and the converters
         q8 = q8_copy(hf_copy(gguf))
-        results.append(run_llama_cpp(q8, prompts, args.threads, args.parallel, True, "q8_0"))
-        results.append(run_llama_cpp(q8, prompts, args.threads, args.parallel, False, "q8_0 f16-KV"))
+        results.append(run_llama_cpp(q8, prompts, exact=True, label="q8_0", **llama))
+        results.append(run_llama_cpp(q8, prompts, exact=False, label="q8_0 f16-KV", **llama))
     print(table(results, len(prompts)))
-    for r in results:
-        print(f"{r.backend}: {r.notes}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def micro_batches(lengths: Sequence[int], batch: list[int], budget: int) -> list
 
 def auto_micro_batch_tokens(device: str, vocab_size: int) -> int:
     # Logits take rows x vocab floats per token: scale down for vocabularies above SmolLM2's 49k (Gemma: 262k).
-    base = 32768 if device == "cuda" else 2048
+    base = 32768 if device == "cuda" else 1024
     return max(256, int(base * min(1.0, 50_000 / vocab_size)))
 
 

@@ -19,7 +19,7 @@ from gloss_cli.project import Project
 class RunPlan:
     dataset: str = "beauty"
     full: bool = False
-    train_users: int = 1000  # CPU default: the first N train users (0 = all)
+    train_users: int = 500  # CPU default: the first N train users (0 = all)
     epochs: int = 1  # CPU default; full: 10 with early stopping
     eval_users: int = 100  # test users generated for and evaluated (0 = all)
     retriever: str = "bm25"

@@ -57,7 +57,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     patience: int = 3  # epochs without a lower validation loss before stopping
     max_steps: int = 0  # 0: no limit; optimizer steps over all epochs (a quick run)
-    micro_batch_tokens: int = 0  # 0: auto (CPU 2048, CUDA 32768, less for big vocabularies); memory, not results
+    micro_batch_tokens: int = 0  # 0: auto (CPU 1024, CUDA 32768, less for big vocabularies); memory, not results
     limit_users: int = 0  # 0: all; else the first N users of the train split and their validation rows
     seed: int = 42
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
@@ -184,7 +184,8 @@ class EpochLog:
     train_loss: float
     val_loss: float | None
     tokens: int
-    seconds: float
+    seconds: float  # training only; tokens / seconds is the training throughput
+    val_seconds: float
 
 
 @dataclass
@@ -336,8 +337,10 @@ def _fit(
         label = f"epoch {epoch}/{config.epochs}"
         with reporter.progress(label, total=min(len(batches), total - loop.step)) as tick:
             train_loss, tokens = loop.train_epoch(train, batches, scheduler, tick, label)
+        t1 = time.perf_counter()
         val_loss = loop.evaluate(val)
-        logs.append(EpochLog(epoch, loop.step - steps_before, train_loss, val_loss, tokens, time.perf_counter() - t0))
+        steps = loop.step - steps_before
+        logs.append(EpochLog(epoch, steps, train_loss, val_loss, tokens, t1 - t0, time.perf_counter() - t1))
         reporter.info(f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss}")
         if val_loss is None or val_loss < best:  # without validation rows the latest epoch is kept
             best_epoch, best, bad = epoch, (math.inf if val_loss is None else val_loss), 0

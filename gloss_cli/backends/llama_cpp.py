@@ -31,7 +31,7 @@ CMAKE_ARGS = (
 PIP_COMMAND = f'CMAKE_ARGS="{CMAKE_ARGS}" pip install llama-cpp-python'
 # llama.cpp's bound on sequence ids in one context (LLAMA_MAX_SEQ).
 MAX_SEQUENCES = 256
-DEFAULT_PARALLEL = 4  # prompts searched together: one decode per step serves all their beams
+DEFAULT_PARALLEL = 4  # prompts searched together (not exact): one decode per step serves all their beams
 
 
 def import_llama_cpp() -> Any:
@@ -147,6 +147,8 @@ class LlamaCppGenerator:
     searched together in one KV cache of ``n_ctx * parallel`` cells, their beams decoded in one batch per step.
     ``exact`` keeps the KV cache in f32 without flash attention: logits then stay within ~1e-5 of transformers'
     (f16 KV or flash attention move them by ~1e-3, enough to reorder near-tied beams), for twice the KV memory.
+    Without flash attention each token also attends over the cells of every prompt in flight (masked, but
+    computed), so ``parallel`` defaults to 1 when exact and to 4 otherwise.
     ``add_bos`` overrides the GGUF's own flag (None: as the GGUF says; gloss's export writes the HF tokenizer's).
     ``eos_token_ids`` overrides the GGUF's EOS token (HF stops at generation_config.eos_token_id, which may be
     several).
@@ -159,7 +161,7 @@ class LlamaCppGenerator:
         lora_path: Path | None = None,
         n_ctx: int = 2048,
         n_threads: int | None = None,
-        parallel: int = 4,
+        parallel: int | None = None,
         exact: bool = True,
         add_bos: bool | None = None,
         eos_token_ids: Sequence[int] | None = None,
@@ -168,7 +170,7 @@ class LlamaCppGenerator:
         for path, what in ((model_path, "model"), (lora_path, "LoRA adapter")):
             if path is not None and not Path(path).is_file():
                 raise GlossError(f"GGUF {what} not found: {path}", "Export one with gloss_cli.export.export_gguf.")
-        self.n_ctx, self.parallel = n_ctx, max(1, parallel)
+        self.n_ctx, self.parallel = n_ctx, max(1, parallel or (1 if exact else DEFAULT_PARALLEL))
         self.model_path, self.lora_path, self.exact = Path(model_path), lora_path, exact
         self.n_threads = n_threads or os.cpu_count() or 1
         self._model = self._load_model(self.model_path)
@@ -407,7 +409,12 @@ class LlamaCppGenerator:
 
 def load_generator(train_dir: Path, meta: dict[str, Any], *, options: Any, reporter: Reporter) -> LlamaCppGenerator:
     """gloss_cli.generate's entry point: the ``train/`` model exported once to a merged q8_0 GGUF (full speed,
-    unlike a GGUF LoRA on the base, which also disables mmap), searched ``options.batch_size`` prompts at a time."""
+    unlike a GGUF LoRA on the base, which also disables mmap), searched ``options.batch_size`` prompts at a time.
+
+    Not ``exact``: q8_0 weights already move the logits further from transformers' than an f16 KV cache does, so
+    an f32 cache buys little fidelity there, and the f16 cache with flash attention was ~35 % faster on CPU
+    (benchmarks/README.md; the same top-1 agreement with hf).
+    """
     from gloss_cli.export import export_trained
 
     import_llama_cpp()  # a missing runtime is said before a long export
@@ -415,4 +422,4 @@ def load_generator(train_dir: Path, meta: dict[str, Any], *, options: Any, repor
     # generate fits prompts to max_seq_len - max_new_tokens; the beams need their new tokens on top.
     n_ctx = int(meta.get("max_seq_len", 1024)) + options.beams * options.max_new_tokens
     reporter.info(f"loading {gguf.name} with llama.cpp")
-    return LlamaCppGenerator(gguf, n_ctx=n_ctx, parallel=options.batch_size or DEFAULT_PARALLEL)
+    return LlamaCppGenerator(gguf, n_ctx=n_ctx, parallel=options.batch_size or DEFAULT_PARALLEL, exact=False)

@@ -16,7 +16,7 @@ def run(
         bool, typer.Option("--full", help="Paper scale: all users, up to 10 epochs with early stopping (use a GPU).")
     ] = False,
     limit_users: Annotated[
-        int | None, typer.Option(help="Train on the first N users (default 1000; --full: all).")
+        int | None, typer.Option(help="Train on the first N users (default 500; --full: all).")
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs (default 1; --full: 10, early stopping).")] = None,
     eval_users: Annotated[
@@ -31,7 +31,7 @@ def run(
 ) -> None:
     """Run the whole pipeline: data, train, index, generate, eval (model vs LIS), segments; done stages are skipped.
 
-    The default finishes on a 2-core CPU in about half an hour (1,000 training users, one epoch, 100 test users).
+    The default is sized for about half an hour on a 2-core CPU (500 training users, one epoch, 100 test users).
 
     [dim]Examples:[/]
 
