@@ -274,7 +274,7 @@ def _write_queries(
             tick.update(description=f"generating · {rate:.2f} users/s · {generator.new_tokens:,} tokens")
 
 
-def _prompts(generator: Generator, histories: list[list[str]], budget: int) -> list[str]:
+def fit_prompts(generator: Generator, histories: list[list[str]], budget: int) -> list[str]:
     prompts = [build_prompt(h) for h in histories]
     for i, n in enumerate(generator.count_tokens(prompts)):
         if n > budget:
@@ -327,7 +327,7 @@ def run(
             stage.params["batch_size"] = options.batch_size or generator.default_batch_size
             rows = list(todo.select("user_id", "target", "history").iter_rows(named=True))
             titles = _titles(project)
-            prompts = _prompts(generator, [[titles[i] for i in r["history"]] for r in rows], budget)
+            prompts = fit_prompts(generator, [[titles[i] for i in r["history"]] for r in rows], budget)
             with reporter.progress("generating", total=len(rows)) as tick:
                 t0 = time.perf_counter()
                 _write_queries(generator, rows, prompts, path, options, tick)

@@ -53,10 +53,6 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("eval", ("data",), "gloss eval --baseline lis"),
     Stage("segments", ("data",), "gloss segments"),
 )
-# Stages to come, in order (each is added to PIPELINE together with its command):
-#   Stage("index", ("data",), "gloss index --retriever bm25"),          records index/<retriever>
-#   Stage("eval", (...), "gloss eval --retriever bm25"),                 records eval/<run name>
-#   Stage("segments", (...), "gloss segments"),
 
 
 def now_iso() -> str:

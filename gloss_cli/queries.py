@@ -54,6 +54,9 @@ def lis_queries(split: pl.DataFrame, titles: dict[str, str]) -> QuerySet:
 def _check_rows(rows: list[dict[str, Any]], path: Path, split: pl.DataFrame, titles: dict[str, str], n: int) -> None:
     targets = dict(zip(split.get_column("user_id").to_list(), split.get_column("target").to_list(), strict=True))
     for i, row in enumerate(rows, 1):
+        missing = [key for key in ("user_id", "target", "history", "queries") if key not in row]
+        if missing:
+            raise GlossError(f"{path.name}, entry {i}: no field {', '.join(missing)}.", "Re-run 'gloss generate'.")
         user, target = row["user_id"], row["target"]
         where = f"{path.name}, entry {i} (user {user})"
         if user not in targets:

@@ -17,14 +17,11 @@ import polars as pl
 from gloss_cli.console import Reporter
 from gloss_cli.errors import GlossError
 from gloss_cli.evaluate import PROTOCOLS, merge_user
-from gloss_cli.generate import GenerateOptions, clean_query, open_generator
-from gloss_cli.generate import _prompts as build_prompts
+from gloss_cli.generate import GenerateOptions, clean_query, fit_prompts, open_generator
 from gloss_cli.index import open_index
 from gloss_cli.models import read_meta
 from gloss_cli.project import Project
 from gloss_cli.queries import query_text
-
-SHOWN_HISTORY = 5
 
 
 @dataclass
@@ -126,7 +123,7 @@ class Recommender:
         self, users: list[str | None], histories: list[list[str]], seen: list[set[int]]
     ) -> list[UserRecommendations]:
         t0 = time.perf_counter()
-        prompts = build_prompts(self.generator, histories, self.budget)
+        prompts = fit_prompts(self.generator, histories, self.budget)
         t1 = time.perf_counter()
         o = self.options
         beams = self.generator.generate(
