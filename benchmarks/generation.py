@@ -213,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=8, help="number of prompts (validation users)")
     parser.add_argument("--project", type=Path, help="a gloss project (data/validation.parquet, data/items.parquet)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
+    parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
         "--parallel", type=int, help="prompts searched together by llama.cpp (default: 1 if exact, else 4)"
     )
@@ -229,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     import torch
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     prompts = load_prompts(args.project, args.n)
     gguf = smollm2_gguf()
     folder = hf_copy(gguf) if {"hf", "paper"} & set(args.only) else gguf

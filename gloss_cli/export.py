@@ -96,12 +96,15 @@ def _extract_converters(sdist: Path, dest: Path) -> None:
         members = []
         for member in tar.getmembers():
             _, _, rest = member.name.partition("/vendor/llama.cpp/")
-            if rest and (rest.startswith(_KEEP) or rest in _KEEP_VOCABS) and (member.isfile() or member.isdir()):
+            wanted = rest.startswith(_KEEP) or rest in _KEEP_VOCABS
+            if wanted and ".." not in Path(rest).parts and (member.isfile() or member.isdir()):
                 member.name = rest
                 members.append(member)
         if not any(m.name == "convert_hf_to_gguf.py" for m in members):
             raise GlossError(f"{sdist.name} has no vendor/llama.cpp/convert_hf_to_gguf.py", "Set GLOSS_LLAMA_CPP_SRC.")
-        tar.extractall(dest, members=members, filter="data")
+        # The "data" filter refuses links out of dest and absolute paths (Python >= 3.10.12 has it).
+        safe: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(dest, members=members, **safe)
 
 
 def _last_error(text: str) -> str:

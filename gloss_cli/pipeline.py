@@ -1,6 +1,7 @@
 """`gloss run`: data -> train -> index -> generate -> eval -> segments in one command, skipping what is done.
 
-The default is sized to finish on a 2-core CPU in about half an hour (a subset of users, one epoch); ``full`` is the
+The CPU default uses a subset of users and one epoch (not timed end to end yet; CPU training ran at 18-58
+tokens/s on 2 shared cores); ``full`` is the
 paper-scale experiment (every user, early stopping on validation loss), meant for a GPU. A stage is skipped when
 its record is done, not stale, and was made with the same parameters.
 """

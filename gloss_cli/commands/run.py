@@ -31,7 +31,7 @@ def run(
 ) -> None:
     """Run the whole pipeline: data, train, index, generate, eval (model vs LIS), segments; done stages are skipped.
 
-    The default is sized for about half an hour on a 2-core CPU (500 training users, one epoch, 100 test users).
+    CPU default: 500 training users, one epoch, 100 test users (not yet timed end to end; see the README).
 
     [dim]Examples:[/]
 
