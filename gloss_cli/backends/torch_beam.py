@@ -1,0 +1,374 @@
+"""gloss's batched beam search in plain torch over a transformers causal LM: transformers' beams, less work.
+
+``model.generate(num_beams=k)`` copies every prompt k times *before* the prefill, so each prompt (~360 tokens in
+GLoSS, against <= 50 new ones) is computed k times; it then grows a dynamic KV cache by concatenation, reorders it
+whole every step, and spends much host time per step. Here each prompt is prefilled once (batch B), its KV rows are
+copied to its k beams in a cache preallocated for prompt + ``max_new_tokens`` positions (B x k rows), a step reorders
+only the generated positions (the beams of one prompt share its prompt rows, so those never move), and the whole
+search state lives on the device: the host waits for it only every ``check_every`` steps, to see whether all is done.
+
+The search mirrors transformers 5.x ``GenerationMixin._beam_search`` (``do_sample=False``, ``early_stopping=False``)
+tensor for tensor: the top ``max(2, 1 + n_eos) * k`` candidates over all beams; the best k that did not stop run on;
+those among the first k that stopped (EOS, or ``max_new_tokens`` reached) join the k finished hypotheses with score
+``sum_logprobs / generated_len ** length_penalty`` while the early-stop heuristic says they can still improve; the
+search ends when no prompt can improve or every candidate stopped. Same candidates, same -1e9 masking, same order of
+concatenation before each top-k, so the returned beams and scores are ``out.sequences`` / ``out.sequences_scores``
+up to float noise. One beam is greedy search, scored as gloss's hf backend scores greedy output: the mean
+log-probability of the generated tokens.
+
+The model is driven with a 4D attention mask and a cache object of our own (``update`` is all a decoder layer asks of
+it), so only models whose layers all attend fully (no sliding window), with ``sdpa`` or ``eager`` attention, and with
+no logits processor switched on by their generation config are supported: :func:`unsupported` says why not.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+NEG = -1.0e9  # transformers' "impossible" score, kept so that ties break as they do there
+ALIGN = 8  # cache length rounded up to a multiple of this (masked), so attention kernels see aligned rows
+
+# Generation-config fields that add a logits processor or change the search, with their neutral value.
+NEUTRAL: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "guidance_scale": 1.0,
+    "length_penalty": 1.0,
+    "early_stopping": False,
+    "diversity_penalty": 0.0,
+    "num_beam_groups": 1,
+    "remove_invalid_values": False,
+    "renormalize_logits": False,
+    "sequence_bias": None,
+    "bad_words_ids": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "watermarking_config": None,
+    "stop_strings": None,
+    "max_time": None,
+}
+
+Hypotheses = list[list[tuple[list[int], float]]]
+
+
+def _base(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _cache_kwarg(model: Any) -> str | None:
+    """The forward keyword that takes the KV cache: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
+    params = inspect.signature(_base(model).forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def unsupported(model: Any) -> str | None:
+    """Why the gloss search cannot reproduce ``model.generate`` on this model, or None when it can."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder models"
+    attention = getattr(config, "_attn_implementation", None) or "eager"
+    if attention not in ("sdpa", "eager"):
+        return f"attn_implementation '{attention}' (sdpa or eager only)"
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None:
+        if any(kind != "full_attention" for kind in layer_types):
+            return "models with sliding-window or linear-attention layers"
+    elif getattr(text, "sliding_window", None) is not None:
+        return "models with sliding-window attention"
+    if _cache_kwarg(model) is None:
+        return "models whose forward takes no KV cache"
+    gen = getattr(model, "generation_config", None)
+    for name, neutral in NEUTRAL.items():
+        value = getattr(gen, name, None)
+        if value is not None and value != neutral:
+            return f"generation_config.{name} = {value!r}"
+    return None
+
+
+class _Cache:
+    """What a decoder layer sees of the KV cache: ``update`` writes the new token's keys and values at the current
+    position and returns the layer's whole preallocated rows (positions not yet written are masked)."""
+
+    def __init__(self, decoder: _Decoder) -> None:
+        self.decoder = decoder
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.decoder
+        keys, values = d.keys[layer_idx], d.values[layer_idx]
+        keys.index_copy_(2, d.position, key_states)
+        values.index_copy_(2, d.position, value_states)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.decoder.prompt_len + self.decoder.written
+
+
+class _Decoder:
+    """The B x k rows of the search after one prefill: a static KV cache, a 4D mask, positions, and one decode step.
+
+    ``cuda_graphs`` replays the decode forward from a CUDA graph captured at the first step (every buffer it reads is
+    updated in place, so one capture serves the whole call)."""
+
+    def __init__(
+        self,
+        model: Any,
+        prefill_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        prompt_mask: torch.Tensor,
+        beams: int,
+        max_new_tokens: int,
+        cuda_graphs: bool = False,
+    ) -> None:
+        self.model, self.beams, self.cuda_graphs = model, beams, cuda_graphs
+        self.kwarg = _cache_kwarg(model) or "cache"
+        batch, self.prompt_len = prompt_mask.shape
+        rows = batch * beams
+        length = -(-(self.prompt_len + max_new_tokens) // ALIGN) * ALIGN
+        k0, v0 = prefill_kv[0]
+        device, dtype = k0.device, k0.dtype
+        n = len(prefill_kv)
+        # One buffer for all layers, so a beam reorder is one gather, not one per layer.
+        self.keys = torch.zeros((n, rows, k0.shape[1], length, k0.shape[3]), dtype=dtype, device=device)
+        self.values = torch.zeros((n, rows, v0.shape[1], length, v0.shape[3]), dtype=dtype, device=device)
+        p = self.prompt_len
+        for layer, (k, v) in enumerate(prefill_kv):  # each prompt's rows, once per beam
+            self.keys[layer, :, :, :p].view(batch, beams, *k.shape[1:]).copy_(k[:, None])
+            self.values[layer, :, :, :p].view(batch, beams, *v.shape[1:]).copy_(v[:, None])
+        allowed = torch.zeros((rows, 1, 1, length), dtype=torch.bool, device=device)
+        allowed[:, 0, 0, :p] = prompt_mask.bool().repeat_interleave(beams, dim=0)
+        self.open: bool | float = True  # what a position of the mask becomes once its keys are written
+        self.mask = allowed
+        if getattr(model.config, "_attn_implementation", None) != "sdpa":  # eager adds the mask to the weights
+            self.mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
+                ~allowed, torch.finfo(dtype).min
+            )
+            self.open = 0.0
+        # Positions as transformers counts them with left padding: real tokens only.
+        self.position_ids = prompt_mask.long().sum(dim=1).repeat_interleave(beams)[:, None]
+        self.position = torch.tensor([p], device=device)  # where the next token's keys go
+        self.written = 0
+        self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.cache = _Cache(self)
+        self.graph: Any = None
+        self.graph_logits: torch.Tensor | None = None
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model(
+            input_ids=self.tokens,
+            attention_mask=self.mask,
+            position_ids=self.position_ids,
+            use_cache=True,
+            **{self.kwarg: self.cache},
+        )
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
+
+    def _replay(self) -> torch.Tensor:
+        if self.graph is None:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up: writes this step's keys, as the replay will again
+                self._forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.graph_logits = self._forward()
+        self.graph.replay()
+        assert self.graph_logits is not None
+        return self.graph_logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (float32, one row per beam) after feeding each row its newest token."""
+        self.tokens.copy_(tokens.view(-1, 1))
+        self.mask.index_fill_(3, self.position, self.open)
+        logits = (self._replay() if self.cuda_graphs else self._forward()).float()
+        self.position += 1
+        self.position_ids += 1
+        self.written += 1
+        return logits
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i takes the generated keys and values of row ``rows[i]`` (always a beam of the same prompt)."""
+        if not self.written:
+            return
+        p = self.prompt_len
+        for buffer in (self.keys, self.values):
+            region = buffer[:, :, :, p : p + self.written]
+            region.copy_(region.index_select(1, rows))
+
+
+class _Beams:
+    """transformers' beam-search state for B prompts x k beams (``_beam_search``'s running/finished tensors, with
+    the generated tokens only: the prompt never changes)."""
+
+    def __init__(
+        self, batch: int, beams: int, max_new_tokens: int, eos: torch.Tensor, pad: int, length_penalty: float
+    ) -> None:
+        device = eos.device
+        self.beams, self.max_new, self.eos, self.length_penalty = beams, max_new_tokens, eos, length_penalty
+        self.keep = max(2, 1 + eos.numel()) * beams
+        shape = (batch, beams)
+        self.running_tokens = torch.full((*shape, max_new_tokens), pad, dtype=torch.long, device=device)
+        # Only the first beam is live at the start: the others would repeat its candidates.
+        self.running_scores = torch.zeros(shape, dtype=torch.float, device=device)
+        self.running_scores[:, 1:] = NEG
+        self.tokens = self.running_tokens.clone()
+        self.scores = torch.full(shape, NEG, dtype=torch.float, device=device)
+        self.lengths = torch.zeros(shape, dtype=torch.long, device=device)
+        self.finished = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)
+        self.all_stopped = torch.zeros((), dtype=torch.bool, device=device)
+        self.top = torch.arange(self.keep, device=device) < beams
+        self.offsets = torch.arange(batch, device=device)[:, None] * beams
+
+    def step(self, logprobs: torch.Tensor, t: int) -> torch.Tensor:
+        """Advance with each beam's next-token log-probs (rows, vocab); return each new beam's parent row."""
+        batch, beams = self.running_scores.shape
+        vocab = logprobs.shape[-1]
+        total = (logprobs.view(batch, beams, vocab) + self.running_scores[:, :, None]).view(batch, -1)
+        top_scores, top_index = torch.topk(total, self.keep)
+        parent, token = top_index // vocab, top_index % vocab
+        candidates = torch.take_along_dim(self.running_tokens, parent[:, :, None], dim=1)
+        candidates[:, :, t] = token
+        stopped = torch.isin(token, self.eos) | (t + 1 >= self.max_new)
+
+        running = top_scores + stopped.to(torch.float32) * NEG
+        best = torch.topk(running, beams)[1]
+        self.running_tokens = torch.take_along_dim(candidates, best[:, :, None], dim=1)
+        self.running_scores = torch.take_along_dim(running, best, dim=1)
+        parents = torch.take_along_dim(parent, best, dim=1)
+
+        just_finished = stopped & self.top
+        scores = top_scores / ((t + 1) ** self.length_penalty)
+        scores += (~self.improvable).to(torch.float32) * NEG
+        scores += (~just_finished) * NEG
+        merged = torch.cat((self.scores, scores), dim=1)
+        keep = torch.topk(merged, beams)[1]
+        self.tokens = torch.take_along_dim(torch.cat((self.tokens, candidates), dim=1), keep[:, :, None], dim=1)
+        self.scores = torch.take_along_dim(merged, keep, dim=1)
+        self.finished = torch.take_along_dim(torch.cat((self.finished, just_finished), dim=1), keep, dim=1)
+        lengths = torch.cat((self.lengths, torch.full_like(parent, t + 1)), dim=1)
+        self.lengths = torch.take_along_dim(lengths, keep, dim=1)
+
+        best_possible = self.running_scores[:, :1] / ((t + 1) ** self.length_penalty)
+        worst = torch.where(self.finished, self.scores.min(dim=1, keepdim=True)[0], NEG)
+        self.improvable &= (best_possible > worst).any(dim=-1, keepdim=True)
+        self.all_stopped = stopped.all()
+        return (parents + self.offsets).view(-1)
+
+    def done(self) -> bool:
+        return not bool((self.improvable.any() & ~self.all_stopped).item())
+
+    def results(self, num_return: int) -> Hypotheses:
+        tokens, lengths = self.tokens[:, :num_return].tolist(), self.lengths[:, :num_return].tolist()
+        scores = self.scores[:, :num_return].tolist()
+        return [
+            [(seq[:n], score) for seq, n, score in zip(t, ln, s, strict=True)]
+            for t, ln, s in zip(tokens, lengths, scores, strict=True)
+        ]
+
+
+def _prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """One forward over the left-padded prompts, as ``generate`` runs it: positions count real tokens only, an
+    all-ones mask is dropped, and only the last position's logits are computed."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    kwargs: dict[str, Any] = {}
+    if "logits_to_keep" in inspect.signature(_base(model).forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    out = model(
+        input_ids=input_ids,
+        attention_mask=None if bool(attention_mask.all()) else attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **kwargs,
+    )
+    cache = out.get("cache")  # a ModelOutput is a dict; its past_key_values property warns in transformers 5.x
+    return out.logits[:, -1, :], out.get("past_key_values") if cache is None else cache
+
+
+def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of every layer of the cache ``forward`` returned."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache, strict=True))
+    return [(k, v) for k, v, *_ in cache]
+
+
+def search(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    beams: int = 5,
+    num_return: int = 5,
+    max_new_tokens: int = 50,
+    eos_token_ids: Sequence[int] = (),
+    pad_token_id: int = 0,
+    length_penalty: float = 1.0,
+    check_every: int = 4,
+    cuda_graphs: bool = False,
+) -> Hypotheses:
+    """Beam search on left-padded prompts: per prompt ``num_return`` (generated token ids, score) best first, the
+    ids ending at the EOS token that ended them (included). ``beams=1`` is greedy search."""
+    if not 1 <= num_return <= beams:
+        raise ValueError(f"num_return ({num_return}) must be between 1 and beams ({beams})")
+    reason = unsupported(model)
+    if reason is not None:
+        raise ValueError(f"the gloss search does not support {reason}")
+    with torch.inference_mode():
+        logits, cache = _prefill(model, input_ids, attention_mask)
+        decoder = _Decoder(model, _layers(cache), attention_mask, beams, max_new_tokens, cuda_graphs)
+        del cache
+        eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=input_ids.device)
+        if beams == 1:
+            return _greedy(decoder, logits.float(), max_new_tokens, eos, pad_token_id, check_every)
+        state = _Beams(input_ids.shape[0], beams, max_new_tokens, eos, pad_token_id, length_penalty)
+        # Every beam of a prompt starts from its prompt's logits (only the first counts: the others score -1e9).
+        logprobs = torch.log_softmax(logits.float(), dim=-1).repeat_interleave(beams, dim=0)
+        for t in range(max_new_tokens):
+            rows = state.step(logprobs, t)
+            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and state.done()):
+                break
+            decoder.reorder(rows)
+            logprobs = torch.log_softmax(decoder.step(state.running_tokens[:, :, t].reshape(-1)), dim=-1)
+        return state.results(num_return)
+
+
+def _greedy(
+    decoder: _Decoder, logits: torch.Tensor, max_new_tokens: int, eos: torch.Tensor, pad: int, check_every: int
+) -> Hypotheses:
+    """transformers' greedy search (argmax of the logits; finished rows get padding) with the hf backend's score:
+    the sum of the chosen tokens' log-probabilities over the generated length, EOS included."""
+    rows = logits.shape[0]
+    device = logits.device
+    tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
+    total = torch.zeros(rows, dtype=torch.float, device=device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=device)
+    live = torch.ones(rows, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        token = torch.where(live, logits.argmax(dim=-1), pad)
+        tokens[:, t] = token
+        chosen = torch.log_softmax(logits, dim=-1).gather(1, token[:, None])[:, 0]
+        total += torch.where(live, chosen, 0.0)
+        lengths += live
+        live &= ~torch.isin(token, eos)
+        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and not bool(live.any())):
+            break
+        logits = decoder.step(token)
+    scores = (total / lengths.clamp(min=1)).tolist()
+    return [[(seq[:n], score)] for seq, n, score in zip(tokens.tolist(), lengths.tolist(), scores, strict=True)]

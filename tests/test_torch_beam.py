@@ -1,0 +1,228 @@
+"""gloss's batched beam search (gloss_cli.backends.torch_beam) returns transformers' beams: the same token ids and
+scores as ``model.generate`` for every returned beam, on one batch of left-padded prompts of different lengths.
+
+The tiny model is tests/tiny_model.py's with its weights scaled up (margins far above float noise, as in
+test_llama_cpp.py) and the EOS row of its LM head pulled towards three common tokens, so that many beams end at EOS:
+the finished-hypothesis bookkeeping and the early-stop heuristic run, not only the max-length end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from gloss_cli.cli import app
+from gloss_cli.prompt import build_prompt
+from tests.tiny_model import build_tiny_llama
+
+torch = pytest.importorskip("torch")
+from gloss_cli.backends.torch_beam import search, unsupported  # noqa: E402
+
+runner = CliRunner()
+SCALE = 8.0
+EOS = 2
+PROMPTS = [
+    build_prompt(["w1_2 w2_1", "w3_4 w4_3"]),
+    build_prompt(["w10_3 w3_10"]),
+    build_prompt(["w5_5 w5_5", "w7_1 w1_7", "w2_2 w2_2"]),
+    "Title: w1",  # 4 tokens against ~320: mostly padding
+    build_prompt([]),
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny_llama(tmp_path_factory.mktemp("beam") / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(SCALE)
+        head = model.lm_head.weight
+        head[EOS] += 0.8 * (head[98] + head[188] + head[93])
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny: Path) -> Any:
+    from gloss_cli.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny))
+    tok.padding_side = "left"
+    return tok
+
+
+def load(folder: Path, **kwargs: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+
+
+@pytest.fixture(scope="session")
+def model(tiny: Path) -> Any:
+    return load(tiny)
+
+
+def hf_beams(model: Any, tokenizer: Any, beams: int, num_return: int, max_new: int) -> tuple[list[Any], int]:
+    """``model.generate`` on the batch as gloss's hf search calls it: per prompt (ids up to EOS, score); steps run."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=max_new,
+        num_beams=beams,
+        num_return_sequences=num_return,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=EOS,
+    )
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, generation_config=config)
+    new = out.sequences[:, enc.input_ids.shape[1] :].tolist()
+    cut = [row[: row.index(EOS) + 1] if EOS in row else row for row in new]
+    scores = out.sequences_scores.tolist()
+    found = [
+        list(zip(cut[i : i + num_return], scores[i : i + num_return], strict=True))
+        for i in range(0, len(cut), num_return)
+    ]
+    return found, len(new[0])
+
+
+def gloss_beams(model: Any, tokenizer: Any, beams: int, num_return: int, max_new: int, **kwargs: Any) -> Any:
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    return search(
+        model,
+        enc.input_ids,
+        enc.attention_mask,
+        beams=beams,
+        num_return=num_return,
+        max_new_tokens=max_new,
+        eos_token_ids=[EOS],
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
+
+
+def assert_same(got: Any, want: Any) -> None:
+    assert len(got) == len(want) == len(PROMPTS)
+    for ours, theirs in zip(got, want, strict=True):
+        assert [ids for ids, _ in ours] == [ids for ids, _ in theirs]
+        assert [s for _, s in ours] == pytest.approx([s for _, s in theirs], abs=1e-4)
+
+
+@pytest.mark.parametrize("max_new", [12, 30])
+def test_all_beams_match_generate(model: Any, tokenizer: Any, max_new: int) -> None:
+    want, steps = hf_beams(model, tokenizer, 5, 5, max_new)
+    assert_same(gloss_beams(model, tokenizer, 5, 5, max_new), want)
+    lengths = [len(ids) for hyps in want for ids, _ in hyps]
+    ended = [ids[-1] == EOS for hyps in want for ids, _ in hyps]
+    assert sum(ended) >= 5 and min(lengths) < max_new  # many beams stopped at EOS
+    if max_new == 12:
+        assert max(lengths) == max_new and not all(ended)  # and some at the length limit
+    else:
+        assert steps < max_new  # every prompt ran out of improvement: the early-stop heuristic ended the search
+
+
+def test_fewer_returns_than_beams_and_rare_checks(model: Any, tokenizer: Any) -> None:
+    want, _ = hf_beams(model, tokenizer, 4, 2, 16)
+    assert_same(gloss_beams(model, tokenizer, 4, 2, 16), want)
+    assert_same(gloss_beams(model, tokenizer, 4, 2, 16, check_every=100), want)  # running on past the end is harmless
+
+
+def test_lora_and_eager_attention(tiny: Path, tokenizer: Any) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from gloss_cli.models import quiet_transformers
+
+    quiet_transformers()  # peft trips a transformers deprecation warning on itself
+    torch.manual_seed(1)
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=modules, init_lora_weights=False, task_type="CAUSAL_LM")
+    lora = get_peft_model(load(tiny), config).eval()
+    want, _ = hf_beams(lora, tokenizer, 5, 5, 12)
+    assert_same(gloss_beams(lora, tokenizer, 5, 5, 12), want)
+    eager = load(tiny, attn_implementation="eager")
+    want, _ = hf_beams(eager, tokenizer, 3, 3, 12)
+    assert_same(gloss_beams(eager, tokenizer, 3, 3, 12), want)
+
+
+def test_greedy_and_text_through_the_generator(model: Any, tokenizer: Any) -> None:
+    """HFGenerator: the two searches give the same texts and scores, greedy (one beam) included."""
+    from gloss_cli.generate import HFGenerator
+    from gloss_cli.models import Trained
+
+    hf = HFGenerator(Trained(model, tokenizer, {}), "cpu", "float32", search="hf")
+    gloss = HFGenerator(Trained(model, tokenizer, {}), "cpu", "float32")
+    assert gloss.describe()["search"] == "gloss" and gloss.default_batch_size == 8
+    for beams, num_return in ((1, 1), (5, 3)):
+        want = hf.generate(PROMPTS, beams=beams, num_return=num_return, max_new_tokens=20)
+        got = gloss.generate(PROMPTS, beams=beams, num_return=num_return, max_new_tokens=20)
+        for ours, theirs in zip(got, want, strict=True):
+            assert [text for text, _ in ours] == [text for text, _ in theirs]
+            assert [s for _, s in ours] == pytest.approx([s for _, s in theirs], abs=1e-4)
+        assert gloss.new_tokens == hf.new_tokens
+    greedy = gloss_beams(model, tokenizer, 1, 1, 20)
+    assert any(ids[-1] == EOS and len(ids) < 20 for [(ids, _)] in greedy)  # some rows stopped early
+
+
+def test_what_it_cannot_reproduce_is_said(tiny: Path, tokenizer: Any) -> None:
+    model = load(tiny)
+    assert unsupported(model) is None
+    model.generation_config.repetition_penalty = 1.3
+    assert unsupported(model) == "generation_config.repetition_penalty = 1.3"
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        gloss_beams(model, tokenizer, 5, 5, 4)
+    model.generation_config.repetition_penalty = 1.0
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    assert "sliding-window" in (unsupported(model) or "")
+
+
+# -- gloss generate ---------------------------------------------------------------------------------------------
+
+
+def invoke(*args: str) -> Any:
+    result = runner.invoke(app, [*args, "-p", "proj", "-q"])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def queries() -> list[dict[str, Any]]:
+    text = Path("proj/generate/test/queries.jsonl").read_text(encoding="utf-8")
+    return sorted((json.loads(line) for line in text.splitlines()), key=lambda r: r["user_id"])
+
+
+def test_cli_searches_write_the_same_queries(synthetic: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    invoke("data", "--source", str(synthetic))
+    invoke("train", "--model", str(tiny), "--max-steps", "1", "--batch-size", "8")
+    gen = ("generate", "--split", "test", "--max-new-tokens", "12", "--batch-size", "4")
+    invoke(*gen, "--limit", "10", "--search", "hf")
+    hf = queries()
+    invoke(*gen, "--limit", "10", "--overwrite")  # --search gloss, the default
+    gloss = queries()
+    assert [r["queries"] for r in gloss] == [r["queries"] for r in hf]
+    for ours, theirs in zip(gloss, hf, strict=True):
+        assert ours["scores"] == pytest.approx(theirs["scores"], abs=1e-4)
+    record = json.loads(Path("proj/manifest.json").read_text())["stages"]["generate/test"]
+    assert record["params"]["search"] == "gloss" and record["params"]["generator"]["search"] == "gloss"
+    assert "search" not in json.loads(Path("proj/generate/test/settings.json").read_text())
+    more = json.loads(invoke(*gen, "--limit", "12", "--search", "hf", "--json").stdout)  # resumes, not refused
+    assert more["metrics"]["users_new"] == 2 and len(queries()) == 12
