@@ -149,6 +149,8 @@ def load_hf(folder: Path, device: str, dtype: str) -> tuple[Any, Any, float]:
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # a GGUF's tokenizer may have none (transformers 5.17); pad with EOS
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
     model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() too narrowly
     return tokenizer, model, time.perf_counter() - t0

@@ -146,6 +146,10 @@ def load_queries(
             raise GlossError(f"Unknown baseline '{baseline}'.", "Use --baseline lis.")
         return lis_queries(split_df, titles), ()
     if queries_file is not None:
+        if queries_file.suffix == ".jsonl":  # gloss generate's own format, e.g. from another project or a cut-off run
+            if not queries_file.is_file():
+                raise GlossError(f"Queries file {queries_file} does not exist.", "Pass the path of a queries file.")
+            return load_generated(queries_file, split_df, titles, f"file:{queries_file.name}", n), ()
         return load_gloss_json(queries_file, split_df, titles, n), ()
     stage = f"generate/{split}"
     project.require(stage, f"gloss generate --split {split}")
@@ -153,11 +157,21 @@ def load_queries(
     return load_generated(path, split_df, titles, stage, n), (stage,)
 
 
-def generated_users(project: Project, split: str) -> list[str]:
-    stage = f"generate/{split}"
-    project.require(stage, f"gloss generate --split {split}")
-    with project.path(f"{stage}/queries.jsonl").open(encoding="utf-8") as fh:
-        return [json.loads(line)["user_id"] for line in fh if line.strip()]
+def generated_users(project: Project, split: str, queries_file: Path | None = None) -> list[str]:
+    """The users of a gloss queries JSONL: ``queries_file`` if it is one, else the project's generate stage."""
+    if queries_file is not None and queries_file.suffix == ".jsonl":
+        path = queries_file
+    else:
+        stage = f"generate/{split}"
+        project.require(stage, f"gloss generate --split {split}")
+        path = project.path(f"{stage}/queries.jsonl")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return [json.loads(line)["user_id"] for line in fh if line.strip()]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise GlossError(
+            f"Cannot read the users of {path} ({exc}).", "Pass a 'gloss generate' queries.jsonl."
+        ) from None
 
 
 def write_outputs(
@@ -218,8 +232,9 @@ def run(
     split_users = split_df.height
     extra_stages: tuple[str, ...] = ()
     if match_generated:  # the users that `gloss generate` covered, so that a baseline compares like with like
-        split_df = split_df.filter(pl.col("user_id").is_in(generated_users(project, split)))
-        extra_stages = (f"generate/{split}",)
+        split_df = split_df.filter(pl.col("user_id").is_in(generated_users(project, split, queries_file)))
+        from_file = queries_file is not None and queries_file.suffix == ".jsonl"
+        extra_stages = () if from_file else (f"generate/{split}",)
     qs, query_stages = load_queries(
         project, split, split_df, titles, queries_file=queries_file, baseline=baseline, n=num_queries
     )

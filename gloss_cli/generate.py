@@ -184,7 +184,8 @@ class HFGenerator:
 
 def _gloss_cuda_batch(trained: Trained, beams: int = 5, largest: int = 256) -> int:
     """Prompts per batch for the gloss search on CUDA: up to ``largest``, as many as keep the KV cache of the longest
-    prompts (``max_seq_len`` positions x ``beams`` rows each) within half the GPU's memory."""
+    prompts (``max_seq_len`` positions x ``beams`` rows each) within half the GPU memory that is free now (other
+    processes may share the GPU)."""
     import torch
 
     config = trained.model.config
@@ -193,7 +194,8 @@ def _gloss_cuda_batch(trained: Trained, beams: int = 5, largest: int = 256) -> i
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     per_token = 2 * text.num_hidden_layers * heads * head_dim * trained.model.dtype.itemsize
     per_prompt = per_token * beams * int(trained.meta.get("max_seq_len", 1024))
-    return max(8, min(largest, torch.cuda.get_device_properties(0).total_memory // 2 // per_prompt))
+    free, _ = torch.cuda.mem_get_info()
+    return max(8, min(largest, free // 2 // per_prompt))
 
 
 def open_generator(train_dir: Path, meta: dict[str, Any], options: GenerateOptions, reporter: Reporter) -> Generator:

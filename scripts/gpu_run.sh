@@ -7,6 +7,8 @@
 #           env GLOSS_DATA_FLAGS: extra `gloss data` flags (e.g. --train-examples all-prefixes)
 #               GLOSS_GEN_FLAGS: extra `gloss generate` flags; GLOSS_TEST_LIMIT: test users to generate for
 #               (0: none, only validation; unset: all)
+#               GLOSS_EVAL: retrievers to evaluate with there (e.g. "bm25 minilm"): test and validation splits,
+#               protocols paper and fused --exclude-seen, and the LIS baseline under both
 #         bash scripts/gpu_run.sh test NAME [generate flags]   (generate the test split of an earlier run)
 #         bash scripts/gpu_run.sh wait SECONDS        (follows the logs; copies results to $OUT when all have ended)
 # Several runs may share the GPU (a 135M model leaves room); each is a project folder /root/gloss-runs/NAME.
@@ -21,12 +23,12 @@ setup() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" /root/stash/gpu/.gpu/bundle/wheels/*.whl
   fi
   export PYTHONPATH="$site:$PWD" GLOSS_DATA_DIR="$PWD/.gpu/data" GLOSS_HOME=/root/gloss-home PYTHONUNBUFFERED=1
-  export PATH="$site/bin:$PATH"
+  export PATH="$site/bin:$PATH" PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 }
 job() {  # NAME SCRIPT: run SCRIPT (bash) in its own session, logging to NAME/log.txt
   mkdir -p "$runs/$1"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$runs/$1/gpu.txt"
-  setsid nohup bash -c "set -e; cd '$PWD'
+  setsid nohup bash -c "trap 'echo FAILED' ERR; set -e; cd '$PWD'
     g() { /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli \"\$@\" -p '$runs/$1'; }
     $2
     echo finished" >> "$runs/$1/log.txt" 2>&1 < /dev/null &
@@ -38,16 +40,26 @@ case "${1:-}" in
     setup
     test_step="g generate --split test ${GLOSS_GEN_FLAGS:-} ${GLOSS_TEST_LIMIT:+--limit $GLOSS_TEST_LIMIT}"
     [ "${GLOSS_TEST_LIMIT:-}" = 0 ] && test_step=":"
+    eval_steps=""
+    for r in ${GLOSS_EVAL:-}; do
+      for p in "paper" "fused --exclude-seen"; do
+        eval_steps+="g eval --retriever $r --split validation --protocol $p || true
+          g eval --retriever $r --protocol $p || true
+          g eval --retriever $r --baseline lis --protocol $p || true
+          "
+      done
+    done
     job "$name" "
       g data --dataset $dataset ${GLOSS_DATA_FLAGS:-}
       g train --dataset $dataset $*
       g generate --split validation ${GLOSS_GEN_FLAGS:-}
-      $test_step"
+      $test_step
+      $eval_steps"
     ;;
   test)
     name=${2:?name}; shift 2
     setup
-    sed -i '/^finished$/d' "$runs/$name/log.txt"
+    sed -i -E '/^(finished|FAILED)$/d' "$runs/$name/log.txt"
     job "$name" "g generate --split test $*"
     ;;
   wait)
@@ -55,7 +67,7 @@ case "${1:-}" in
     for ((t = 0; t < limit; t += 15)); do
       pending=0
       for log in "$runs"/*/log.txt; do
-        grep -qE '^finished|Error|error:' "$log" || pending=1
+        grep -qE '^(finished|FAILED)' "$log" || pending=1
       done
       [ "$pending" = 0 ] && break
       sleep 15
@@ -66,9 +78,10 @@ case "${1:-}" in
       echo "== $name"
       tail -c 2500 "$d/log.txt" | tr '\r' '\n' | grep -v '^\s*$' | tail -12
       [ -n "${OUT:-}" ] || continue
-      # one file per run ($OUT takes at most 8): manifest, log, train/meta.json, generated queries
+      # one file per run ($OUT takes at most 8): manifest, log, train/meta.json, generated queries, evaluations
       (cd "$d" && tar -czf "$OUT/$name.tgz" --ignore-failed-read manifest.json log.txt train/meta.json \
-        generate/*/queries.jsonl generate/*/settings.json 2>/dev/null) || true
+        generate/*/queries.jsonl generate/*/settings.json eval/*/metrics.json eval/*/per_user.parquet \
+        2>/dev/null) || true
     done
     ;;
   *) sed -n '2,15p' "$0"; exit 2 ;;

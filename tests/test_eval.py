@@ -109,6 +109,24 @@ def test_gloss_json_queries_file(synthetic: Path, tmp_path: Path) -> None:
     assert doc["metrics"]["recall@5"] > 0.8 and doc["run"] == "file-bm25-paper-test"
 
 
+def test_gloss_jsonl_queries_file_and_lis_on_its_users(synthetic: Path, tmp_path: Path) -> None:
+    """A 'gloss generate' queries.jsonl from elsewhere (e.g. a run cut off half way) evaluates on its own users,
+    and --match-generated puts the LIS baseline on the same users."""
+    project = _project(synthetic)
+    rows = _gloss_file(project, tmp_path / "q.json")[:7]  # a partial run: 7 users
+    with (tmp_path / "queries.jsonl").open("w") as fh:
+        for r in rows:
+            queries = [q.removeprefix("Title: ") for q in r["generated_sequences"]]
+            entry = {"user_id": r["reviewer_id"], "target": r["asin"], "history": r["seen_asins"]}
+            fh.write(json.dumps(entry | {"queries": queries, "scores": [-1.0] * len(queries)}) + "\n")
+    args = ["eval", "--queries", str(tmp_path / "queries.jsonl"), "-p", "p", "--json", "-q"]
+    model = json.loads(runner.invoke(app, args).stdout)
+    lis = json.loads(runner.invoke(app, [*args, "--baseline", "lis", "--match-generated"]).stdout)
+    assert model["users"] == lis["users"] == 7 and model["metrics"]["recall@5"] > 0.8
+    assert model["run"] == "file-bm25-paper-test-7u" and lis["run"] == "lis-bm25-paper-test-7u"
+    _assert_refused(["eval", "--queries", str(tmp_path / "none.jsonl"), "-p", "p"], "does not exist", project)
+
+
 def test_segments_table_and_plot(synthetic: Path) -> None:
     _project(synthetic)
     assert runner.invoke(app, ["eval", "--baseline", "lis", "-p", "p", "-q"]).exit_code == 0

@@ -24,6 +24,7 @@ no logits processor switched on by their generation config are supported: :func:
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,7 +104,9 @@ class _Cache:
     position and returns the layer's whole preallocated rows (positions not yet written are masked)."""
 
     def __init__(self, decoder: _Decoder) -> None:
-        self.decoder = decoder
+        # A weak reference: decoder -> cache -> decoder would be a cycle, and a cycle's GPU buffers wait for Python's
+        # garbage collector (which counts objects, not bytes): batch after batch of KV caches piled up to an OOM.
+        self.decoder = weakref.proxy(decoder)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any

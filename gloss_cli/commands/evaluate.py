@@ -24,11 +24,18 @@ def evaluate(
     ] = False,
     baseline: Annotated[str | None, typer.Option(help="lis: query with the title of the user's last item.")] = None,
     queries: Annotated[
-        Path | None, typer.Option(help="GLoSS JSON file (reviewer_id, asin, seen_asins, generated_sequences).")
+        Path | None,
+        typer.Option(
+            help="Queries file: GLoSS JSON (reviewer_id, asin, seen_asins, generated_sequences), or a "
+            "'gloss generate' queries.jsonl (its users; with --baseline and --match-generated: the baseline on them)."
+        ),
     ] = None,
     num_queries: Annotated[int, typer.Option(help="Generated queries used per user.")] = 5,
     match_generated: Annotated[
-        bool, typer.Option("--match-generated", help="Only the users 'gloss generate' covered (for baselines).")
+        bool,
+        typer.Option(
+            "--match-generated", help="Only the users 'gloss generate' (or the --queries .jsonl) covered (baselines)."
+        ),
     ] = False,
     name: Annotated[
         str | None, typer.Option(help="Run name (default: <source>-<retriever>-<protocol>-<split>).")
