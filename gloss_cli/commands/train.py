@@ -66,6 +66,14 @@ def train(
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Allow a hub model to run its own Python code.")
     ] = False,
+    export: Annotated[
+        str | None,
+        typer.Option(
+            help="Also write the best checkpoint for llama.cpp into train/: gguf (merged, q8_0: what generate and "
+            "recommend use on a CPU) or gguf-lora (the LoRA adapter alone, f16).",
+            show_default=False,
+        ),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -89,6 +97,8 @@ def train(
       gloss train --dataset beauty
 
       gloss train --limit-users 300 --max-steps 50          [dim]# a quick CPU run[/]
+
+      gloss train --export gguf                               [dim]# + train/model-q8_0.gguf for llama.cpp[/]
 
       gloss train --model HuggingFaceTB/SmolLM2-360M-Instruct --method qlora --config train.toml
     """
@@ -117,8 +127,9 @@ def train(
     command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v not in (None, True))
     command += " --trust-remote-code" if trust_remote_code else ""
     command += f" --config {config}" if config else ""
+    command += f" --export {export}" if export else ""
     with proj.lock(command):
-        result = run_train(proj, settings, dataset=dataset, command=command, reporter=reporter)
+        result = run_train(proj, settings, dataset=dataset, command=command, export=export, reporter=reporter)
     if json_:
         print_json({"project": str(proj.root), "folder": str(result.folder), "metrics": result.metrics()})
         return
