@@ -180,10 +180,27 @@ def weights_location(ref: ModelRef, reporter: Reporter | None = None) -> str:
     return str(cache)
 
 
+def cpu_threads() -> int | None:
+    """``GLOSS_THREADS``: CPU threads for torch and llama.cpp (default: theirs, i.e. every core). On a machine
+    shared with other jobs fewer threads can be much faster (benchmarks/README.md: 1 thread beat 2 on a busy
+    2-core machine), because the workers spin while they wait for each other."""
+    value = os.environ.get("GLOSS_THREADS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise GlossError(f"GLOSS_THREADS must be a whole number >= 1, not '{value}'.", "Unset it or set e.g. 2.")
+    return int(value)
+
+
 def pick_device() -> str:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    threads = cpu_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    return "cpu"
 
 
 def torch_dtype(name: str, device: str) -> torch.dtype:

@@ -242,6 +242,17 @@ def test_bad_settings(project: Path, tiny_model: Path) -> None:
     _one_error(invoke("generate", "--users", "nobody"), "not in the test split: nobody")
 
 
+def test_gloss_threads(project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setenv("GLOSS_THREADS", "two")
+    _one_error(invoke("train", "--model", str(tiny_model), "--max-steps", "1"), "GLOSS_THREADS must be a whole number")
+    assert "train" not in manifest()
+    monkeypatch.setenv("GLOSS_THREADS", "3")
+    train(tiny_model, "--max-steps", "1")
+    assert torch.get_num_threads() == 3  # (the autouse fixture puts the old count back)
+
+
 def test_llama_cpp_backend_missing(project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train(tiny_model, "--max-steps", "1")
     monkeypatch.setitem(sys.modules, "gloss_cli.backends.llama_cpp", None)  # as in a gloss without that module

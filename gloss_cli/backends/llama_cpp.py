@@ -172,7 +172,9 @@ class LlamaCppGenerator:
                 raise GlossError(f"GGUF {what} not found: {path}", "Export one with gloss_cli.export.export_gguf.")
         self.n_ctx, self.parallel = n_ctx, max(1, parallel or (1 if exact else DEFAULT_PARALLEL))
         self.model_path, self.lora_path, self.exact = Path(model_path), lora_path, exact
-        self.n_threads = n_threads or os.cpu_count() or 1
+        from gloss_cli.models import cpu_threads
+
+        self.n_threads = n_threads or cpu_threads() or os.cpu_count() or 1
         self._model = self._load_model(self.model_path)
         self._ctx = self._new_context(self.n_threads, exact)
         if lora_path is not None:
