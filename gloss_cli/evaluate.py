@@ -13,6 +13,7 @@ Protocols:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from gloss_cli.errors import GlossError
 from gloss_cli.index import open_index
 from gloss_cli.metrics import bootstrap_ci, per_user, target_ranks
 from gloss_cli.project import Project
-from gloss_cli.queries import QuerySet, lis_queries, load_generated, load_gloss_json
+from gloss_cli.queries import QuerySet, lis_queries, load_generated, load_gloss_json, query_text
 from gloss_cli.retrieval import Retriever
 
 PROTOCOLS = ("paper", "fused")
@@ -59,6 +60,8 @@ class EvalResult:
                 how = "top-K of the last item's title"
         else:
             how = f"top-K per query fused by beam-weighted reciprocal rank (c={RRF_K:g}), filled to K"
+        if self.source.endswith("+lis"):
+            how = "the last item's title as the first query, then the generated ones; " + how
         return (
             f"protocol {self.protocol}: {how}; {seen}; split {self.split}; {self.users:,} users; "
             f"mean over users, one held-out item each; 95% CI: bootstrap over users"
@@ -157,6 +160,13 @@ def load_queries(
     return load_generated(path, split_df, titles, stage, n), (stage,)
 
 
+def with_lis_query(qs: QuerySet, titles: dict[str, str]) -> QuerySet:
+    """The query set with each user's LIS query (the last history item's title) put first: fused, it weighs most,
+    and the generated queries add what the last item alone does not find."""
+    queries = [[query_text(titles[h[-1]]), *q] if h else list(q) for h, q in zip(qs.histories, qs.queries, strict=True)]
+    return dataclasses.replace(qs, source=qs.source + "+lis", queries=queries)
+
+
 def generated_users(project: Project, split: str, queries_file: Path | None = None) -> list[str]:
     """The users of a gloss queries JSONL: ``queries_file`` if it is one, else the project's generate stage."""
     if queries_file is not None and queries_file.suffix == ".jsonl":
@@ -212,6 +222,7 @@ def run(
     baseline: str | None = None,
     num_queries: int = 5,
     match_generated: bool = False,
+    with_lis: bool = False,
     name: str | None = None,
     command: str = "gloss eval",
     reporter: Reporter | None = None,
@@ -238,8 +249,13 @@ def run(
     qs, query_stages = load_queries(
         project, split, split_df, titles, queries_file=queries_file, baseline=baseline, n=num_queries
     )
+    if with_lis:
+        if qs.source == "lis":
+            raise GlossError("--with-lis adds the LIS query to generated ones.", "Drop --baseline lis.")
+        qs = with_lis_query(qs, titles)
     index, meta = open_index(project, retriever, encoder=encoder, reporter=reporter)
     source = "lis" if qs.source == "lis" else ("model" if qs.source.startswith("generate") else "file")
+    source += "+lis" if with_lis else ""
     subset = f"-{len(qs.users)}u" if len(qs.users) < split_users else ""  # never mix subset and full-split names
     name = name or f"{source}-{meta['key']}-{protocol}{'-xseen' if exclude_seen else ''}-{split}{subset}"
     params = {
@@ -251,6 +267,7 @@ def run(
         "queries": qs.source,
         "queries_per_user": qs.per_user,
         "rrf_k": RRF_K if protocol == "fused" else None,
+        "with_lis": with_lis,
     }
     if meta.get("fallback"):
         params["encoder_fallback"] = meta["fallback"]

@@ -23,9 +23,9 @@ class RunPlan:
 
     dataset: str = "beauty"
     full: bool = False
-    train_users: int = 400  # CPU default: the first N train users (0 = all)
+    train_users: int = 800  # CPU default: the first N train users (0 = all)
     epochs: int = 1  # CPU default; full: 3 (validation loss kept falling to epoch 3; early stopping guards)
-    eval_users: int = 100  # test users generated for and evaluated (0 = all)
+    eval_users: int = 200  # test users generated for and evaluated (0 = all)
     retriever: str = "bm25"
     model: str | None = None
     backend: str | None = None  # None: llama.cpp on a CPU when installed, else transformers (recommend's default)

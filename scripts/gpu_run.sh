@@ -12,12 +12,14 @@
 #         bash scripts/gpu_run.sh test NAME [generate flags]   (generate the test split of an earlier run)
 #         bash scripts/gpu_run.sh wait SECONDS        (follows the logs; copies results to $OUT when all have ended)
 # Several runs may share the GPU (a 135M model leaves room); each is a project folder /root/gloss-runs/NAME.
+# Their generation steps take turns (flock): each sizes its batches from the free GPU memory, and concurrent
+# searches sized that way ran out of memory (docs/RESULTS.md, 2026-11-29); alone, each also measures its speed.
 # A command may run 10 minutes and the machine stays up only while calls follow each other, so each job runs in
 # its own session (setsid) and `wait` is called again until every log reports "finished".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-runs=/root/gloss-runs
-site=/tmp/gloss-site
+runs=${GLOSS_RUNS:-/root/gloss-runs}
+site=${GLOSS_SITE:-/tmp/gloss-site}
 setup() {
   if [ ! -d "$site" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" /root/stash/gpu/.gpu/bundle/wheels/*.whl
@@ -30,6 +32,7 @@ job() {  # NAME SCRIPT: run SCRIPT (bash) in its own session, logging to NAME/lo
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$runs/$1/gpu.txt"
   setsid nohup bash -c "trap 'echo FAILED' ERR; set -e; cd '$PWD'
     g() { /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli \"\$@\" -p '$runs/$1'; }
+    gen() { flock '$runs/.generate.lock' /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli generate \"\$@\" -p '$runs/$1'; }
     $2
     echo finished" >> "$runs/$1/log.txt" 2>&1 < /dev/null &
   echo "started $1: $runs/$1/log.txt"
@@ -38,7 +41,7 @@ case "${1:-}" in
   start)
     name=${2:?name} dataset=${3:?dataset}; shift 3
     setup
-    test_step="g generate --split test ${GLOSS_GEN_FLAGS:-} ${GLOSS_TEST_LIMIT:+--limit $GLOSS_TEST_LIMIT}"
+    test_step="gen --split test ${GLOSS_GEN_FLAGS:-} ${GLOSS_TEST_LIMIT:+--limit $GLOSS_TEST_LIMIT}"
     [ "${GLOSS_TEST_LIMIT:-}" = 0 ] && test_step=":"
     eval_steps=""
     for r in ${GLOSS_EVAL:-}; do
@@ -52,7 +55,7 @@ case "${1:-}" in
     job "$name" "
       g data --dataset $dataset ${GLOSS_DATA_FLAGS:-}
       g train --dataset $dataset $*
-      g generate --split validation ${GLOSS_GEN_FLAGS:-}
+      gen --split validation ${GLOSS_GEN_FLAGS:-}
       $test_step
       $eval_steps"
     ;;
@@ -60,7 +63,7 @@ case "${1:-}" in
     name=${2:?name}; shift 2
     setup
     sed -i -E '/^(finished|FAILED)$/d' "$runs/$name/log.txt"
-    job "$name" "g generate --split test $*"
+    job "$name" "gen --split test $*"
     ;;
   wait)
     limit=${2:-540}

@@ -125,6 +125,12 @@ def test_gloss_jsonl_queries_file_and_lis_on_its_users(synthetic: Path, tmp_path
     assert model["users"] == lis["users"] == 7 and model["metrics"]["recall@5"] > 0.8
     assert model["run"] == "file-bm25-paper-test-7u" and lis["run"] == "lis-bm25-paper-test-7u"
     _assert_refused(["eval", "--queries", str(tmp_path / "none.jsonl"), "-p", "p"], "does not exist", project)
+    fused = json.loads(runner.invoke(app, [*args, "--with-lis", "--protocol", "fused", "--num-queries", "2"]).stdout)
+    assert fused["run"] == "file+lis-bm25-fused-test-7u" and fused["source"] == "file+lis"
+    params = json.loads(Path(fused["folder"], "metrics.json").read_text())
+    assert params["queries_per_user"] == 3 and params["with_lis"]
+    assert "the last item's title as the first query" in fused["protocol_description"]
+    _assert_refused([*args[:-2], "--with-lis", "--baseline", "lis"], "--with-lis adds the LIS query", project)
 
 
 def test_segments_table_and_plot(synthetic: Path) -> None:

@@ -37,6 +37,12 @@ def evaluate(
             "--match-generated", help="Only the users 'gloss generate' (or the --queries .jsonl) covered (baselines)."
         ),
     ] = False,
+    with_lis: Annotated[
+        bool,
+        typer.Option(
+            "--with-lis", help="Put the LIS query (the last item's title) before the generated queries (fusion)."
+        ),
+    ] = False,
     name: Annotated[
         str | None, typer.Option(help="Run name (default: <source>-<retriever>-<protocol>-<split>).")
     ] = None,
@@ -66,6 +72,7 @@ def evaluate(
     command = f"gloss eval --retriever {retriever} --split {split} --protocol {protocol}"
     command += (" --exclude-seen" if exclude_seen else "") + (f" --baseline {baseline}" if baseline else "")
     command += f" --queries {queries}" if queries else ""
+    command += " --with-lis" if with_lis else ""
     with proj.lock(command):
         result = run(
             proj,
@@ -79,6 +86,7 @@ def evaluate(
             baseline=baseline,
             num_queries=num_queries,
             match_generated=match_generated,
+            with_lis=with_lis,
             name=name,
             command=command,
             reporter=reporter,

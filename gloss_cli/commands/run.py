@@ -19,11 +19,11 @@ def run(
         ),
     ] = False,
     limit_users: Annotated[
-        int | None, typer.Option(help="Train on the first N users (default 400; --full: all).")
+        int | None, typer.Option(help="Train on the first N users (default 800; --full: all).")
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs (default 1; --full: 3, early stopping).")] = None,
     eval_users: Annotated[
-        int | None, typer.Option(help="Test users to generate for and evaluate (default 100; --full: all).")
+        int | None, typer.Option(help="Test users to generate for and evaluate (default 200; --full: all).")
     ] = None,
     retriever: RetrieverOpt = "bm25",
     model: Annotated[str | None, typer.Option(help="Base model (default smollm2-135m, offline from PyPI).")] = None,
@@ -36,7 +36,7 @@ def run(
 ) -> None:
     """Run the whole pipeline: data, train, index, generate, eval (model vs LIS), segments; done stages are skipped.
 
-    CPU default: LoRA with the completion loss on 400 training users for one epoch, then 100 test users with
+    CPU default: LoRA with the completion loss on 800 training users for one epoch, then 200 test users with
     llama.cpp: about 30 minutes on 2 cores (measured: see the README).
 
     [dim]Examples:[/]
