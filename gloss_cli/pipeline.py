@@ -18,7 +18,7 @@ from gloss_cli.project import Project
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What `gloss run` runs. The CPU default finishes in about 30 minutes on 2 cores (README); ``full`` is the
+    """What `gloss run` runs. The CPU default took 21 minutes on 2 idle cores (README); ``full`` is the
     recipe that did best on validation on an H100/H200 (docs/RESULTS.md): full fine-tuning, completion loss."""
 
     dataset: str = "beauty"
@@ -106,21 +106,24 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
         )
 
     results = []
-    for baseline in (None, "lis"):
-        for protocol, exclude in (("paper", False), ("fused", True)):
-            results.append(
-                evaluate.run(
-                    project,
-                    split="test",
-                    retriever=plan.retriever,
-                    protocol=protocol,
-                    exclude_seen=exclude,
-                    baseline=baseline,
-                    match_generated=True,
-                    command="gloss run",
-                    reporter=reporter,
-                )
+    # model and LIS under both protocols, then the two fused (gloss eval --with-lis), all on the same users
+    runs = [(None, "paper", False, False), (None, "fused", True, False), ("lis", "paper", False, False)]
+    runs += [("lis", "fused", True, False), (None, "fused", True, True)]
+    for baseline, protocol, exclude, with_lis in runs:
+        results.append(
+            evaluate.run(
+                project,
+                split="test",
+                retriever=plan.retriever,
+                protocol=protocol,
+                exclude_seen=exclude,
+                baseline=baseline,
+                match_generated=True,
+                with_lis=with_lis,
+                command="gloss run",
+                reporter=reporter,
             )
+        )
     summary.steps.append(("eval", f"{len(results)} runs"))
     summary.rows = [
         {

@@ -125,12 +125,12 @@ def recommendations(result: Any, *, profile: bool, protocol: str, exclude_seen: 
 
 def run_summary(summary: Any) -> None:
     table = Table(title="gloss run: model vs LIS baseline", title_justify="left")
-    for column in ("run", "queries", "protocol", "history", "users", "recall@5", "ndcg@5", "mrr@5"):
+    for column in ("queries", "protocol", "history", "users", "recall@5", "ndcg@5", "mrr@5"):
         table.add_column(column, justify="right" if column in ("users", "recall@5", "ndcg@5", "mrr@5") else "left")
+    labels = {"lis": "LIS", "model": "model", "model+lis": "LIS + model"}
     for r in summary.rows:
         table.add_row(
-            r["run"],
-            "LIS" if r["source"] == "lis" else "model",
+            labels.get(r["source"], r["source"]),
             r["protocol"],
             "excluded" if r["exclude_seen"] else "kept",
             f"{r['users']:,}",
@@ -141,7 +141,8 @@ def run_summary(summary: Any) -> None:
     out.print(table)
     out.print(
         "[dim]test split, the same users for every row; mean over users, one held-out item each; K = 5. paper: top-1 "
-        "per generated query (LIS: top-5 of the last item's title); fused: top-5 per query, beam-weighted rank fusion."
-        "[/]"
+        "per generated query (LIS: top-5 of the last item's title); fused: top-5 per query, beam-weighted rank fusion; "
+        "LIS + model: the last item's title as the first query, then the generated ones (gloss eval --with-lis). "
+        f"Per-user results: eval/<run>/ ({', '.join(r['run'] for r in summary.rows)}).[/]"
     )
     out.print(f"segments plot: {summary.plot}")

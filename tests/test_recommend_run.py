@@ -97,8 +97,8 @@ def test_run_chains_every_stage_then_skips_them(synthetic: Path, tiny: Path, mon
     doc = json.loads(result.stdout)
     assert [name for name, how in doc["steps"][:5]] == ["data", "train", "index/bm25", "generate/test", "eval"]
     assert all(how == "ran" for _, how in doc["steps"][:4])
-    assert len(doc["runs"]) == 4 and {r["users"] for r in doc["runs"]} == {6}
-    assert {r["source"] for r in doc["runs"]} == {"model", "lis"}
+    assert len(doc["runs"]) == 5 and {r["users"] for r in doc["runs"]} == {6}
+    assert {r["source"] for r in doc["runs"]} == {"model", "lis", "model+lis"}
     assert Path(doc["plot"]).is_file()
     again = json.loads(runner.invoke(app, args).stdout)
     assert all(how == "skipped" for _, how in again["steps"][:4])
@@ -117,7 +117,7 @@ def test_main_job_at_its_smallest_on_the_real_model(shared_data: Path, monkeypat
     doc = json.loads(result.stdout)
     assert doc["plan"]["backend"] is None and doc["plan"]["loss"] == "completion"
     assert [name for name, how in doc["steps"][:5]] == ["data", "train", "index/bm25", "generate/test", "eval"]
-    assert {(r["source"], r["users"]) for r in doc["runs"]} == {("model", 5), ("lis", 5)}
+    assert {(r["source"], r["users"]) for r in doc["runs"]} == {("model", 5), ("lis", 5), ("model+lis", 5)}
     assert all(0 <= r["recall@5"] <= 1 and "5 users" in r["description"] for r in doc["runs"])
     generated = json.loads(Path("p/manifest.json").read_text())["stages"]["generate/test"]
     assert generated["params"]["backend"] == "llama-cpp"  # the CPU default
