@@ -32,7 +32,8 @@ job() {  # NAME SCRIPT: run SCRIPT (bash) in its own session, logging to NAME/lo
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$runs/$1/gpu.txt"
   setsid nohup bash -c "trap 'echo FAILED' ERR; set -e; cd '$PWD'
     g() { /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli \"\$@\" -p '$runs/$1'; }
-    gen() { flock '$runs/.generate.lock' /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli generate \"\$@\" -p '$runs/$1'; }
+    lock() { if command -v flock > /dev/null; then flock '$runs/.generate.lock' \"\$@\"; else \"\$@\"; fi; }
+    gen() { lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli generate \"\$@\" -p '$runs/$1'; }
     $2
     echo finished" >> "$runs/$1/log.txt" 2>&1 < /dev/null &
   echo "started $1: $runs/$1/log.txt"
@@ -49,6 +50,11 @@ case "${1:-}" in
         eval_steps+="g eval --retriever $r --split validation --protocol $p || true
           g eval --retriever $r --protocol $p || true
           g eval --retriever $r --baseline lis --protocol $p || true
+          "
+      done
+      for n in 2 5; do  # LIS + model fusion; validation picks the number of beams
+        eval_steps+="g eval --retriever $r --split validation --protocol fused --exclude-seen --with-lis --num-queries $n --name lis$n-$r-val || true
+          g eval --retriever $r --protocol fused --exclude-seen --with-lis --num-queries $n --name lis$n-$r-test || true
           "
       done
     done
