@@ -74,6 +74,7 @@ class Recommender:
         protocol: str = "fused",
         exclude_seen: bool = True,
         k: int = 10,
+        with_lis: bool = False,
         reporter: Reporter | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
@@ -81,7 +82,7 @@ class Recommender:
         if k < 1:
             raise GlossError(f"-k must be at least 1, got {k}.", "Pass e.g. -k 10.")
         self.reporter = reporter or Reporter()
-        self.protocol, self.exclude_seen, self.k = protocol, exclude_seen, k
+        self.protocol, self.exclude_seen, self.k, self.with_lis = protocol, exclude_seen, k, with_lis
         project.require("data")
         project.require("train", "gloss train --dataset beauty")
         items = pl.read_parquet(project.path("data/items.parquet"))
@@ -131,12 +132,15 @@ class Recommender:
         )
         t2 = time.perf_counter()
         queries = [[(clean_query(text), float(score)) for text, score in user] for user in beams]
+        if self.with_lis:  # the last item's title first (gloss eval --with-lis); 0.0: it is no beam of the model
+            queries = [[(history[-1], 0.0), *user] for history, user in zip(histories, queries, strict=True)]
+        per_user = len(queries[0])
         flat = [query_text(text) for user in queries for text, _ in user]
         extra = max(len(s) for s in seen) if self.exclude_seen else 0
         depth = self.k if self.protocol == "fused" else 1
         keys, scores = self.index.search(flat, min(depth + extra, len(self.item_ids)))
-        keys = keys.reshape(len(users), o.num_return, -1)
-        scores = scores.reshape(len(users), o.num_return, -1)
+        keys = keys.reshape(len(users), per_user, -1)
+        scores = scores.reshape(len(users), per_user, -1)
         t3 = time.perf_counter()
         results = []
         for u, user in enumerate(users):

@@ -88,7 +88,7 @@ def segments_table(report: Any) -> None:
     out.print(f"plot: {report.plot}")
 
 
-def recommendations(result: Any, *, profile: bool, protocol: str, exclude_seen: bool) -> None:
+def recommendations(result: Any, *, profile: bool, protocol: str, exclude_seen: bool, with_lis: bool = False) -> None:
     who = f"user {result.user_id}" if result.user_id else "the given history"
     shown = result.history[-5:]
     out.print(f"[bold]{who}[/] · {len(result.history)} items, latest last:")
@@ -100,7 +100,8 @@ def recommendations(result: Any, *, profile: bool, protocol: str, exclude_seen: 
         title=f"recommendations for {who}",
         title_justify="left",
         caption=f"protocol {protocol}; history items {'excluded' if exclude_seen else 'allowed'}; "
-        "query = the generated title (beam rank) that found the item first",
+        "query = the generated title (beam rank) that found the item first"
+        + ("; #1 is the last item's title (--with-lis)" if with_lis else ""),
         caption_justify="left",
     )
     for column, justify in (

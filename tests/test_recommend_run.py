@@ -43,6 +43,18 @@ def test_recommend_for_a_known_user_excludes_history(trained: Path) -> None:
     assert set(doc["timings_s"]) == {"prompt", "generation", "retrieval"}
 
 
+def test_recommend_with_lis_searches_the_last_title_first(trained: Path) -> None:
+    seq = pl.read_parquet(trained / "data/sequences.parquet").row(2, named=True)
+    titles = dict(pl.read_parquet(trained / "data/items.parquet").iter_rows())
+    args = ["recommend", "--user", seq["user_id"], "-p", "p", "-k", "4", "--backend", "hf", "--with-lis"]
+    doc = json.loads(runner.invoke(app, [*args, "--json", "-q"]).stdout)
+    assert len(doc["queries"]) == 6 and doc["queries"][0] == {"text": titles[seq["item_ids"][-1]], "score": 0.0}
+    assert all(0 <= i["query"] < 6 for i in doc["items"]) and 0 < len(doc["items"]) <= 4
+    assert not {i["item_id"] for i in doc["items"]} & set(seq["item_ids"])
+    table = runner.invoke(app, [*args, "-q"])
+    assert table.exit_code == 0 and "#1 is the last item's title" in table.stdout
+
+
 def test_recommend_table_and_profile(trained: Path) -> None:
     seq = pl.read_parquet(trained / "data/sequences.parquet").row(1, named=True)
     result = runner.invoke(app, ["recommend", "-u", seq["user_id"], "-p", "p", "--backend", "hf", "--profile", "-q"])

@@ -39,6 +39,12 @@ def recommend(
     backend: Annotated[
         str | None, typer.Option(help="llama-cpp or hf (default: llama-cpp if the model was exported to GGUF).")
     ] = None,
+    with_lis: Annotated[
+        bool,
+        typer.Option(
+            "--with-lis", help="Search with the last item's title first, then the generated titles (LIS + model)."
+        ),
+    ] = False,
     profile: Annotated[bool, typer.Option("--profile", help="Print where the time went.")] = False,
     project: ProjectOpt = DEFAULT_PROJECT_PATH,
     json_: JsonOpt = False,
@@ -73,6 +79,7 @@ def recommend(
         protocol=protocol,
         exclude_seen=not include_seen,
         k=k,
+        with_lis=with_lis,
         reporter=reporter,
     )
     results = recommender.for_users(ids) if ids else [recommender.for_history(titles)]
@@ -86,4 +93,4 @@ def recommend(
     from gloss_cli.render import recommendations
 
     for r in results:
-        recommendations(r, profile=profile, protocol=protocol, exclude_seen=not include_seen)
+        recommendations(r, profile=profile, protocol=protocol, exclude_seen=not include_seen, with_lis=with_lis)
