@@ -116,6 +116,27 @@ def test_run_chains_every_stage_then_skips_them(synthetic: Path, tiny: Path, mon
     assert all(how == "skipped" for _, how in again["steps"][:4])
 
 
+def test_run_full_uses_the_full_fine_tuning_recipe(
+    synthetic: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GLOSS_DATA_DIR", str(synthetic.parent))
+    (synthetic.parent / "beauty").symlink_to(synthetic)
+    args = ["run", "--full", "-p", "p", "--model", str(tiny), "--epochs", "1", "--backend", "hf", "--json", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["plan"]["full"] and doc["plan"]["eval_users"] == 0  # every test user
+    trained = json.loads(Path("p/manifest.json").read_text())["stages"]["train"]["params"]
+    assert (trained["method"], trained["loss"], trained["lr"], trained["batch_size"]) == (
+        "full",
+        "completion",
+        2e-4,
+        64,
+    )
+    test_users = pl.read_parquet("p/data/test.parquet").height
+    assert trained["limit_users"] == 0 and {r["users"] for r in doc["runs"]} == {test_users}
+
+
 # -- the main job on the real model and data -------------------------------------------------------------------
 @pytest.mark.slow
 def test_main_job_at_its_smallest_on_the_real_model(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
