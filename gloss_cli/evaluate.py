@@ -149,7 +149,7 @@ def load_queries(
             raise GlossError(f"Unknown baseline '{baseline}'.", "Use --baseline lis.")
         return lis_queries(split_df, titles), ()
     if queries_file is not None:
-        if queries_file.suffix == ".jsonl":  # gloss generate's own format, e.g. from another project or a cut-off run
+        if is_generated_file(queries_file):
             if not queries_file.is_file():
                 raise GlossError(f"Queries file {queries_file} does not exist.", "Pass the path of a queries file.")
             return load_generated(queries_file, split_df, titles, f"file:{queries_file.name}", n), ()
@@ -158,6 +158,12 @@ def load_queries(
     project.require(stage, f"gloss generate --split {split}")
     path = project.path(f"{stage}/queries.jsonl")
     return load_generated(path, split_df, titles, stage, n), (stage,)
+
+
+def is_generated_file(path: Path | None) -> bool:
+    """Whether ``--queries`` names gloss generate's own JSONL (e.g. from another project or a cut-off run) rather
+    than a GLoSS JSON file."""
+    return path is not None and path.suffix == ".jsonl"
 
 
 def with_lis_query(qs: QuerySet, titles: dict[str, str]) -> QuerySet:
@@ -169,7 +175,7 @@ def with_lis_query(qs: QuerySet, titles: dict[str, str]) -> QuerySet:
 
 def generated_users(project: Project, split: str, queries_file: Path | None = None) -> list[str]:
     """The users of a gloss queries JSONL: ``queries_file`` if it is one, else the project's generate stage."""
-    if queries_file is not None and queries_file.suffix == ".jsonl":
+    if queries_file is not None and is_generated_file(queries_file):  # (None check: for the type checker)
         path = queries_file
     else:
         stage = f"generate/{split}"
@@ -244,8 +250,7 @@ def run(
     extra_stages: tuple[str, ...] = ()
     if match_generated:  # the users that `gloss generate` covered, so that a baseline compares like with like
         split_df = split_df.filter(pl.col("user_id").is_in(generated_users(project, split, queries_file)))
-        from_file = queries_file is not None and queries_file.suffix == ".jsonl"
-        extra_stages = () if from_file else (f"generate/{split}",)
+        extra_stages = () if is_generated_file(queries_file) else (f"generate/{split}",)
     qs, query_stages = load_queries(
         project, split, split_df, titles, queries_file=queries_file, baseline=baseline, n=num_queries
     )

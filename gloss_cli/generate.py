@@ -198,6 +198,18 @@ def _gloss_cuda_batch(trained: Trained, beams: int = 5, largest: int = 256) -> i
     return max(8, min(largest, free // 2 // per_prompt))
 
 
+def default_backend() -> str:
+    """On a CPU, llama.cpp (the trained model is exported to a merged GGUF once, then cached) when
+    llama-cpp-python is installed; transformers on a GPU or without llama-cpp-python."""
+    import importlib.util
+
+    from gloss_cli.models import pick_device
+
+    if pick_device() == "cpu" and importlib.util.find_spec("llama_cpp") is not None:
+        return "llama-cpp"
+    return "hf"
+
+
 def open_generator(train_dir: Path, meta: dict[str, Any], options: GenerateOptions, reporter: Reporter) -> Generator:
     """The backend named by ``options.backend``, loaded with the trained model."""
     if options.backend == "llama-cpp":

@@ -91,9 +91,7 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
     if step(f"index/{key}", _fresh(project, f"index/{key}", {"retriever": plan.retriever})):
         index.run(project, plan.retriever, command=f"gloss index --retriever {plan.retriever}", reporter=reporter)
 
-    from gloss_cli.recommend import default_backend
-
-    backend = plan.backend or default_backend()
+    backend = plan.backend or generate.default_backend()
     options = generate.GenerateOptions(backend=backend)
     if step("generate/test", _fresh(project, "generate/test", {"limit": plan.eval_users, "backend": backend})):
         generate.run(

@@ -17,7 +17,7 @@ import polars as pl
 from gloss_cli.console import Reporter
 from gloss_cli.errors import GlossError
 from gloss_cli.evaluate import PROTOCOLS, merge_user
-from gloss_cli.generate import GenerateOptions, clean_query, fit_prompts, open_generator
+from gloss_cli.generate import GenerateOptions, clean_query, default_backend, fit_prompts, open_generator
 from gloss_cli.index import open_index
 from gloss_cli.models import read_meta
 from gloss_cli.project import Project
@@ -49,18 +49,6 @@ class UserRecommendations:
             "items": [item.__dict__ for item in self.items],
             "timings_s": self.timings,
         }
-
-
-def default_backend() -> str:
-    """On a CPU, llama.cpp (the trained model is exported to a merged GGUF once, then cached) when
-    llama-cpp-python is installed; transformers on a GPU or without llama-cpp-python."""
-    import importlib.util
-
-    from gloss_cli.models import pick_device
-
-    if pick_device() == "cpu" and importlib.util.find_spec("llama_cpp") is not None:
-        return "llama-cpp"
-    return "hf"
 
 
 class Recommender:

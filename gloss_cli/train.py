@@ -358,7 +358,7 @@ def _fit(
 
 def _write_meta(
     out: Path, config: TrainConfig, ref: ModelRef, data_record: dict[str, Any], result: TrainResult
-) -> None:
+) -> dict[str, Any]:
     meta = {
         "format": result.format,
         "base_model": ref.as_dict(),
@@ -375,6 +375,7 @@ def _write_meta(
         "gloss_version": __version__,
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
 
 
 def _train_into(project: Project, config: TrainConfig, ref: ModelRef, out: Path, reporter: Reporter) -> TrainResult:
@@ -440,11 +441,10 @@ def run(
     params = {"dataset": have, **asdict(config), "base_model": ref.as_dict()}
     with project.run_stage("train", params, command=command, libraries=LIBRARIES, upstream=("data",)) as stage:
         result = _train_into(project, config, ref, stage.dir, reporter)
-        _write_meta(stage.dir, config, ref, data_record, result)
+        meta = _write_meta(stage.dir, config, ref, data_record, result)
         if export is not None:
             from gloss_cli.export import export_trained
 
-            meta = json.loads((stage.dir / "meta.json").read_text(encoding="utf-8"))
             mode: Literal["merged", "lora"] = "lora" if export == "gguf-lora" else "merged"
             outtype = "f16" if mode == "lora" else "q8_0"
             export_trained(

@@ -131,6 +131,9 @@ def test_gloss_jsonl_queries_file_and_lis_on_its_users(synthetic: Path, tmp_path
     assert params["queries_per_user"] == 3 and params["with_lis"]
     assert "the last item's title as the first query" in fused["protocol_description"]
     _assert_refused([*args[:-2], "--with-lis", "--baseline", "lis"], "--with-lis adds the LIS query", project)
+    (tmp_path / "broken.jsonl").write_text('{"no_user_id": 1}\n')
+    broken = ["eval", "--queries", str(tmp_path / "broken.jsonl"), "--baseline", "lis", "--match-generated", "-p", "p"]
+    _assert_refused(broken, "Cannot read the users of", project)
 
 
 def test_segments_table_and_plot(synthetic: Path) -> None:

@@ -236,6 +236,8 @@ def test_bad_settings(project: Path, tiny_model: Path) -> None:
     Path("bad.toml").write_text("epoch = 3\n")
     _one_error(invoke("train", "--config", "bad.toml"), "unknown setting 'epoch'")
     _one_error(invoke("train", "--model", str(tiny_model), "--max-seq-len", "40"), "Raise --max-seq-len")
+    _one_error(invoke("train", "--export", "onnx"), "Unknown export 'onnx'")
+    _one_error(invoke("train", "--method", "full", "--export", "gguf-lora"), "--export gguf-lora needs a LoRA run")
     train(tiny_model, "--max-steps", "1")
     _one_error(invoke("generate", "--beams", "2"), "--num-return 5 must be between 1 and --beams 2")
     _one_error(invoke("generate", "--split", "train"), "Unknown split 'train'")
