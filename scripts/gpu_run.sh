@@ -9,6 +9,7 @@
 #               (0: none, only validation; unset: all)
 #               GLOSS_EVAL: retrievers to evaluate with there (e.g. "bm25 minilm"): test and validation splits,
 #               protocols paper and fused --exclude-seen, and the LIS baseline under both
+#               GLOSS_GPU: the GPU index to run on (machines with several GPUs; generation takes turns per GPU)
 #         bash scripts/gpu_run.sh test NAME [generate flags]   (generate the test split of an earlier run)
 #         bash scripts/gpu_run.sh wait SECONDS        (follows the logs; copies results to $OUT when all have ended)
 # Several runs may share the GPU (a 135M model leaves room); each is a project folder /root/gloss-runs/NAME.
@@ -29,10 +30,12 @@ setup() {
 }
 job() {  # NAME SCRIPT: run SCRIPT (bash) in its own session, logging to NAME/log.txt
   mkdir -p "$runs/$1"
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$runs/$1/gpu.txt"
-  setsid nohup bash -c "trap 'echo FAILED' ERR; set -e; cd '$PWD'
+  local gpu=${GLOSS_GPU:-}
+  nvidia-smi ${gpu:+-i $gpu} --query-gpu=name,memory.total --format=csv,noheader > "$runs/$1/gpu.txt"
+  setsid nohup bash -c "trap 'echo FAILED' ERR; set -eE; cd '$PWD'
+    ${gpu:+export CUDA_VISIBLE_DEVICES=$gpu}
     g() { /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli \"\$@\" -p '$runs/$1'; }
-    lock() { if command -v flock > /dev/null; then flock '$runs/.generate.lock' \"\$@\"; else \"\$@\"; fi; }
+    lock() { if command -v flock > /dev/null; then flock '$runs/.generate${gpu:+.$gpu}.lock' \"\$@\"; else \"\$@\"; fi; }
     gen() { lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli generate \"\$@\" -p '$runs/$1'; }
     $2
     echo finished" >> "$runs/$1/log.txt" 2>&1 < /dev/null &
