@@ -166,6 +166,17 @@ def _prepare_model(config: TrainConfig, location: str, device: str) -> Any:
     return get_peft_model(model, lora)  # adapters stay fp32 (autocast_adapter_dtype) over a bf16 base
 
 
+def _split_head(model: Any) -> tuple[Any, Any, float | None] | None:
+    """(decoder, LM head, logit soft-cap) of a causal LM (under PEFT too: its adapters sit inside the decoder), or
+    None for an architecture laid out otherwise, which then computes its loss itself."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = getattr(causal, "model", None), getattr(causal, "lm_head", None)
+    if decoder is None or head is None or not callable(decoder) or not callable(head):
+        return None
+    config = causal.config.get_text_config() if hasattr(causal.config, "get_text_config") else causal.config
+    return decoder, head, getattr(config, "final_logit_softcapping", None)
+
+
 def _schedule(total: int, warmup_ratio: float) -> Callable[[int], float]:
     warmup = max(1, math.ceil(total * warmup_ratio))
 
@@ -240,6 +251,7 @@ class _Loop:
         groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=device == "cuda")
         self.budget = config.micro_batch_tokens or auto_micro_batch_tokens(device, len(tokenizer))
+        self.head = _split_head(model) if config.loss == "completion" else None
         self.step = 0
 
     def _parts(self, data: Encoded, batch: list[int]) -> list[tuple[dict[str, Any], int]]:
@@ -250,9 +262,29 @@ class _Loop:
     def _loss(self, inputs: dict[str, Any]) -> Any:
         import torch
 
+        if self.head is not None:
+            return self._completion_loss(inputs, *self.head)
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
             return self.model(**inputs).loss  # the mean over the micro-batch's label tokens
+
+    def _completion_loss(self, inputs: dict[str, Any], decoder: Any, lm_head: Any, softcap: float | None) -> Any:
+        """The same mean as the model's own loss, with logits computed only where a label is: a completion is
+        ~20 of ~250 tokens, and the vocabulary-wide fp32 logits of every position dominate a small model's step."""
+        import torch
+        import torch.nn.functional as F
+
+        labels = inputs["labels"][:, 1:].reshape(-1)  # position t predicts token t + 1
+        where = (labels != -100).nonzero().squeeze(1)  # on the host: no device sync
+        where, targets = where.to(self.device, non_blocking=True), labels[where].to(self.device, non_blocking=True)
+        ids = inputs["input_ids"].to(self.device, non_blocking=True)
+        mask = inputs["attention_mask"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
+            logits = lm_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, targets)
 
     def evaluate(self, data: Encoded) -> float | None:
         import torch

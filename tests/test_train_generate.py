@@ -327,6 +327,31 @@ def test_micro_batching_does_not_change_the_loss(tiny_model: Path, tiny_tokenize
     assert loop.evaluate(data) == pytest.approx(whole, abs=1e-4)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_completion_loss_on_label_positions_equals_the_models_own(
+    method: str, tiny_model: Path, tiny_tokenizer: Any, tmp_path: Path
+) -> None:
+    import torch
+
+    from gloss_cli.train import TrainConfig, _Loop, _prepare_model
+
+    histories = [[f"w{i}_{k} w{k}_{i}" for i in range(n)] for k, n in enumerate((0, 1, 5, 9))]
+    data = encode_examples(tiny_tokenizer, histories, ["w1_1 w2_2", "w3_3", "w4_1 w1_4 w2_2", "w5_5"], 1024)
+    config = TrainConfig(model=str(tiny_model), method=method, loss="completion")
+    loop = _Loop(_prepare_model(config, str(tiny_model), "cpu"), tiny_tokenizer, config, "cpu", tmp_path)
+    assert loop.head is not None  # the fast path is taken
+    loop.model.eval()  # no LoRA dropout: both passes see the same network
+    inputs = loop._collate(data, [0, 1, 2, 3])
+    fast = loop._loss(inputs)
+    fast.backward()
+    grads = [p.grad.clone() for p in loop.params]
+    loop.model.zero_grad()
+    own = loop.model(**inputs).loss
+    own.backward()
+    assert float(fast) == pytest.approx(float(own), abs=1e-5)
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, loop.params, strict=True))
+
+
 def test_collate_masks_padding_and_the_prompt_for_completion_loss() -> None:
     data = Encoded(ids=[[5, 6, 7, 8], [5, 9]], prompt_lens=[2, 1])
     full = collate(data, [0, 1], pad_id=0, completion_only=False)
