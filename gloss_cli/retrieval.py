@@ -102,9 +102,13 @@ class DenseRetriever:
     def search(
         self, texts: Sequence[str], k: int, *, tick: Tick | None = None
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        vectors = self.encoder.encode(list(texts), kind="query", tick=tick)
+        row_of = {text: row for row, text in enumerate(dict.fromkeys(texts))}  # each distinct query encoded once:
+        vectors = self.encoder.encode(list(row_of), kind="query", tick=tick)  # beams and popular titles repeat
+        if tick is not None:
+            tick.advance(len(texts) - len(row_of))
         keys, scores = self.index.search(vectors, k)
-        return np.asarray(keys, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+        rows = np.fromiter((row_of[text] for text in texts), dtype=np.int64, count=len(texts))
+        return np.asarray(keys, dtype=np.int64)[rows], np.asarray(scores, dtype=np.float32)[rows]
 
 
 _ENCODERS: dict[str, Any] = {}

@@ -183,6 +183,22 @@ def test_encode_batches_ticks_and_normalises() -> None:
         enc.encode(["a"], kind="document")  # type: ignore[arg-type]
 
 
+def test_dense_retriever_encodes_each_distinct_query_once(tmp_path: Path) -> None:
+    from gloss_cli.retrieval import DenseRetriever
+
+    enc, tick = FakeEncoder(), CountingTick()
+    catalog = ["banana", "xyz", "aaaa", "b", "lipstick red"]
+    build_dense_index(enc.encode(catalog, kind="passage"), tmp_path / "idx")
+    retriever = DenseRetriever(enc, DenseIndex.load(tmp_path / "idx"), "fake", "fake")
+    enc.batches.clear()
+    texts = ["xyz", "banana", "xyz", "b", "banana", "xyz"]
+    keys, scores = retriever.search(texts, 3, tick=tick)
+    assert sum(enc.batches) == 3 and sum(tick.steps) == len(texts)  # 3 distinct texts encoded; progress counts 6
+    alone = [retriever.search([t], 3) for t in texts]  # each row is what the query alone retrieves
+    np.testing.assert_array_equal(keys, np.vstack([k for k, _ in alone]))
+    np.testing.assert_array_equal(scores, np.vstack([s for _, s in alone]))
+
+
 def test_registry_and_prefix_rules() -> None:
     assert E.DEFAULT_ENCODER == "minilm"
     assert set(E.ENCODERS) == {"minilm", "mpnet", "e5", "e5-base"}
