@@ -10,6 +10,8 @@
 #               GLOSS_EVAL: retrievers to evaluate with there (e.g. "bm25 minilm"): test and validation splits,
 #               protocols paper and fused --exclude-seen, and the LIS baseline under both
 #               GLOSS_GPU: the GPU index to run on (machines with several GPUs; generation takes turns per GPU)
+#         bash scripts/gpu_run.sh evaluate NAME                 (GLOSS_EVAL's evaluations of a generated run)
+#         bash scripts/gpu_run.sh after-train NAME              (generation and evaluations of a trained run, again)
 #         bash scripts/gpu_run.sh test NAME [generate flags]   (generate the test split of an earlier run)
 #         bash scripts/gpu_run.sh wait SECONDS        (follows the logs; copies results to $OUT when all have ended)
 # Several runs may share the GPU (a 135M model leaves room); each is a project folder /root/gloss-runs/NAME.
@@ -27,6 +29,9 @@ setup() {
   fi
   export PYTHONPATH="$site:$PWD" GLOSS_DATA_DIR="$PWD/.gpu/data" GLOSS_HOME=/root/gloss-home PYTHONUNBUFFERED=1
   export PATH="$site/bin:$PATH" PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  # bm25s selects its top-k with JAX when it can import it, and JAX takes 75 % of a GPU at start: on a GPU that
+  # generation shares, that ran it out of memory (2026-11-30); BM25 needs no GPU
+  export JAX_PLATFORMS=cpu
 }
 job() {  # NAME SCRIPT: run SCRIPT (bash) in its own session, logging to NAME/log.txt
   mkdir -p "$runs/$1"
@@ -41,32 +46,48 @@ job() {  # NAME SCRIPT: run SCRIPT (bash) in its own session, logging to NAME/lo
     echo finished" >> "$runs/$1/log.txt" 2>&1 < /dev/null &
   echo "started $1: $runs/$1/log.txt"
 }
+after_train() {  # the steps after `gloss train`: generation (validation, test), then GLOSS_EVAL's evaluations
+    test_step="gen --split test ${GLOSS_GEN_FLAGS:-} ${GLOSS_TEST_LIMIT:+--limit $GLOSS_TEST_LIMIT}"
+    [ "${GLOSS_TEST_LIMIT:-}" = 0 ] && test_step=":"
+    echo "gen --split validation ${GLOSS_GEN_FLAGS:-}
+      $test_step
+      $(eval_steps)"
+}
+eval_steps() {  # GLOSS_EVAL's evaluations, retriever by retriever, the test split's first
+  for r in ${GLOSS_EVAL:-}; do
+    for p in "paper" "fused --exclude-seen"; do
+      echo "g eval --retriever $r --protocol $p || true
+        g eval --retriever $r --baseline lis --protocol $p || true"
+    done
+    for n in 2 5; do  # LIS + model fusion; validation picks the number of beams
+      echo "g eval --retriever $r --protocol fused --exclude-seen --with-lis --num-queries $n --name lis$n-$r-test || true
+        g eval --retriever $r --split validation --protocol fused --exclude-seen --with-lis --num-queries $n --name lis$n-$r-val || true"
+    done
+    for p in "paper" "fused --exclude-seen"; do
+      echo "g eval --retriever $r --split validation --protocol $p || true"
+    done
+  done
+}
 case "${1:-}" in
   start)
     name=${2:?name} dataset=${3:?dataset}; shift 3
     setup
-    test_step="gen --split test ${GLOSS_GEN_FLAGS:-} ${GLOSS_TEST_LIMIT:+--limit $GLOSS_TEST_LIMIT}"
-    [ "${GLOSS_TEST_LIMIT:-}" = 0 ] && test_step=":"
-    eval_steps=""
-    for r in ${GLOSS_EVAL:-}; do
-      for p in "paper" "fused --exclude-seen"; do
-        eval_steps+="g eval --retriever $r --split validation --protocol $p || true
-          g eval --retriever $r --protocol $p || true
-          g eval --retriever $r --baseline lis --protocol $p || true
-          "
-      done
-      for n in 2 5; do  # LIS + model fusion; validation picks the number of beams
-        eval_steps+="g eval --retriever $r --split validation --protocol fused --exclude-seen --with-lis --num-queries $n --name lis$n-$r-val || true
-          g eval --retriever $r --protocol fused --exclude-seen --with-lis --num-queries $n --name lis$n-$r-test || true
-          "
-      done
-    done
     job "$name" "
       g data --dataset $dataset ${GLOSS_DATA_FLAGS:-}
       g train --dataset $dataset $*
-      gen --split validation ${GLOSS_GEN_FLAGS:-}
-      $test_step
-      $eval_steps"
+      $(after_train)"
+    ;;
+  evaluate)  # GLOSS_EVAL's evaluations of a run whose generation is done
+    name=${2:?name}
+    setup
+    sed -i -E '/^(finished|FAILED)$/d' "$runs/$name/log.txt"
+    job "$name" "$(eval_steps)"
+    ;;
+  after-train)  # a trained run's generation and evaluations again (say on another GPU: GLOSS_GPU); resumes
+    name=${2:?name}
+    setup
+    sed -i -E '/^(finished|FAILED)$/d' "$runs/$name/log.txt"
+    job "$name" "$(after_train)"
     ;;
   test)
     name=${2:?name}; shift 2
