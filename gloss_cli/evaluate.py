@@ -258,7 +258,7 @@ def run(
         if qs.source == "lis":
             raise GlossError("--with-lis adds the LIS query to generated ones.", "Drop --baseline lis.")
         qs = with_lis_query(qs, titles)
-    index, meta = open_index(project, retriever, encoder=encoder, reporter=reporter)
+    index, meta = open_index(project, retriever, encoder=encoder, query_cache=True, reporter=reporter)
     source = "lis" if qs.source == "lis" else ("model" if qs.source.startswith("generate") else "file")
     source += "+lis" if with_lis else ""
     subset = f"-{len(qs.users)}u" if len(qs.users) < split_users else ""  # never mix subset and full-split names

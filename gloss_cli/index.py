@@ -49,9 +49,12 @@ def open_index(
     *,
     encoder: str | None = None,
     build_missing: bool = True,
+    query_cache: bool = False,
     reporter: Reporter | None = None,
 ) -> tuple[Retriever, dict[str, Any]]:
-    """The retriever for ``index/<key>``, built on the fly when missing; refused if built on other items."""
+    """The retriever for ``index/<key>``, built on the fly when missing; refused if built on other items. With
+    ``query_cache`` a dense retriever keeps query vectors in ``cache/query-vectors/<key>.npz`` (not a stage: any
+    file there may be deleted)."""
     key = index_key(retriever, encoder)
     folder = project.path(f"index/{key}")
     if project.stage(f"index/{key}") is None or not (folder / "meta.json").is_file():
@@ -60,7 +63,8 @@ def open_index(
         run(project, retriever, encoder=encoder, command=f"gloss index --retriever {retriever}", reporter=reporter)
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     check_catalog(project, folder, meta, key)
-    return load_retriever(folder, meta, reporter), meta | {"key": key}
+    cache = project.path(f"cache/query-vectors/{key}.npz") if query_cache else None
+    return load_retriever(folder, meta, reporter, query_cache=cache), meta | {"key": key}
 
 
 def check_catalog(project: Project, folder: Path, meta: dict[str, Any], key: str) -> None:

@@ -92,18 +92,80 @@ class BM25Retriever:
 
 
 # -- dense --------------------------------------------------------------------------------------------------
+class QueryVectorCache:
+    """Query vectors kept between evaluations (one ``.npz``: 16-byte BLAKE2 keys of the texts, float32 rows, and the
+    encoder they came from). A query's vector depends on the encoder alone, so evaluating the same queries again
+    under another protocol, K or ``--with-lis`` encodes only the texts not seen before. A file from another encoder,
+    or one that cannot be read, counts as empty and is replaced."""
+
+    def __init__(self, path: Path, resolved: str) -> None:
+        self.path, self.resolved = path, resolved
+        self.keys = np.empty(0, dtype="S16")
+        self.vectors: npt.NDArray[np.float32] | None = None
+        try:
+            with np.load(path) as z:
+                if str(z["resolved"]) == resolved and len(z["keys"]) == len(z["vectors"]):
+                    self.keys, self.vectors = z["keys"], z["vectors"].astype(np.float32, copy=False)
+        except (OSError, KeyError, ValueError, EOFError):
+            pass
+        self.row_of = {key: row for row, key in enumerate(self.keys.tolist())}
+
+    @staticmethod
+    def key(text: str) -> bytes:
+        return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+    def add(self, keys: list[bytes], vectors: npt.NDArray[np.float32]) -> None:
+        """Store new rows (keys not in the cache yet), rewriting the file atomically."""
+        import os
+        import tempfile
+
+        start = len(self.keys)
+        self.keys = np.concatenate([self.keys, np.array(keys, dtype="S16")])
+        self.vectors = vectors if self.vectors is None else np.concatenate([self.vectors, vectors])
+        self.row_of |= {key: start + i for i, key in enumerate(keys)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # as a plainly created file (mkstemp makes it owner-only)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, keys=self.keys, vectors=self.vectors, resolved=np.array(self.resolved))
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
 @dataclass
 class DenseRetriever:
     encoder: Any
     index: Any
     name: str
     description: str
+    cache: QueryVectorCache | None = None
+
+    def _encode(self, distinct: list[str], tick: Tick | None) -> npt.NDArray[np.float32]:
+        """Vectors of distinct texts: from the cache where it has them, encoded (then cached) where not."""
+        if self.cache is None:
+            vectors: npt.NDArray[np.float32] = self.encoder.encode(distinct, kind="query", tick=tick)
+            return vectors
+        keys = [self.cache.key(text) for text in distinct]
+        missing = [i for i, key in enumerate(keys) if key not in self.cache.row_of]
+        fresh = self.encoder.encode([distinct[i] for i in missing], kind="query", tick=tick)
+        if missing:
+            self.cache.add([keys[i] for i in missing], fresh)
+        if tick is not None:
+            tick.advance(len(distinct) - len(missing))
+        if self.cache.vectors is None:  # nothing asked, nothing cached
+            return fresh
+        return self.cache.vectors[[self.cache.row_of[key] for key in keys]]
 
     def search(
         self, texts: Sequence[str], k: int, *, tick: Tick | None = None
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         row_of = {text: row for row, text in enumerate(dict.fromkeys(texts))}  # each distinct query encoded once:
-        vectors = self.encoder.encode(list(row_of), kind="query", tick=tick)  # beams and popular titles repeat
+        vectors = self._encode(list(row_of), tick)  # beams and popular titles repeat
         if tick is not None:
             tick.advance(len(texts) - len(row_of))
         keys, scores = self.index.search(vectors, k)
@@ -160,7 +222,10 @@ def build_index(
     return meta
 
 
-def load_retriever(folder: Path, meta: dict[str, Any], reporter: Reporter | None = None) -> Retriever:
+def load_retriever(
+    folder: Path, meta: dict[str, Any], reporter: Reporter | None = None, *, query_cache: Path | None = None
+) -> Retriever:
+    """The index in ``folder``; a dense one keeps its query vectors in ``query_cache`` when given."""
     if meta["kind"] == "bm25":
         return BM25Retriever.load(folder)
     from gloss_cli.backends.dense import DenseIndex
@@ -172,7 +237,8 @@ def load_retriever(folder: Path, meta: dict[str, Any], reporter: Reporter | None
             f"{encoder.resolved}.",
             f"Rebuild it: gloss index --retriever {meta['encoder']}",
         )
-    return DenseRetriever(encoder, DenseIndex.load(folder), meta["encoder"], encoder.resolved)
+    cache = QueryVectorCache(query_cache, encoder.resolved) if query_cache is not None else None
+    return DenseRetriever(encoder, DenseIndex.load(folder), meta["encoder"], encoder.resolved, cache)
 
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:

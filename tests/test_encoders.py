@@ -199,6 +199,42 @@ def test_dense_retriever_encodes_each_distinct_query_once(tmp_path: Path) -> Non
     np.testing.assert_array_equal(scores, np.vstack([s for _, s in alone]))
 
 
+def test_query_vectors_are_cached_between_searches(tmp_path: Path) -> None:
+    from gloss_cli.retrieval import DenseRetriever, QueryVectorCache
+
+    enc = FakeEncoder()
+    catalog = ["banana", "xyz", "aaaa", "b", "lipstick red"]
+    build_dense_index(enc.encode(catalog, kind="passage"), tmp_path / "idx")
+    index = DenseIndex.load(tmp_path / "idx")
+    plain = DenseRetriever(enc, index, "fake", "fake")
+    path = tmp_path / "cache" / "fake.npz"
+
+    def cached() -> DenseRetriever:  # a new process each time: the cache is read from the file
+        return DenseRetriever(enc, index, "fake", "fake", QueryVectorCache(path, "fake-encoder"))
+
+    first, second = ["xyz", "banana", "xyz"], ["banana", "b", "aaaa", "b"]
+    enc.batches.clear()
+    tick = CountingTick()
+    for texts in (first, second):
+        got = cached().search(texts, 3, tick=tick)
+        want = plain.search(texts, 3)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    # plain encoded 2 + 3 distinct texts; the cached ones 2, then only "b" and "aaaa"
+    assert sum(enc.batches) == 2 + 3 + 2 + 2
+    assert sum(tick.steps) == len(first) + len(second)  # progress counts every query, cached or not
+    enc.batches.clear()
+    cached().search(second, 3)
+    assert enc.batches == []  # all from the file
+    QueryVectorCache(path, "fake-encoder")  # readable
+    other = DenseRetriever(enc, index, "fake", "fake", QueryVectorCache(path, "another-encoder"))
+    other.search(["xyz"], 3)
+    assert sum(enc.batches) == 1  # another encoder's vectors are never reused
+    path.write_bytes(b"not an npz")
+    enc.batches.clear()
+    np.testing.assert_array_equal(cached().search(first, 3)[0], plain.search(first, 3)[0])  # unreadable: rebuilt
+
+
 def test_registry_and_prefix_rules() -> None:
     assert E.DEFAULT_ENCODER == "minilm"
     assert set(E.ENCODERS) == {"minilm", "mpnet", "e5", "e5-base"}

@@ -136,6 +136,22 @@ def test_gloss_jsonl_queries_file_and_lis_on_its_users(synthetic: Path, tmp_path
     _assert_refused(broken, "Cannot read the users of", project)
 
 
+def test_dense_eval_keeps_query_vectors_for_the_next_eval(synthetic: Path, tmp_path: Path) -> None:
+    project = _project(synthetic)
+    rows = _gloss_file(project, tmp_path / "q.json")
+    args = ["eval", "--retriever", "minilm", "--queries", str(tmp_path / "q.json"), "-p", "p", "--json", "-q"]
+    first = json.loads(runner.invoke(app, args).stdout)
+    cache = project / "cache/query-vectors/minilm.npz"
+    with np.load(cache) as z:
+        distinct = {q.removeprefix("Title: ") for r in rows for q in r["generated_sequences"]}
+        assert len(z["keys"]) == len(distinct) and z["vectors"].shape == (len(distinct), 384)
+    fused = json.loads(runner.invoke(app, [*args, "--protocol", "fused"]).stdout)  # the same queries, from the cache
+    assert fused["metrics"]["recall@5"] >= first["metrics"]["recall@5"] > 0.8
+    cache.unlink()  # the cache is not a stage: deleting it only costs the encoding
+    again = json.loads(runner.invoke(app, [*args, "--name", "again"]).stdout)
+    assert again["metrics"] == first["metrics"] and cache.is_file()
+
+
 def test_segments_table_and_plot(synthetic: Path) -> None:
     _project(synthetic)
     assert runner.invoke(app, ["eval", "--baseline", "lis", "-p", "p", "-q"]).exit_code == 0
