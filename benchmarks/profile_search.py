@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generation import BEAMS, MAX_NEW, NUM_RETURN, hf_copy, load_hf, load_prompts, smollm2_gguf  # noqa: E402
+from generation import BEAMS, MAX_NEW, NUM_RETURN, hf_copy, load_hf, load_prompts, smollm2_gguf
 
 PHASES = {"_prefill": "gloss.prefill", "_Decoder.step": "gloss.decode", "_Beams.step": "gloss.beam-step",
           "_Decoder.reorder": "gloss.reorder"}  # fmt: skip
