@@ -8,7 +8,8 @@
 #               GLOSS_GEN_FLAGS: extra `gloss generate` flags; GLOSS_TEST_LIMIT: test users to generate for
 #               (0: none, only validation; unset: all)
 #               GLOSS_EVAL: retrievers to evaluate with there (e.g. "bm25 minilm"): test and validation splits,
-#               protocols paper and fused --exclude-seen, and the LIS baseline under both
+#               protocols paper and fused --exclude-seen, and the LIS baseline under both (device time is
+#               scarce: scripts/evaluate_returned.sh evaluates the returned runs on a CPU instead)
 #               GLOSS_GPU: the GPU index to run on (machines with several GPUs; generation takes turns per GPU)
 #         bash scripts/gpu_run.sh evaluate NAME                 (GLOSS_EVAL's evaluations of a generated run)
 #         bash scripts/gpu_run.sh after-train NAME              (generation and evaluations of a trained run, again)
