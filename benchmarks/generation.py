@@ -59,12 +59,13 @@ class Result:  # one row of the table
 # -- prompts ----------------------------------------------------------------------------------------------------
 
 
-def load_prompts(project: Path | None, n: int) -> list[str]:
-    """The first ``n`` validation users (by user_id): their history titles, oldest first, as GLoSS prompts."""
+def load_split(project: Path | None, name: str) -> tuple[Any, dict[str, str]]:
+    """A split (polars frame: user_id, history, target) and the item titles: from a project whose `gloss data` is
+    done, or built from the Beauty files."""
     import polars as pl
 
     if project is not None:
-        split = pl.read_parquet(project / "data" / "validation.parquet")
+        split = pl.read_parquet(project / "data" / f"{name}.parquet")
         items = pl.read_parquet(project / "data" / "items.parquet")
     else:
         from gloss_cli.data import build_tables
@@ -72,8 +73,13 @@ def load_prompts(project: Path | None, n: int) -> list[str]:
 
         source = Source("compact", "benchmark", DEFAULT_DATA / "interactions.csv.gz", DEFAULT_DATA / "items.csv.gz")
         tables = build_tables(*read_source(source))
-        split, items = tables.splits["validation"], tables.items
-    titles = dict(zip(items["item_id"].to_list(), items["title"].to_list(), strict=True))
+        split, items = tables.splits[name], tables.items
+    return split, dict(zip(items["item_id"].to_list(), items["title"].to_list(), strict=True))
+
+
+def load_prompts(project: Path | None, n: int) -> list[str]:
+    """The first ``n`` validation users (by user_id): their history titles, oldest first, as GLoSS prompts."""
+    split, titles = load_split(project, "validation")
     rows = split.sort("user_id").head(n)
     return [build_prompt([titles[i] for i in history]) for history in rows["history"].to_list()]
 

@@ -23,26 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "amazon2014" / "beauty"
+from generation import load_split  # also puts the repo on sys.path
 
 
 def train_rows(project: Path | None, n: int) -> tuple[list[list[str]], list[str]]:
-    import polars as pl
-
-    if project is not None:
-        split = pl.read_parquet(project / "data" / "train.parquet")
-        items = pl.read_parquet(project / "data" / "items.parquet")
-    else:
-        from gloss_cli.data import build_tables
-        from gloss_cli.sources import Source, read_source
-
-        source = Source("compact", "benchmark", DEFAULT_DATA / "interactions.csv.gz", DEFAULT_DATA / "items.csv.gz")
-        tables = build_tables(*read_source(source))
-        split, items = tables.splits["train"], tables.items
-    titles = dict(zip(items["item_id"].to_list(), items["title"].to_list(), strict=True))
+    """``n`` train users drawn with seed 42: history titles (oldest first) and target titles."""
+    split, titles = load_split(project, "train")
     rows = split.sample(n=min(n, split.height), seed=42)
     histories = [[titles[i] for i in h] for h in rows["history"].to_list()]
     return histories, [titles[t] for t in rows["target"].to_list()]

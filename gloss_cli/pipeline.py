@@ -18,7 +18,7 @@ from gloss_cli.project import Project
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What `gloss run` runs. The CPU default took 21 minutes on 2 idle cores (README); ``full`` is the
+    """What `gloss run` runs. The CPU default took 17 minutes on 2 idle cores (README); ``full`` is the
     recipe that did best on validation on an H100/H200 (docs/RESULTS.md): full fine-tuning, completion loss."""
 
     dataset: str = "beauty"

@@ -37,7 +37,7 @@ def run(
     """Run the whole pipeline: data, train, index, generate, eval (model vs LIS), segments; done stages are skipped.
 
     CPU default: LoRA with the completion loss on 800 training users for one epoch, then 200 test users with
-    llama.cpp: 21 minutes on 2 idle cores (measured; see the README).
+    llama.cpp: 17 minutes on 2 idle cores (measured; see the README).
 
     [dim]Examples:[/]
 
