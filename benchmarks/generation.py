@@ -7,7 +7,8 @@ Four ways to run it, in one process on the same prompts with the default model (
   by length, ``inference_mode``, batch ``--hf-batch``; on CUDA also ``hf-cuda`` (bf16, batch ``--cuda-batch``).
 * ``gloss-search``: gloss's batched beam search (``gloss_cli.backends.torch_beam``, gloss generate's default), same
   model, prompts and sorting, batch ``--gloss-batch``; on CUDA also ``gloss-search-cuda`` (bf16, batch
-  ``--gloss-cuda-batch``) and ``gloss-search-cuda-graphs`` (each decode step replayed from a CUDA graph).
+  ``--gloss-cuda-batch``) and ``gloss-search-cuda-graphs`` (each decode step replayed from a CUDA graph);
+  ``--previous FILE`` adds the same rows for another version of the search (``gloss-search-previous``).
 * ``llama-cpp``: gloss's llama.cpp backend (one KV cache, the live beams of ``--parallel`` prompts per decode), on
   the Q4_1 GGUF as shipped, and on the q8_0 GGUF that gloss's export makes of a trained model (``exact`` f32 KV
   cache, and the faster f16 KV cache with flash attention).
@@ -202,10 +203,26 @@ def run_hf(
 
 
 def run_gloss(
-    folder: Path, prompts: list[str], name: str, batch: int, device: str, dtype: str, *, cuda_graphs: bool = False
+    folder: Path,
+    prompts: list[str],
+    name: str,
+    batch: int,
+    device: str,
+    dtype: str,
+    *,
+    cuda_graphs: bool = False,
+    module: Path | None = None,
 ) -> Result:
-    """gloss's batched beam search on length-sorted batches, as ``gloss generate`` runs it."""
-    from gloss_cli.backends.torch_beam import search
+    """gloss's batched beam search on length-sorted batches, as ``gloss generate`` runs it (``module``: the search
+    of another version of gloss_cli/backends/torch_beam.py, say ``git show REV:gloss_cli/backends/torch_beam.py``)."""
+    if module is None:
+        from gloss_cli.backends.torch_beam import search
+    else:
+        spec = importlib.util.spec_from_file_location("previous_torch_beam", module)
+        assert spec is not None and spec.loader is not None
+        previous = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(previous)
+        search = previous.search
 
     tokenizer, model, load = load_hf(folder, device, dtype)
     eos = tokenizer.eos_token_id
@@ -285,6 +302,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--gloss-cuda-batch", type=int, default=256, help="gloss search batch on CUDA (gloss's default: 256)"
     )
     parser.add_argument(
+        "--previous",
+        type=Path,
+        help="another version of gloss_cli/backends/torch_beam.py: adds its search as gloss-search-previous rows "
+        "(git show REV:gloss_cli/backends/torch_beam.py > FILE)",
+    )
+    parser.add_argument(
         "--devices", nargs="*", default=["cpu", "cuda"], help="torch rows on these devices (cuda: when available)"
     )
     parser.add_argument(
@@ -315,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         gloss_batch = args.gloss_batch if device == "cpu" else args.gloss_cuda_batch
         if "gloss-search" in args.only:
             results.append(run_gloss(folder, prompts, "gloss-search" + suffix, gloss_batch, device, dtype))
+        if args.previous and "gloss-search" in args.only:
+            name = "gloss-search-previous" + suffix
+            results.append(run_gloss(folder, prompts, name, gloss_batch, device, dtype, module=args.previous))
         if "gloss-search-graphs" in args.only and device == "cuda":
             try:  # experimental: a failed capture is reported, not fatal to the other rows
                 graphs = run_gloss(

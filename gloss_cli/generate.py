@@ -70,7 +70,7 @@ class GenerateOptions:
     beams: int = 5  # the paper's
     num_return: int = 5
     max_new_tokens: int = 50
-    batch_size: int = 0  # 0: the backend's default (hf: 256 on CUDA with search gloss, 64 with hf; 8 on CPU)
+    batch_size: int = 0  # 0: the backend's default (hf: up to 512 on CUDA with search gloss, 64 with hf; 8 on CPU)
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     search: str = "gloss"  # hf backend: gloss's batched beam search, or hf (transformers generate); same beams
 
@@ -182,10 +182,11 @@ class HFGenerator:
         ]
 
 
-def _gloss_cuda_batch(trained: Trained, beams: int = 5, largest: int = 256) -> int:
-    """Prompts per batch for the gloss search on CUDA: up to ``largest``, as many as keep the KV cache of the longest
-    prompts (``max_seq_len`` positions x ``beams`` rows each) within half the GPU memory that is free now (other
-    processes may share the GPU)."""
+def _gloss_cuda_batch(trained: Trained, beams: int = 5, max_new_tokens: int = 64, largest: int = 512) -> int:
+    """Prompts per batch for the gloss search on CUDA: up to ``largest``, as many as fit within half the GPU memory
+    that is free now (other processes may share the GPU). A prompt of ``max_seq_len`` tokens holds its KV rows
+    twice while the search starts (the prefill's and the search's copy), its beams' generated KV rows, and a few
+    float32 copies of its beams' next-token logits."""
     import torch
 
     config = trained.model.config
@@ -193,7 +194,8 @@ def _gloss_cuda_batch(trained: Trained, beams: int = 5, largest: int = 256) -> i
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     per_token = 2 * text.num_hidden_layers * heads * head_dim * trained.model.dtype.itemsize
-    per_prompt = per_token * beams * int(trained.meta.get("max_seq_len", 1024))
+    tokens = 2 * int(trained.meta.get("max_seq_len", 1024)) + beams * max_new_tokens
+    per_prompt = per_token * tokens + 6 * beams * text.vocab_size * 4
     free, _ = torch.cuda.mem_get_info()
     return max(8, min(largest, free // 2 // per_prompt))
 

@@ -168,6 +168,37 @@ def test_buffers_are_freed_without_the_garbage_collector(model: Any, tokenizer: 
         gc.enable()
 
 
+def test_decode_steps_attend_through_the_shared_prompt(
+    model: Any, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every decode step of every layer reads the prompts' keys once per prompt (B rows, not B x beams), and the
+    model's own attention is back once the search returns, even when it fails."""
+    from gloss_cli.backends import torch_beam
+
+    seen: list[tuple[int, int]] = []
+    real = torch_beam.shared_prompt_attention
+
+    def spy(module: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append((query.shape[0], kwargs["gloss_shared_prompt"].keys.shape[1]))
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(torch_beam, "shared_prompt_attention", spy)
+    before = model.config._attn_implementation
+    gloss_beams(model, tokenizer, 5, 5, 6)
+    layers = model.config.num_hidden_layers
+    assert len(seen) == 5 * layers  # one call per layer per decode step (the first token comes from the prefill)
+    assert set(seen) == {(5 * len(PROMPTS), len(PROMPTS))}
+    assert model.config._attn_implementation == before
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(torch_beam, "shared_prompt_attention", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        gloss_beams(model, tokenizer, 5, 5, 6)
+    assert model.config._attn_implementation == before
+
+
 def test_lora_and_eager_attention(tiny: Path, tokenizer: Any) -> None:
     from peft import LoraConfig, get_peft_model
 

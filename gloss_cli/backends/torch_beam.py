@@ -2,10 +2,14 @@
 
 ``model.generate(num_beams=k)`` copies every prompt k times *before* the prefill, so each prompt (~360 tokens in
 GLoSS, against <= 50 new ones) is computed k times; it then grows a dynamic KV cache by concatenation, reorders it
-whole every step, and spends much host time per step. Here each prompt is prefilled once (batch B), its KV rows are
-copied to its k beams in a cache preallocated for prompt + ``max_new_tokens`` positions (B x k rows), a step reorders
-only the generated positions (the beams of one prompt share its prompt rows, so those never move), and the whole
-search state lives on the device: the host waits for it only every ``check_every`` steps, to see whether all is done.
+whole every step, and spends much host time per step. Here each prompt is prefilled once (batch B) and its keys and
+values stay once in memory: the k beams of a prompt share them. A decode step attends in two parts with one softmax
+(:func:`shared_prompt_attention`): the k beams' queries of a prompt against its prompt keys, side by side in one
+matmul, so the prompt's keys and values are read once per step and not once per beam and query head (the KV cache
+of the prompts, the bulk of a step's memory traffic, was read 15 times by SmolLM2's 5 beams x 3 query heads per KV
+head); and each beam's queries against its own generated keys, in a cache preallocated for ``max_new_tokens``
+positions (B x k rows). A step reorders only those generated rows, and the whole search state lives on the device:
+the host waits for it only every ``check_every`` steps, to see whether all is done.
 
 The search mirrors transformers 5.x ``GenerationMixin._beam_search`` (``do_sample=False``, ``early_stopping=False``)
 tensor for tensor: the top ``max(2, 1 + n_eos) * k`` candidates over all beams; the best k that did not stop run on;
@@ -16,22 +20,26 @@ concatenation before each top-k, so the returned beams and scores are ``out.sequ
 up to float noise. One beam is greedy search, scored as gloss's hf backend scores greedy output: the mean
 log-probability of the generated tokens.
 
-The model is driven with a 4D attention mask and a cache object of our own (``update`` is all a decoder layer asks of
-it), so only models whose layers all attend fully (no sliding window), with ``sdpa`` or ``eager`` attention, and with
-no logits processor switched on by their generation config are supported: :func:`unsupported` says why not.
+The model is driven with a cache object of our own (``update`` is all a decoder layer asks of it) and, for the
+decode steps, an attention function registered with transformers' ``AttentionInterface`` (the config's
+``_attn_implementation`` names it while the search runs); so only models whose layers all attend fully (no sliding
+window), with ``sdpa`` or ``eager`` attention for the prefill, and with no logits processor switched on by their
+generation config are supported: :func:`unsupported` says why not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 NEG = -1.0e9  # transformers' "impossible" score, kept so that ties break as they do there
-ALIGN = 8  # cache length rounded up to a multiple of this (masked), so attention kernels see aligned rows
+ALIGN = 8  # generated-token cache length rounded up to a multiple of this (masked), for aligned rows
+ATTENTION = "gloss_shared_prompt"  # the name the decode steps' attention is registered under
 
 # Generation-config fields that add a logits processor or change the search, with their neutral value.
 NEUTRAL: dict[str, Any] = {
@@ -101,7 +109,8 @@ def unsupported(model: Any) -> str | None:
 
 class _Cache:
     """What a decoder layer sees of the KV cache: ``update`` writes the new token's keys and values at the current
-    position and returns the layer's whole preallocated rows (positions not yet written are masked)."""
+    generated position and returns the layer's generated rows (positions not yet written are masked); the prompt's
+    keys and values reach the attention through the ``gloss_shared_prompt`` keyword."""
 
     def __init__(self, decoder: _Decoder) -> None:
         # A weak reference: decoder -> cache -> decoder would be a cycle, and a cycle's GPU buffers wait for Python's
@@ -121,8 +130,54 @@ class _Cache:
         return self.decoder.prompt_len + self.decoder.written
 
 
+class SharedPrompt:
+    """The prompts' keys and values, once per prompt (layers x B x KV heads x P x head dim), and their padding as an
+    additive mask (B x 1 x 1 x P): what every beam of a prompt attends to before its own generated tokens."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> None:
+        self.keys, self.values, self.bias = keys, values, bias
+
+
+def shared_prompt_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """One decode step's attention (transformers' attention-function signature) for B prompts x k beams: ``query``
+    (B*k, H, 1, D); ``key``/``value`` the generated tokens' (B*k, KV, G, D) rows, ``attention_mask`` their additive
+    mask (B*k, 1, 1, G); the prompt's part comes from ``kwargs["gloss_shared_prompt"]``. Eager attention's maths
+    (scores in the model's dtype, softmax in float32) over prompt and generated keys together, with each prompt's
+    keys and values read once for all its beams and query heads; returns (B*k, 1, H, D)."""
+    shared: SharedPrompt = kwargs["gloss_shared_prompt"]
+    prompt_keys, prompt_values = shared.keys[module.layer_idx], shared.values[module.layer_idx]
+    batch, kv_heads, length, dim = prompt_keys.shape
+    rows, heads = query.shape[0], query.shape[1]
+    beams, group = rows // batch, heads // kv_heads  # query head h reads KV head h // group (transformers' repeat_kv)
+    scale = dim**-0.5 if scaling is None else scaling
+
+    def per_prompt(x: torch.Tensor) -> torch.Tensor:  # (B*k, KV, g, n) -> (B, KV, k*g, n)
+        return x.reshape(batch, beams, kv_heads, group, -1).transpose(1, 2).reshape(batch, kv_heads, beams * group, -1)
+
+    def per_row(x: torch.Tensor) -> torch.Tensor:  # (B, KV, k*g, n) -> (B*k, KV, g, n)
+        return x.reshape(batch, kv_heads, beams, group, -1).transpose(1, 2).reshape(rows, kv_heads, group, -1)
+
+    q = query.reshape(rows, kv_heads, group, dim)
+    prompt_scores = per_row(torch.matmul(per_prompt(q), prompt_keys.transpose(2, 3)) * scale + shared.bias)
+    own_scores = torch.matmul(q, key.transpose(2, 3)) * scale + attention_mask
+    weights = torch.softmax(torch.cat((prompt_scores, own_scores), dim=-1), dim=-1, dtype=torch.float32)
+    prompt_weights, own_weights = weights.to(query.dtype).split((length, key.shape[2]), dim=-1)
+    out = per_row(torch.matmul(per_prompt(prompt_weights), prompt_values)) + torch.matmul(own_weights, value)
+    return out.reshape(rows, 1, heads, dim), None
+
+
 class _Decoder:
-    """The B x k rows of the search after one prefill: a static KV cache, a 4D mask, positions, and one decode step.
+    """The B x k rows of the search after one prefill: the prompts' KV once per prompt, a static KV cache for the
+    generated tokens, their mask, positions, and one decode step.
 
     ``cuda_graphs`` replays the decode forward from a CUDA graph captured at the first step (every buffer it reads is
     updated in place, so one capture serves the whole call)."""
@@ -140,29 +195,25 @@ class _Decoder:
         self.kwarg = _cache_kwarg(model) or "cache"
         batch, self.prompt_len = prompt_mask.shape
         rows = batch * beams
-        length = -(-(self.prompt_len + max_new_tokens) // ALIGN) * ALIGN
+        length = -(-max_new_tokens // ALIGN) * ALIGN
         k0, v0 = prefill_kv[0]
         device, dtype = k0.device, k0.dtype
         n = len(prefill_kv)
+        # Contiguous per layer, so that the prompt matmuls read them in place (the prefill's are transposed views).
+        self.shared = SharedPrompt(
+            torch.stack([k for k, _ in prefill_kv]),
+            torch.stack([v for _, v in prefill_kv]),
+            torch.zeros((batch, 1, 1, self.prompt_len), dtype=dtype, device=device).masked_fill_(
+                ~prompt_mask.bool()[:, None, None, :], torch.finfo(dtype).min
+            ),
+        )
         # One buffer for all layers, so a beam reorder is one gather, not one per layer.
         self.keys = torch.zeros((n, rows, k0.shape[1], length, k0.shape[3]), dtype=dtype, device=device)
         self.values = torch.zeros((n, rows, v0.shape[1], length, v0.shape[3]), dtype=dtype, device=device)
-        p = self.prompt_len
-        for layer, (k, v) in enumerate(prefill_kv):  # each prompt's rows, once per beam
-            self.keys[layer, :, :, :p].view(batch, beams, *k.shape[1:]).copy_(k[:, None])
-            self.values[layer, :, :, :p].view(batch, beams, *v.shape[1:]).copy_(v[:, None])
-        allowed = torch.zeros((rows, 1, 1, length), dtype=torch.bool, device=device)
-        allowed[:, 0, 0, :p] = prompt_mask.bool().repeat_interleave(beams, dim=0)
-        self.open: bool | float = True  # what a position of the mask becomes once its keys are written
-        self.mask = allowed
-        if getattr(model.config, "_attn_implementation", None) != "sdpa":  # eager adds the mask to the weights
-            self.mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
-                ~allowed, torch.finfo(dtype).min
-            )
-            self.open = 0.0
+        self.mask = torch.full((rows, 1, 1, length), torch.finfo(dtype).min, dtype=dtype, device=device)
         # Positions as transformers counts them with left padding: real tokens only.
         self.position_ids = prompt_mask.long().sum(dim=1).repeat_interleave(beams)[:, None]
-        self.position = torch.tensor([p], device=device)  # where the next token's keys go
+        self.position = torch.tensor([0], device=device)  # where the next token's keys go among the generated
         self.written = 0
         self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.cache = _Cache(self)
@@ -175,6 +226,7 @@ class _Decoder:
             attention_mask=self.mask,
             position_ids=self.position_ids,
             use_cache=True,
+            gloss_shared_prompt=self.shared,
             **{self.kwarg: self.cache},
         )
         logits: torch.Tensor = out.logits[:, -1, :]
@@ -197,7 +249,7 @@ class _Decoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits (float32, one row per beam) after feeding each row its newest token."""
         self.tokens.copy_(tokens.view(-1, 1))
-        self.mask.index_fill_(3, self.position, self.open)
+        self.mask.index_fill_(3, self.position, 0.0)
         logits = (self._replay() if self.cuda_graphs else self._forward()).float()
         self.position += 1
         self.position_ids += 1
@@ -208,9 +260,8 @@ class _Decoder:
         """Row i takes the generated keys and values of row ``rows[i]`` (always a beam of the same prompt)."""
         if not self.written:
             return
-        p = self.prompt_len
         for buffer in (self.keys, self.values):
-            region = buffer[:, :, :, p : p + self.written]
+            region = buffer[:, :, :, : self.written]
             region.copy_(region.index_select(1, rows))
 
 
@@ -338,18 +389,34 @@ def search(
         decoder = _Decoder(model, _layers(cache), attention_mask, beams, max_new_tokens, cuda_graphs)
         del cache
         eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=input_ids.device)
-        if beams == 1:
-            return _greedy(decoder, logits.float(), max_new_tokens, eos, pad_token_id, check_every)
-        state = _Beams(input_ids.shape[0], beams, max_new_tokens, eos, pad_token_id, length_penalty)
-        # Every beam of a prompt starts from its prompt's logits (only the first counts: the others score -1e9).
-        logprobs = torch.log_softmax(logits.float(), dim=-1).repeat_interleave(beams, dim=0)
-        for t in range(max_new_tokens):
-            rows = state.step(logprobs, t)
-            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and state.done()):
-                break
-            decoder.reorder(rows)
-            logprobs = torch.log_softmax(decoder.step(state.running_tokens[:, :, t].reshape(-1)), dim=-1)
-        return state.results(num_return)
+        with _decode_attention(model):
+            if beams == 1:
+                return _greedy(decoder, logits.float(), max_new_tokens, eos, pad_token_id, check_every)
+            state = _Beams(input_ids.shape[0], beams, max_new_tokens, eos, pad_token_id, length_penalty)
+            # Every beam of a prompt starts from its prompt's logits (only the first counts: the others score -1e9).
+            logprobs = torch.log_softmax(logits.float(), dim=-1).repeat_interleave(beams, dim=0)
+            for t in range(max_new_tokens):
+                rows = state.step(logprobs, t)
+                if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and state.done()):
+                    break
+                decoder.reorder(rows)
+                logprobs = torch.log_softmax(decoder.step(state.running_tokens[:, :, t].reshape(-1)), dim=-1)
+            return state.results(num_return)
+
+
+@contextlib.contextmanager
+def _decode_attention(model: Any) -> Iterator[None]:
+    """Inside, the model's layers attend with :func:`shared_prompt_attention`; outside, as before."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, shared_prompt_attention)
+    config = _base(model).config
+    before = config._attn_implementation
+    config._attn_implementation = ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 def _greedy(
