@@ -263,7 +263,13 @@ def run_gloss(
 
 
 def done(result: Result) -> Result:
-    """Say each row as it is measured (a full run takes minutes on a CPU)."""
+    """Say each row as it is measured (a full run takes minutes on a CPU); on CUDA with the peak of memory torch
+    allocated for it (each row starts from a fresh peak)."""
+    import torch
+
+    if result.notes.get("device") == "cuda":
+        result.notes["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        torch.cuda.reset_peak_memory_stats()
     n = len(result.per_user)
     speed = f"{n / result.seconds:.3f} users/s, {result.seconds:.0f} s"
     print(f"{result.backend}: {speed}, {result.notes}", file=sys.stderr)
@@ -299,7 +305,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cuda-batch", type=int, default=64, help="hf backend batch on CUDA (gloss's default: 64)")
     parser.add_argument("--gloss-batch", type=int, default=8, help="gloss search batch on CPU (gloss's default: 8)")
     parser.add_argument(
-        "--gloss-cuda-batch", type=int, default=256, help="gloss search batch on CUDA (gloss's default: 256)"
+        "--gloss-cuda-batch",
+        type=int,
+        nargs="+",
+        default=[256],
+        help="gloss search batch on CUDA; several: a row each (gloss-search-cuda-bN)",
     )
     parser.add_argument(
         "--previous",
@@ -335,9 +345,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         batch = args.hf_batch if device == "cpu" else args.cuda_batch
         if "hf" in args.only:
             results.append(run_hf(folder, prompts, "hf" + suffix, batch, device, dtype, sort=True, inference=True))
-        gloss_batch = args.gloss_batch if device == "cpu" else args.gloss_cuda_batch
+        batches = [args.gloss_batch] if device == "cpu" else args.gloss_cuda_batch
+        gloss_batch = batches[0]
         if "gloss-search" in args.only:
-            results.append(run_gloss(folder, prompts, "gloss-search" + suffix, gloss_batch, device, dtype))
+            for b in batches:
+                name = "gloss-search" + suffix + (f"-b{b}" if len(batches) > 1 else "")
+                results.append(run_gloss(folder, prompts, name, b, device, dtype))
         if args.previous and "gloss-search" in args.only:
             name = "gloss-search-previous" + suffix
             results.append(run_gloss(folder, prompts, name, gloss_batch, device, dtype, module=args.previous))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -306,6 +307,7 @@ class GenerateResult:
     seconds: float
     new_tokens: int
     settings: dict[str, Any]
+    gpu_peak_mib: float | None = None  # the most CUDA memory torch held at once while generating (None: no GPU)
 
     def metrics(self) -> dict[str, Any]:
         per_s = self.users_new / self.seconds if self.seconds else None
@@ -318,7 +320,15 @@ class GenerateResult:
             "s_per_user": round(1 / per_s, 4) if per_s else None,
             "new_tokens": self.new_tokens,
             "tokens_per_s": round(self.new_tokens / self.seconds, 1) if self.seconds else None,
-        }
+        } | ({"gpu_peak_mib": self.gpu_peak_mib} if self.gpu_peak_mib is not None else {})
+
+
+def _gpu_peak_mib() -> float | None:
+    """The peak of CUDA memory torch allocated in this process (MiB), when it used a GPU."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 def _write_queries(
@@ -415,8 +425,10 @@ def run(
                 t0 = time.perf_counter()
                 _write_queries(generator, rows, prompts, path, options, tick)
             new_tokens = generator.new_tokens
+        seconds = time.perf_counter() - t0
+        found = len(read_done(path))
         result = GenerateResult(
-            split, path, len(read_done(path)), todo.height, skipped, time.perf_counter() - t0, new_tokens, settings
+            split, path, found, todo.height, skipped, seconds, new_tokens, settings, _gpu_peak_mib()
         )
         stage.metrics = result.metrics()
     return result

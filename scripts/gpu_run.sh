@@ -14,6 +14,7 @@
 #         bash scripts/gpu_run.sh evaluate NAME                 (GLOSS_EVAL's evaluations of a generated run)
 #         bash scripts/gpu_run.sh after-train NAME              (generation and evaluations of a trained run, again)
 #         bash scripts/gpu_run.sh test NAME [generate flags]   (generate the test split of an earlier run)
+#         bash scripts/gpu_run.sh bench NAME SCRIPT [flags]   (a benchmark as a job; GLOSS_AFTER: runs to wait for)
 #         bash scripts/gpu_run.sh wait SECONDS        (follows the logs; copies results to $OUT when all have ended)
 # Several runs may share the GPU (a 135M model leaves room); each is a project folder /root/gloss-runs/NAME.
 # Their generation steps take turns (flock): each sizes its batches from the free GPU memory, and concurrent
@@ -95,6 +96,14 @@ case "${1:-}" in
     setup
     sed -i -E '/^(finished|FAILED)$/d' "$runs/$name/log.txt"
     job "$name" "gen --split test $*"
+    ;;
+  bench)  # python3 SCRIPT ARGS (a benchmark) as a job NAME, once the runs named in GLOSS_AFTER have ended
+    name=${2:?name}; shift 2
+    setup
+    job "$name" "$(for r in ${GLOSS_AFTER:-}; do
+        echo "until grep -qE '^(finished|FAILED)' '$runs/$r/log.txt' 2> /dev/null; do sleep 5; done"
+      done)
+      python3 $*"
     ;;
   wait)
     limit=${2:-540}
