@@ -11,10 +11,12 @@
 #               protocols paper and fused --exclude-seen, and the LIS baseline under both (device time is
 #               scarce: scripts/evaluate_returned.sh evaluates the returned runs on a CPU instead)
 #               GLOSS_GPU: the GPU index to run on (machines with several GPUs; generation takes turns per GPU)
+#               GLOSS_AFTER: runs (names) whose logs must say finished or FAILED before this job begins (timings
+#               taken with the GPU to itself)
 #         bash scripts/gpu_run.sh evaluate NAME                 (GLOSS_EVAL's evaluations of a generated run)
 #         bash scripts/gpu_run.sh after-train NAME              (generation and evaluations of a trained run, again)
 #         bash scripts/gpu_run.sh test NAME [generate flags]   (generate the test split of an earlier run)
-#         bash scripts/gpu_run.sh bench NAME SCRIPT [flags]   (a benchmark as a job; GLOSS_AFTER: runs to wait for)
+#         bash scripts/gpu_run.sh bench NAME SCRIPT [flags]   (a benchmark as a job)
 #         bash scripts/gpu_run.sh wait SECONDS        (follows the logs; copies results to $OUT when all have ended)
 # Several runs may share the GPU (a 135M model leaves room); each is a project folder /root/gloss-runs/NAME.
 # Their generation steps take turns (flock): each sizes its batches from the free GPU memory, and concurrent
@@ -44,6 +46,9 @@ job() {  # NAME SCRIPT: run SCRIPT (bash) in its own session, logging to NAME/lo
     g() { /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli \"\$@\" -p '$runs/$1'; }
     lock() { if command -v flock > /dev/null; then flock '$runs/.generate${gpu:+.$gpu}.lock' \"\$@\"; else \"\$@\"; fi; }
     gen() { lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli generate \"\$@\" -p '$runs/$1'; }
+    $(for r in ${GLOSS_AFTER:-}; do
+      echo "until grep -qE '^(finished|FAILED)' '$runs/$r/log.txt' 2> /dev/null; do sleep 5; done; echo 'after $r'"
+    done)
     $2
     echo finished" >> "$runs/$1/log.txt" 2>&1 < /dev/null &
   echo "started $1: $runs/$1/log.txt"
@@ -100,10 +105,7 @@ case "${1:-}" in
   bench)  # python3 SCRIPT ARGS (a benchmark) as a job NAME, once the runs named in GLOSS_AFTER have ended
     name=${2:?name}; shift 2
     setup
-    job "$name" "$(for r in ${GLOSS_AFTER:-}; do
-        echo "until grep -qE '^(finished|FAILED)' '$runs/$r/log.txt' 2> /dev/null; do sleep 5; done"
-      done)
-      python3 $*"
+    job "$name" "python3 $*"
     ;;
   wait)
     limit=${2:-540}
