@@ -278,11 +278,12 @@ def done(result: Result) -> Result:
 
 def table(results: Sequence[Result], n: int) -> str:
     named = {r.backend: r for r in results}
-    hf = named.get("hf")
     head = f"| backend | users/s | s/user (median) | beam tokens/s | x paper | top-1 = hf | load s |\n|{'---|' * 7}"
     rows = [head]
     for r in results:
-        paper = named.get("paper-cuda" if r.notes.get("device") == "cuda" else "paper")  # same device
+        cuda = r.notes.get("device") == "cuda"
+        paper = named.get("paper-cuda" if cuda else "paper")  # same device
+        hf = named.get("hf-cuda" if cuda else "hf")
         ratio = f"{paper.seconds / r.seconds:.2f}" if paper else "-"
         same = f"{sum(a == b for a, b in zip(r.top, hf.top, strict=True))}/{n}" if hf else "-"
         rows.append(
