@@ -216,6 +216,44 @@ def test_lora_and_eager_attention(tiny: Path, tokenizer: Any) -> None:
     assert_same(gloss_beams(eager, tokenizer, 3, 3, 12), want)
 
 
+def test_sliding_window_layers(tokenizer: Any, tmp_path: Path) -> None:
+    """A tiny Gemma 3 whose sliding layers see 12 positions (prompts run to ~320 tokens, so the window cuts the
+    prompt and then moves with the generated tokens) and whose full layer sees all: transformers' beams."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(2)
+    config = Gemma3TextConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=12,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+        attn_implementation="sdpa",
+    )
+    gemma = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for param in gemma.parameters():
+            if param.dim() == 2:
+                param.mul_(SCALE)
+        head = gemma.lm_head.weight
+        head[EOS] += 0.8 * (head[98] + head[188] + head[93])
+    gemma.save_pretrained(tmp_path)
+    gemma = load(tmp_path)
+    assert unsupported(gemma) is None
+    want, _ = hf_beams(gemma, tokenizer, 5, 5, 16)
+    assert_same(gloss_beams(gemma, tokenizer, 5, 5, 16), want)
+    gemma.config.attn_logit_softcapping = 50.0
+    assert unsupported(gemma) == "models with attention logit soft-capping"
+
+
 def test_greedy_and_text_through_the_generator(model: Any, tokenizer: Any) -> None:
     """HFGenerator: the two searches give the same texts and scores, greedy (one beam) included."""
     from gloss_cli.generate import HFGenerator
@@ -243,8 +281,8 @@ def test_what_it_cannot_reproduce_is_said(tiny: Path, tokenizer: Any) -> None:
     with pytest.raises(ValueError, match="repetition_penalty"):
         gloss_beams(model, tokenizer, 5, 5, 4)
     model.generation_config.repetition_penalty = 1.0
-    model.config.layer_types = ["sliding_attention", "full_attention"]
-    assert "sliding-window" in (unsupported(model) or "")
+    model.config.layer_types = ["chunked_attention", "full_attention"]
+    assert "chunked" in (unsupported(model) or "")
 
 
 # -- gloss generate ---------------------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ log-probability of the generated tokens.
 
 The model is driven with a cache object of our own (``update`` is all a decoder layer asks of it) and, for the
 decode steps, an attention function registered with transformers' ``AttentionInterface`` (the config's
-``_attn_implementation`` names it while the search runs); so only models whose layers all attend fully (no sliding
-window), with ``sdpa`` or ``eager`` attention for the prefill, and with no logits processor switched on by their
-generation config are supported: :func:`unsupported` says why not.
+``_attn_implementation`` names it while the search runs); so only causal models whose layers attend fully or in a
+sliding window (Gemma 3; the window is applied in each decode step), without logit soft-capping, with ``sdpa`` or
+``eager`` attention for the prefill, and with no logits processor switched on by their generation config are
+supported: :func:`unsupported` says why not.
 """
 
 from __future__ import annotations
@@ -92,11 +93,15 @@ def unsupported(model: Any) -> str | None:
     if attention not in ("sdpa", "eager"):
         return f"attn_implementation '{attention}' (sdpa or eager only)"
     layer_types = getattr(text, "layer_types", None)
-    if layer_types is not None:
-        if any(kind != "full_attention" for kind in layer_types):
-            return "models with sliding-window or linear-attention layers"
+    if layer_types is not None:  # sliding layers get their window from the layer itself (``sliding_window``)
+        if any(kind not in ("full_attention", "sliding_attention") for kind in layer_types):
+            return "models with chunked or linear-attention layers"
     elif getattr(text, "sliding_window", None) is not None:
-        return "models with sliding-window attention"
+        return "models with sliding-window attention but no layer_types"
+    if getattr(text, "use_bidirectional_attention", False):
+        return "models with bidirectional attention"
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        return "models with attention logit soft-capping"
     if _cache_kwarg(model) is None:
         return "models whose forward takes no KV cache"
     gen = getattr(model, "generation_config", None)
@@ -132,10 +137,13 @@ class _Cache:
 
 class SharedPrompt:
     """The prompts' keys and values, once per prompt (layers x B x KV heads x P x head dim), and their padding as an
-    additive mask (B x 1 x 1 x P): what every beam of a prompt attends to before its own generated tokens."""
+    additive mask (B x 1 x 1 x P): what every beam of a prompt attends to before its own generated tokens.
+    ``position`` (a one-element tensor the decoder advances in place) is the current token's index among the
+    generated ones, for sliding-window layers."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> None:
-        self.keys, self.values, self.bias = keys, values, bias
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, position: torch.Tensor) -> None:
+        self.keys, self.values, self.bias, self.position = keys, values, bias, position
+        self.prompt_index = torch.arange(keys.shape[3], device=keys.device)
 
 
 def shared_prompt_attention(
@@ -169,6 +177,13 @@ def shared_prompt_attention(
     q = query.reshape(rows, kv_heads, group, dim)
     prompt_scores = per_row(torch.matmul(per_prompt(q), prompt_keys.transpose(2, 3)) * scale + shared.bias)
     own_scores = torch.matmul(q, key.transpose(2, 3)) * scale + attention_mask
+    window = kwargs.get("sliding_window")
+    if window:  # transformers' sliding window over padded indices: key j is seen by query i when j > i - window
+        oldest = shared.position - window  # the current token's index, minus the window, counted from the prompt's end
+        floor = torch.finfo(prompt_scores.dtype).min
+        prompt_scores = prompt_scores.masked_fill(shared.prompt_index <= length + oldest, floor)
+        generated = torch.arange(key.shape[2], device=key.device)
+        own_scores = own_scores.masked_fill(generated <= oldest, floor)
     weights = torch.softmax(torch.cat((prompt_scores, own_scores), dim=-1), dim=-1, dtype=torch.float32)
     prompt_weights, own_weights = weights.to(query.dtype).split((length, key.shape[2]), dim=-1)
     out = per_row(torch.matmul(per_prompt(prompt_weights), prompt_values)) + torch.matmul(own_weights, value)
@@ -199,6 +214,7 @@ class _Decoder:
         k0, v0 = prefill_kv[0]
         device, dtype = k0.device, k0.dtype
         n = len(prefill_kv)
+        self.position = torch.tensor([0], device=device)  # where the next token's keys go among the generated
         # Contiguous per layer, so that the prompt matmuls read them in place (the prefill's are transposed views).
         self.shared = SharedPrompt(
             torch.stack([k for k, _ in prefill_kv]),
@@ -206,6 +222,7 @@ class _Decoder:
             torch.zeros((batch, 1, 1, self.prompt_len), dtype=dtype, device=device).masked_fill_(
                 ~prompt_mask.bool()[:, None, None, :], torch.finfo(dtype).min
             ),
+            self.position,
         )
         # One buffer for all layers, so a beam reorder is one gather, not one per layer.
         self.keys = torch.zeros((n, rows, k0.shape[1], length, k0.shape[3]), dtype=dtype, device=device)
@@ -213,7 +230,6 @@ class _Decoder:
         self.mask = torch.full((rows, 1, 1, length), torch.finfo(dtype).min, dtype=dtype, device=device)
         # Positions as transformers counts them with left padding: real tokens only.
         self.position_ids = prompt_mask.long().sum(dim=1).repeat_interleave(beams)[:, None]
-        self.position = torch.tensor([0], device=device)  # where the next token's keys go among the generated
         self.written = 0
         self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.cache = _Cache(self)
@@ -339,8 +355,12 @@ class _Beams:
 def _prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """One forward over the left-padded prompts, as ``generate`` runs it: positions count real tokens only, an
     all-ones mask is dropped, and only the last position's logits are computed."""
+    from transformers import DynamicCache
+
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    kwargs: dict[str, Any] = {}
+    # A cache without the model's config keeps every prompt position of every layer, sliding-window ones included
+    # (the decode steps apply the window), so that all layers' keys stack into one tensor.
+    kwargs: dict[str, Any] = {_cache_kwarg(model) or "past_key_values": DynamicCache()}
     if "logits_to_keep" in inspect.signature(_base(model).forward).parameters:
         kwargs["logits_to_keep"] = 1
     out = model(
