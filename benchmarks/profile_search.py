@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generation import BEAMS, MAX_NEW, NUM_RETURN, hf_copy, load_hf, load_prompts, smollm2_gguf
+from generation import BEAMS, MAX_NEW, NUM_RETURN, hf_copy, load_hf, load_prompts, registry_gguf
 
 PHASES = {"_prefill": "gloss.prefill", "_Decoder.step": "gloss.decode", "_Beams.step": "gloss.beam-step",
           "_Decoder.reorder": "gloss.reorder"}  # fmt: skip
@@ -65,7 +65,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16" if device == "cuda" else "float32"
     prompts = load_prompts(args.project, args.n)
-    tokenizer, model, _ = load_hf(hf_copy(smollm2_gguf()), device, dtype)
+    tokenizer, model, _ = load_hf(hf_copy(registry_gguf()), device, dtype)
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     batch = sorted(prompts, key=lambda p: -lengths[prompts.index(p)])[: args.batch]
     enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
