@@ -184,12 +184,11 @@ class HFGenerator:
 
 
 def _gloss_cuda_batch(trained: Trained, beams: int = 5, max_new_tokens: int = 64, largest: int = 256) -> int:
-    """Prompts per batch for the gloss search on CUDA: up to ``largest`` (on an H200, 1,024 untuned prompts ran at
-    118 users/s in batches of 256, 109 in 512 and 69 in 1,024: a larger batch pads more and waits for its slowest
-    prompt), as many as fit within half the GPU memory
-    that is free now (other processes may share the GPU). A prompt of ``max_seq_len`` tokens holds its KV rows
-    twice while the search starts (the prefill's and the search's copy), its beams' generated KV rows, and a few
-    float32 copies of its beams' next-token logits."""
+    """Prompts per batch for the gloss search on CUDA: as many as fit within half the GPU memory that is free now
+    (other processes may share the GPU), up to ``largest`` (on an H200, 1,024 untuned prompts ran at 118 users/s in
+    batches of 256, 109 in 512 and 69 in 1,024: a larger batch pads more and waits for its slowest prompt). A prompt
+    of ``max_seq_len`` tokens holds its KV rows twice while the search starts (the prefill's and the search's copy),
+    its beams' generated KV rows, and a few float32 copies of its beams' next-token logits."""
     import torch
 
     config = trained.model.config
