@@ -273,6 +273,20 @@ def test_greedy_and_text_through_the_generator(model: Any, tokenizer: Any) -> No
     assert any(ids[-1] == EOS and len(ids) < 20 for [(ids, _)] in greedy)  # some rows stopped early
 
 
+def test_cuda_batch_fits_half_the_free_memory(model: Any, tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA batch of the gloss search: each prompt's KV rows once (twice while the search starts), its beams'
+    generated rows and logits, within half the free memory; at least 8, at most 256."""
+    from gloss_cli.generate import _gloss_cuda_batch
+    from gloss_cli.models import Trained
+
+    trained = Trained(model, tokenizer, {"max_seq_len": 1000})
+    per_token = 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x head dim 16 x float32
+    per_prompt = per_token * (2 * 1000 + 5 * 64) + 6 * 5 * 256 * 4
+    for free, want in ((2 * 100 * per_prompt, 100), (10**15, 256), (0, 8)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda free=free: (free, 10**15))
+        assert _gloss_cuda_batch(trained) == want
+
+
 def test_what_it_cannot_reproduce_is_said(tiny: Path, tokenizer: Any) -> None:
     model = load(tiny)
     assert unsupported(model) is None
