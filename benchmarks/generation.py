@@ -17,6 +17,7 @@ Four ways to run it, in one process on the same prompts with the default model (
     python benchmarks/generation.py --n 8                      # prompts from ../shared/data/amazon2014/beauty
     python benchmarks/generation.py --project runs/beauty --n 64 --threads 16
     python benchmarks/generation.py --n 2048 --devices cuda --only hf gloss-search gloss-search-graphs paper
+    python benchmarks/generation.py --project runs/beauty --trained --n 32 --only gloss-search   # a trained model
 
 Prints a table: users/s, median s/user (a batch's time shared by its users), beam tokens/s (tokens the model
 evaluated for the beams), and whether each backend's best beam equals hf's. Self-contained: it needs gloss's
@@ -156,11 +157,19 @@ def run_llama_cpp(
 
 
 def load_hf(folder: Path, device: str, dtype: str) -> tuple[Any, Any, float]:
-    """tokenizer (left padding), model, seconds taken."""
+    """tokenizer (left padding), model, seconds taken; ``folder`` is a model folder or a gloss project, whose
+    trained model (``train/``) is loaded as ``gloss generate`` loads it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
+    if (folder / "train" / "meta.json").is_file():
+        from gloss_cli.models import load_trained
+
+        names = {"float32": "fp32", "bfloat16": "bf16"}
+        trained = load_trained(folder / "train", device=device, dtype=names[dtype])
+        trained.tokenizer.padding_side = "left"
+        return trained.tokenizer, trained.model.eval(), time.perf_counter() - t0
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # a GGUF's tokenizer may have none (transformers 5.17); pad with EOS
@@ -307,6 +316,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--model", default="smollm2-135m", help="a gloss registry model (e.g. gemma3-270m) or a .gguf file"
     )
     parser.add_argument("--project", type=Path, help="a gloss project (data/validation.parquet, data/items.parquet)")
+    parser.add_argument(
+        "--trained",
+        action="store_true",
+        help="the torch rows run --project's trained model (train/): it stops at EOS, as an untuned one rarely does",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
@@ -340,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "and with an f16 KV cache), paper",
     )
     args = parser.parse_args(argv)
+    if args.trained and args.project is None:
+        parser.error("--trained needs --project")
 
     import torch
 
@@ -348,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     prompts = load_prompts(args.project, args.n)
     gguf = registry_gguf(args.model)
     folder = hf_copy(gguf) if {"hf", "paper", "gloss-search", "gloss-search-graphs"} & set(args.only) else gguf
+    if args.trained:  # the torch rows run a gloss project's trained model instead (llama.cpp: the registry's)
+        folder = args.project
     print(f"{len(prompts)} prompts, {gguf.name}, torch threads {torch.get_num_threads()}", file=sys.stderr)
     results: list[Result] = []
     devices = [("cpu", "float32")] + ([("cuda", "bfloat16")] if torch.cuda.is_available() else [])

@@ -199,6 +199,27 @@ def test_decode_steps_attend_through_the_shared_prompt(
     assert model.config._attn_implementation == before
 
 
+def test_finished_prompts_leave_the_batch(model: Any, tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts whose hypotheses are final leave the batch at a check (``compact=1``: as soon as one is final), and
+    the beams are still transformers'; ``compact=0`` keeps every prompt to the end."""
+    from gloss_cli.backends import torch_beam
+
+    rows: list[int] = []
+    real = torch_beam.shared_prompt_attention
+
+    def spy(module: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        rows.append(query.shape[0])
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(torch_beam, "shared_prompt_attention", spy)
+    want, _ = hf_beams(model, tokenizer, 5, 5, 30)
+    for compact, check_every in ((1.0, 1), (1.0, 4), (0.0, 4)):
+        rows.clear()
+        assert_same(gloss_beams(model, tokenizer, 5, 5, 30, compact=compact, check_every=check_every), want)
+        assert rows[0] == 5 * len(PROMPTS)
+        assert (min(rows) < rows[0]) == (compact > 0)  # prompts left the batch, or none did
+
+
 def test_lora_and_eager_attention(tiny: Path, tokenizer: Any) -> None:
     from peft import LoraConfig, get_peft_model
 

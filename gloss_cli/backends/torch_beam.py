@@ -272,6 +272,16 @@ class _Decoder:
         self.written += 1
         return logits
 
+    def retain(self, prompts: torch.Tensor) -> None:
+        """Only these prompts (indices into the current batch) and their beams go on: the others' rows are dropped."""
+        rows = (prompts[:, None] * self.beams + torch.arange(self.beams, device=prompts.device)).reshape(-1)
+        shared = self.shared
+        shared.keys, shared.values = shared.keys.index_select(1, prompts), shared.values.index_select(1, prompts)
+        shared.bias = shared.bias.index_select(0, prompts)
+        self.keys, self.values = self.keys.index_select(1, rows), self.values.index_select(1, rows)
+        self.mask, self.tokens = self.mask.index_select(0, rows), self.tokens.index_select(0, rows)
+        self.position_ids = self.position_ids.index_select(0, rows)
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i takes the generated keys and values of row ``rows[i]`` (always a beam of the same prompt)."""
         if not self.written:
@@ -343,9 +353,17 @@ class _Beams:
     def done(self) -> bool:
         return not bool((self.improvable.any() & ~self.all_stopped).item())
 
-    def results(self, num_return: int) -> Hypotheses:
-        tokens, lengths = self.tokens[:, :num_return].tolist(), self.lengths[:, :num_return].tolist()
-        scores = self.scores[:, :num_return].tolist()
+    def retain(self, prompts: torch.Tensor) -> None:
+        """Only these prompts (indices into the current batch) go on."""
+        for name in ("running_tokens", "running_scores", "tokens", "scores", "lengths", "finished", "improvable"):
+            setattr(self, name, getattr(self, name).index_select(0, prompts))
+        self.offsets = self.offsets[: prompts.numel()]
+
+    def results(self, num_return: int, prompts: torch.Tensor | None = None) -> Hypotheses:
+        """Per prompt (all, or these indices) its ``num_return`` best finished hypotheses."""
+        pick = slice(None) if prompts is None else prompts
+        tokens, lengths = self.tokens[pick, :num_return].tolist(), self.lengths[pick, :num_return].tolist()
+        scores = self.scores[pick, :num_return].tolist()
         return [
             [(seq[:n], score) for seq, n, score in zip(t, ln, s, strict=True)]
             for t, ln, s in zip(tokens, lengths, scores, strict=True)
@@ -396,9 +414,14 @@ def search(
     length_penalty: float = 1.0,
     check_every: int = 4,
     cuda_graphs: bool = False,
+    compact: float = 0.75,
 ) -> Hypotheses:
     """Beam search on left-padded prompts: per prompt ``num_return`` (generated token ids, score) best first, the
-    ids ending at the EOS token that ended them (included). ``beams=1`` is greedy search."""
+    ids ending at the EOS token that ended them (included). ``beams=1`` is greedy search.
+
+    Every ``check_every`` steps, when at most ``compact`` of the batch's prompts can still improve, the others leave
+    the batch (their hypotheses are final): the search computes only what can still change (0: never; not with
+    ``cuda_graphs``, whose captured shapes are fixed)."""
     if not 1 <= num_return <= beams:
         raise ValueError(f"num_return ({num_return}) must be between 1 and beams ({beams})")
     reason = unsupported(model)
@@ -412,16 +435,42 @@ def search(
         with _decode_attention(model):
             if beams == 1:
                 return _greedy(decoder, logits.float(), max_new_tokens, eos, pad_token_id, check_every)
-            state = _Beams(input_ids.shape[0], beams, max_new_tokens, eos, pad_token_id, length_penalty)
+            batch = input_ids.shape[0]
+            state = _Beams(batch, beams, max_new_tokens, eos, pad_token_id, length_penalty)
+            found: Hypotheses = [[] for _ in range(batch)]
+            index = torch.arange(batch)  # each current prompt's place in the batch given
             # Every beam of a prompt starts from its prompt's logits (only the first counts: the others score -1e9).
             logprobs = torch.log_softmax(logits.float(), dim=-1).repeat_interleave(beams, dim=0)
             for t in range(max_new_tokens):
                 rows = state.step(logprobs, t)
-                if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and state.done()):
+                checked = (t + 1) % check_every == 0
+                if t + 1 == max_new_tokens or (checked and state.done()):
                     break
                 decoder.reorder(rows)
+                if checked and compact and not cuda_graphs:
+                    index = _drop_finished(state, decoder, index, found, num_return, compact)
                 logprobs = torch.log_softmax(decoder.step(state.running_tokens[:, :, t].reshape(-1)), dim=-1)
-            return state.results(num_return)
+            for i, hyps in zip(index.tolist(), state.results(num_return), strict=True):
+                found[i] = hyps
+            return found
+
+
+def _drop_finished(
+    state: _Beams, decoder: _Decoder, index: torch.Tensor, found: Hypotheses, num_return: int, compact: float
+) -> torch.Tensor:
+    """Prompts that can no longer improve (all their beams' hypotheses final) leave the batch once they are at least
+    ``1 - compact`` of it: their results go to ``found``; returns the remaining prompts' places in it."""
+    live = state.improvable[:, 0]
+    remaining = int(live.sum())
+    if remaining > compact * live.numel():
+        return index
+    done = (~live).nonzero()[:, 0]
+    for i, hyps in zip(index[done.cpu()].tolist(), state.results(num_return, done), strict=True):
+        found[i] = hyps
+    keep = live.nonzero()[:, 0]
+    state.retain(keep)
+    decoder.retain(keep)
+    return index[keep.cpu()]
 
 
 @contextlib.contextmanager
