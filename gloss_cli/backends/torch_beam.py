@@ -9,7 +9,8 @@ matmul, so the prompt's keys and values are read once per step and not once per 
 of the prompts, the bulk of a step's memory traffic, was read 15 times by SmolLM2's 5 beams x 3 query heads per KV
 head); and each beam's queries against its own generated keys, in a cache preallocated for ``max_new_tokens``
 positions (B x k rows). A step reorders only those generated rows, and the whole search state lives on the device:
-the host waits for it only every ``check_every`` steps, to see whether all is done.
+the host waits for it only every ``check_every`` steps, to see whether all is done, and to let the prompts whose
+hypotheses are final leave the batch once they are a quarter of it (``compact``).
 
 The search mirrors transformers 5.x ``GenerationMixin._beam_search`` (``do_sample=False``, ``early_stopping=False``)
 tensor for tensor: the top ``max(2, 1 + n_eos) * k`` candidates over all beams; the best k that did not stop run on;
