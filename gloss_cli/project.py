@@ -89,19 +89,31 @@ def fingerprint(document: Any) -> str:
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Temp file in the same folder, fsync, os.replace: readers see the old file or the new one, never half."""
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb") -> Iterator[Any]:
+    """A file to write ``path`` with: a temp file in the same folder (with a plainly created file's permissions, not
+    mkstemp's owner-only ones), fsynced and renamed over ``path`` when the block ends. Readers see the old file or
+    the new one, never half; if the block raises, the temp file goes and ``path`` is as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as fh:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fh.fileno(), 0o666 & ~umask)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``path`` replaced by ``text`` at once (:func:`atomic_file`)."""
+    with atomic_file(path, "w") as fh:
+        fh.write(text)
 
 
 def _pid_alive(pid: int) -> bool:

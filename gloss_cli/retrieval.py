@@ -116,25 +116,14 @@ class QueryVectorCache:
 
     def add(self, keys: list[bytes], vectors: npt.NDArray[np.float32]) -> None:
         """Store new rows (keys not in the cache yet), rewriting the file atomically."""
-        import os
-        import tempfile
+        from gloss_cli.project import atomic_file
 
         start = len(self.keys)
         self.keys = np.concatenate([self.keys, np.array(keys, dtype="S16")])
         self.vectors = vectors if self.vectors is None else np.concatenate([self.vectors, vectors])
         self.row_of |= {key: start + i for i, key in enumerate(keys)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # as a plainly created file (mkstemp makes it owner-only)
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, keys=self.keys, vectors=self.vectors, resolved=np.array(self.resolved))
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(self.path) as f:
+            np.savez(f, keys=self.keys, vectors=self.vectors, resolved=np.array(self.resolved))
 
 
 @dataclass

@@ -43,12 +43,8 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    folder = build_tiny_llama(tmp_path_factory.mktemp("beam") / "model")
-    model = AutoModelForCausalLM.from_pretrained(folder)
+def sharpen(model: Any, folder: Path) -> Path:
+    """``model`` saved to ``folder`` with its weights scaled up and its EOS row pulled towards common tokens."""
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 2:
@@ -57,6 +53,30 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
         head[EOS] += 0.8 * (head[98] + head[188] + head[93])
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny_llama(tmp_path_factory.mktemp("beam") / "model")
+    return sharpen(AutoModelForCausalLM.from_pretrained(folder), folder)
+
+
+def spy_attention(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(rows, prompts) of every decode-step attention call from now on: beams x prompts, and prompts whose keys
+    were read."""
+    from gloss_cli.backends import torch_beam
+
+    calls: list[tuple[int, int]] = []
+    real = torch_beam.shared_prompt_attention
+
+    def spy(module: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append((query.shape[0], kwargs["gloss_shared_prompt"].keys.shape[1]))
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(torch_beam, "shared_prompt_attention", spy)
+    return calls
 
 
 @pytest.fixture(scope="session")
@@ -175,14 +195,7 @@ def test_decode_steps_attend_through_the_shared_prompt(
     model's own attention is back once the search returns, even when it fails."""
     from gloss_cli.backends import torch_beam
 
-    seen: list[tuple[int, int]] = []
-    real = torch_beam.shared_prompt_attention
-
-    def spy(module: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append((query.shape[0], kwargs["gloss_shared_prompt"].keys.shape[1]))
-        return real(module, query, *args, **kwargs)
-
-    monkeypatch.setattr(torch_beam, "shared_prompt_attention", spy)
+    seen = spy_attention(monkeypatch)
     before = model.config._attn_implementation
     gloss_beams(model, tokenizer, 5, 5, 6)
     layers = model.config.num_hidden_layers
@@ -202,22 +215,15 @@ def test_decode_steps_attend_through_the_shared_prompt(
 def test_finished_prompts_leave_the_batch(model: Any, tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prompts whose hypotheses are final leave the batch at a check (``compact=1``: as soon as one is final), and
     the beams are still transformers'; ``compact=0`` keeps every prompt to the end."""
-    from gloss_cli.backends import torch_beam
-
-    rows: list[int] = []
-    real = torch_beam.shared_prompt_attention
-
-    def spy(module: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        rows.append(query.shape[0])
-        return real(module, query, *args, **kwargs)
-
-    monkeypatch.setattr(torch_beam, "shared_prompt_attention", spy)
+    calls = spy_attention(monkeypatch)
     want, _ = hf_beams(model, tokenizer, 5, 5, 30)
     for compact, check_every in ((1.0, 1), (1.0, 4), (0.0, 4)):
-        rows.clear()
+        calls.clear()
         assert_same(gloss_beams(model, tokenizer, 5, 5, 30, compact=compact, check_every=check_every), want)
-        assert rows[0] == 5 * len(PROMPTS)
+        rows = [r for r, _ in calls]
+        assert calls[0] == (5 * len(PROMPTS), len(PROMPTS))
         assert (min(rows) < rows[0]) == (compact > 0)  # prompts left the batch, or none did
+        assert all(r == 5 * n for r, n in calls)  # a prompt leaves with all its beams
 
 
 def test_lora_and_eager_attention(tiny: Path, tokenizer: Any) -> None:
@@ -259,15 +265,7 @@ def test_sliding_window_layers(tokenizer: Any, tmp_path: Path) -> None:
         pad_token_id=EOS,
         attn_implementation="sdpa",
     )
-    gemma = Gemma3ForCausalLM(config)
-    with torch.no_grad():
-        for param in gemma.parameters():
-            if param.dim() == 2:
-                param.mul_(SCALE)
-        head = gemma.lm_head.weight
-        head[EOS] += 0.8 * (head[98] + head[188] + head[93])
-    gemma.save_pretrained(tmp_path)
-    gemma = load(tmp_path)
+    gemma = load(sharpen(Gemma3ForCausalLM(config), tmp_path))
     assert unsupported(gemma) is None
     want, _ = hf_beams(gemma, tokenizer, 5, 5, 16)
     assert_same(gloss_beams(gemma, tokenizer, 5, 5, 16), want)

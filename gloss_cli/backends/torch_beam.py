@@ -142,9 +142,12 @@ class SharedPrompt:
     ``position`` (a one-element tensor the decoder advances in place) is the current token's index among the
     generated ones, for sliding-window layers."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, position: torch.Tensor) -> None:
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, position: torch.Tensor, generated: int
+    ) -> None:
         self.keys, self.values, self.bias, self.position = keys, values, bias, position
         self.prompt_index = torch.arange(keys.shape[3], device=keys.device)
+        self.generated_index = torch.arange(generated, device=keys.device)  # of the generated tokens' cache
 
 
 def shared_prompt_attention(
@@ -183,8 +186,7 @@ def shared_prompt_attention(
         oldest = shared.position - window  # the current token's index, minus the window, counted from the prompt's end
         floor = torch.finfo(prompt_scores.dtype).min
         prompt_scores = prompt_scores.masked_fill(shared.prompt_index <= length + oldest, floor)
-        generated = torch.arange(key.shape[2], device=key.device)
-        own_scores = own_scores.masked_fill(generated <= oldest, floor)
+        own_scores = own_scores.masked_fill(shared.generated_index <= oldest, floor)
     weights = torch.softmax(torch.cat((prompt_scores, own_scores), dim=-1), dim=-1, dtype=torch.float32)
     prompt_weights, own_weights = weights.to(query.dtype).split((length, key.shape[2]), dim=-1)
     out = per_row(torch.matmul(per_prompt(prompt_weights), prompt_values)) + torch.matmul(own_weights, value)
@@ -224,6 +226,7 @@ class _Decoder:
                 ~prompt_mask.bool()[:, None, None, :], torch.finfo(dtype).min
             ),
             self.position,
+            length,
         )
         # One buffer for all layers, so a beam reorder is one gather, not one per layer.
         self.keys = torch.zeros((n, rows, k0.shape[1], length, k0.shape[3]), dtype=dtype, device=device)
