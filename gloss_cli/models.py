@@ -207,6 +207,21 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return gloss_home() / "models" / f"{gguf.stem}-{key}"
 
 
+def check_gguf_tokenizer(tokenizer: Any, name: str) -> None:
+    """Refuse a tokenizer read from a GGUF as single characters: transformers 5.17 reads Gemma 3's that way (no
+    merges; 411 tokens for a prompt of 99), and the model would then see text it was never trained on."""
+    import transformers
+
+    probe = "Below is a customer's purchase history on Amazon, listed in chronological order"
+    count = len(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    if count > len(probe) // 2:
+        raise GlossError(
+            f"transformers {transformers.__version__} reads the tokenizer of {name} as single characters "
+            f"({count} tokens for {len(probe)} characters).",
+            "Upgrade transformers (5.24 reads it correctly): pip install -U transformers",
+        )
+
+
 def _convert_gguf(gguf: Path, target: Path, reporter: Reporter, *, tie_embeddings: bool = False) -> None:
     """Dequantise a GGUF with transformers and save it as a safetensors folder, atomically (``tie_embeddings``: the
     token embeddings become the output layer's weights, shared)."""
@@ -219,6 +234,7 @@ def _convert_gguf(gguf: Path, target: Path, reporter: Reporter, *, tie_embedding
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        check_gguf_tokenizer(tokenizer, gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A model loaded from GGUF keeps its quantizer, which refuses save_pretrained; the weights are plain now.
         model.hf_quantizer = None  # type: ignore[assignment]

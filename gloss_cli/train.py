@@ -20,6 +20,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -37,6 +38,7 @@ LOSSES = ("full-text", "completion")
 TRAIN_DTYPES = ("auto", "bf16", "fp32")
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "gguf", "safetensors")
 LOG_EVERY = 10  # steps between host syncs for the progress line (a .item() per step stalls the GPU)
+MAX_SKIPPED_IN_A_ROW = 20  # optimizer steps with a non-finite gradient, one after another, that end a run
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,7 @@ class EpochLog:
     tokens: int
     seconds: float  # training only; tokens / seconds is the training throughput
     val_seconds: float
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient (their loss is not in train_loss)
 
 
 @dataclass
@@ -253,6 +256,10 @@ class _Loop:
         self.budget = config.micro_batch_tokens or auto_micro_batch_tokens(device, len(tokenizer))
         self.head = _split_head(model) if config.loss == "completion" else None
         self.step = 0
+        # a skipped first step (non-finite gradient) makes torch warn that the schedule stepped first: harmless
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        self.skipped = 0  # steps skipped for a non-finite gradient, this epoch
+        self.in_a_row = 0  # ... and consecutively: MAX_SKIPPED_IN_A_ROW of them end the run
 
     def _parts(self, data: Encoded, batch: list[int]) -> list[tuple[dict[str, Any], int]]:
         """The batch as micro-batches with their label-token counts (counted on the host: no device sync)."""
@@ -309,7 +316,9 @@ class _Loop:
         )
 
     def _step(self, data: Encoded, batch: list[int]) -> tuple[Any, int, int]:
-        """One optimizer step over ``batch``; gradients of its micro-batches add up to the whole batch's."""
+        """One optimizer step over ``batch``; gradients of its micro-batches add up to the whole batch's. A step
+        whose gradient is not finite (a NaN or inf loss in any micro-batch) is skipped, as a loss scaler skips it,
+        rather than written into the weights, where it would make every later loss NaN; many in a row end the run."""
         import torch
 
         parts = self._parts(data, batch)
@@ -319,10 +328,22 @@ class _Loop:
             loss = self._loss(inputs)
             (loss * (counted / count)).backward()
             total += loss.detach().double() * counted
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        seen = sum(int(p["attention_mask"].sum()) for p, _ in parts)
+        if not bool(torch.isfinite(norm)):  # one device sync per step: small against a step of 64 examples
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+            if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise GlossError(
+                    f"Training diverged: {self.in_a_row} steps in a row (up to step {self.step + 1}) had a "
+                    f"non-finite loss or gradient (loss {float(total) / count:.4g}).",
+                    "Lower --lr, or train in fp32 (--dtype fp32).",
+                )
+            return torch.zeros_like(total), 0, seen
+        self.in_a_row = 0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, count, sum(int(p["attention_mask"].sum()) for p, _ in parts)
+        return total, count, seen
 
     def train_epoch(
         self, data: Encoded, batches: list[list[int]], scheduler: Any, tick: Any, label: str
@@ -330,6 +351,7 @@ class _Loop:
         import torch
 
         self.model.train()
+        self.skipped = 0
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count, tokens, t0 = 0, 0, time.perf_counter()
         for n, batch in enumerate(batches, 1):
@@ -343,7 +365,7 @@ class _Loop:
                 tick.update(description=f"{label} · loss {float(total) / max(count, 1):.4f} · {rate:,.0f} tok/s")
             if self.config.max_steps and self.step >= self.config.max_steps:
                 break
-        return round(float(total) / max(count, 1), 5), tokens
+        return (round(float(total) / count, 5) if count else math.nan), tokens
 
     def save(self) -> None:
         target = self.out / ("model" if self.config.method == "full" else "adapter")
@@ -372,9 +394,15 @@ def _fit(
         t1 = time.perf_counter()
         val_loss = loop.evaluate(val)
         steps = loop.step - steps_before
-        logs.append(EpochLog(epoch, steps, train_loss, val_loss, tokens, t1 - t0, time.perf_counter() - t1))
-        reporter.info(f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss}")
-        if val_loss is None or val_loss < best:  # without validation rows the latest epoch is kept
+        logs.append(
+            EpochLog(epoch, steps, train_loss, val_loss, tokens, t1 - t0, time.perf_counter() - t1, loop.skipped)
+        )
+        skipped = f" ({loop.skipped} of {steps} steps skipped: non-finite gradient)" if loop.skipped else ""
+        reporter.info(f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss}{skipped}")
+        if val_loss is not None and not math.isfinite(val_loss):
+            reporter.warn(f"epoch {epoch}: the validation loss is not finite; this epoch is not kept")
+            bad += 1
+        elif val_loss is None or val_loss < best:  # without validation rows the latest epoch is kept
             best_epoch, best, bad = epoch, (math.inf if val_loss is None else val_loss), 0
             loop.save()
         else:
@@ -385,6 +413,11 @@ def _fit(
         if loop.step >= total:
             stopped = "max-steps" if config.max_steps and total == config.max_steps else "epochs"
             break
+    if best_epoch == 0:
+        raise GlossError(
+            f"No epoch reached a finite validation loss ({', '.join(str(e.val_loss) for e in logs)}): nothing to keep.",
+            "Lower --lr, or train in fp32 (--dtype fp32).",
+        )
     return logs, best_epoch, (None if best == math.inf else best), stopped
 
 

