@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -200,6 +200,7 @@ class EpochLog:
     seconds: float  # training only; tokens / seconds is the training throughput
     val_seconds: float
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient (their loss is not in train_loss)
+    skipped_examples: list[int] = field(default_factory=list)  # their examples: rows of data/train.parquet
 
 
 @dataclass
@@ -259,6 +260,7 @@ class _Loop:
         # a skipped first step (non-finite gradient) makes torch warn that the schedule stepped first: harmless
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
         self.skipped = 0  # steps skipped for a non-finite gradient, this epoch
+        self.skipped_examples: list[int] = []  # the examples of those steps (train-split rows)
         self.in_a_row = 0  # ... and consecutively: MAX_SKIPPED_IN_A_ROW of them end the run
 
     def _parts(self, data: Encoded, batch: list[int]) -> list[tuple[dict[str, Any], int]]:
@@ -333,6 +335,7 @@ class _Loop:
         if not bool(torch.isfinite(norm)):  # one device sync per step: small against a step of 64 examples
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+            self.skipped_examples.extend(batch)
             if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
                 raise GlossError(
                     f"Training diverged: {self.in_a_row} steps in a row (up to step {self.step + 1}) had a "
@@ -351,7 +354,7 @@ class _Loop:
         import torch
 
         self.model.train()
-        self.skipped = 0
+        self.skipped, self.skipped_examples = 0, []
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count, tokens, t0 = 0, 0, time.perf_counter()
         for n, batch in enumerate(batches, 1):
@@ -395,7 +398,17 @@ def _fit(
         val_loss = loop.evaluate(val)
         steps = loop.step - steps_before
         logs.append(
-            EpochLog(epoch, steps, train_loss, val_loss, tokens, t1 - t0, time.perf_counter() - t1, loop.skipped)
+            EpochLog(
+                epoch,
+                steps,
+                train_loss,
+                val_loss,
+                tokens,
+                t1 - t0,
+                time.perf_counter() - t1,
+                loop.skipped,
+                sorted(loop.skipped_examples),
+            )
         )
         skipped = f" ({loop.skipped} of {steps} steps skipped: non-finite gradient)" if loop.skipped else ""
         reporter.info(f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss}{skipped}")
