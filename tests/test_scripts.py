@@ -1,0 +1,49 @@
+"""scripts/pick_on_validation.py: the cross-run validation pick that docs/RESULTS.md reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def _project(root: Path, runs: dict[str, tuple[float, float]]) -> Path:
+    root.mkdir()
+    (root / "manifest.json").write_text("{}")
+    for name, (recall, ndcg) in runs.items():
+        folder = root / "eval" / name
+        folder.mkdir(parents=True)
+        doc = {"metrics": {"recall@5": recall, "ndcg@5": ndcg}, "ci95": {"recall@5": [recall - 0.01, recall + 0.01]}}
+        (folder / "metrics.json").write_text(json.dumps(doc))
+    return root
+
+
+def _pick(*args: str) -> subprocess.CompletedProcess[str]:
+    script = REPO / "scripts" / "pick_on_validation.py"
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=False)
+
+
+def test_the_best_validation_row_is_picked_and_the_earlier_run_wins_a_tie(tmp_path: Path) -> None:
+    a = _project(tmp_path / "a", {"lis2-bm25-val": (0.05, 0.03), "lis2-bm25-test": (0.061, 0.04)})
+    b = _project(tmp_path / "b", {"lis2-bm25-val": (0.05, 0.03), "lis5-e5-val": (0.04, 0.02)})
+    c = _project(tmp_path / "c", {"lis5-e5-val": (0.07, 0.05), "lis5-e5-test": (0.066, 0.045)})
+    tie = _pick(f"A={a}", f"B={b}", "--retrievers", "bm25", "e5")
+    assert tie.returncode == 0, tie.stderr
+    assert tie.stdout.strip().endswith("validation picks: A, BM25, 2 beams (validation Recall@5 0.0500)")
+    assert "| **A** | BM25 | 2 | **0.0500** | 0.0610 [0.0510, 0.0710] | 0.0400 |" in tie.stdout
+    assert "| B | MiniLM |" not in tie.stdout  # only the retrievers asked for
+    best = _pick(f"A={a}", f"B={b}", f"C={c}")
+    assert "validation picks: C, e5*, 5 beams" in best.stdout
+    assert "| B | MiniLM | 2 | not evaluated |" in best.stdout
+
+
+def test_bad_input_is_one_line(tmp_path: Path) -> None:
+    for args in (["no-equals-sign"], [f"A={tmp_path}"]):
+        result = _pick(*args)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1 and "LABEL=PROJECT" in result.stderr
+    empty = _project(tmp_path / "empty", {})
+    result = _pick(f"E={empty}")
+    assert result.returncode == 1 and "no validation candidate" in result.stderr
