@@ -148,10 +148,15 @@ def _table(result: TrainResult) -> None:
         caption=f"{result.examples:,} examples, {result.steps:,} steps on {result.device}",
         caption_justify="left",
     )
-    for column in ("epoch", "steps", "train loss", "validation loss", "tokens/s"):
+    skipped = any(e.skipped_steps for e in result.epochs)  # the column only when a step had a non-finite gradient
+    columns = ("epoch", "steps", "skipped") if skipped else ("epoch", "steps")
+    if skipped:
+        table.caption = f"{table.caption}; skipped: steps with a non-finite gradient, not applied"
+    for column in (*columns, "train loss", "validation loss", "tokens/s"):
         table.add_column(column, justify="right")
     for e in result.epochs:
         mark = " ✓" if e.epoch == result.best_epoch else ""
         val = "" if e.val_loss is None else f"{e.val_loss:.4f}{mark}"
-        table.add_row(str(e.epoch), f"{e.steps:,}", f"{e.train_loss:.4f}", val, f"{e.tokens / e.seconds:,.0f}")
+        steps = (f"{e.steps:,}", f"{e.skipped_steps:,}") if skipped else (f"{e.steps:,}",)
+        table.add_row(str(e.epoch), *steps, f"{e.train_loss:.4f}", val, f"{e.tokens / e.seconds:,.0f}")
     out.print(table)
