@@ -149,10 +149,9 @@ def _table(result: TrainResult) -> None:
         caption_justify="left",
     )
     skipped = any(e.skipped_steps for e in result.epochs)  # the column only when a step had a non-finite gradient
-    columns = ("epoch", "steps", "skipped") if skipped else ("epoch", "steps")
     if skipped:
         table.caption = f"{table.caption}; skipped: steps with a non-finite gradient, not applied"
-    for column in (*columns, "train loss", "validation loss", "tokens/s"):
+    for column in ("epoch", "steps", *(["skipped"] if skipped else []), "train loss", "validation loss", "tokens/s"):
         table.add_column(column, justify="right")
     for e in result.epochs:
         mark = " ✓" if e.epoch == result.best_epoch else ""
