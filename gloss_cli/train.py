@@ -208,7 +208,7 @@ class TrainResult:
     epochs: list[EpochLog]
     best_epoch: int
     best_val_loss: float | None
-    stopped: str  # "early-stopping" | "max-steps" | "epochs"
+    stopped: str  # "early-stopping" | "max-steps" | "epochs" | "diverged" (the best epoch before it is kept)
     steps: int
     device: str
     examples: int
@@ -236,6 +236,10 @@ class TrainResult:
             # the skipped steps' examples stay in train/meta.json: thousands of row numbers are no metric
             "losses": [{k: v for k, v in asdict(e).items() if k != "skipped_examples"} for e in self.epochs],
         }
+
+
+class _Diverged(Exception):
+    """MAX_SKIPPED_IN_A_ROW steps in a row had a non-finite gradient: the run ends, keeping its best epoch if any."""
 
 
 class _Loop:
@@ -338,10 +342,9 @@ class _Loop:
             self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
             self.skipped_examples.extend(batch)
             if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                raise GlossError(
+                raise _Diverged(
                     f"Training diverged: {self.in_a_row} steps in a row (up to step {self.step + 1}) had a "
-                    f"non-finite loss or gradient (loss {float(total) / count:.4g}).",
-                    "Lower --lr, or train in fp32 (--dtype fp32).",
+                    f"non-finite loss or gradient (loss {float(total) / count:.4g})"
                 )
             return torch.zeros_like(total), 0, seen
         self.in_a_row = 0
@@ -393,8 +396,15 @@ def _fit(
         batches = length_batches(train.lengths, config.batch_size, rng)
         steps_before, t0 = loop.step, time.perf_counter()
         label = f"epoch {epoch}/{config.epochs}"
-        with reporter.progress(label, total=min(len(batches), total - loop.step)) as tick:
-            train_loss, tokens = loop.train_epoch(train, batches, scheduler, tick, label)
+        try:
+            with reporter.progress(label, total=min(len(batches), total - loop.step)) as tick:
+                train_loss, tokens = loop.train_epoch(train, batches, scheduler, tick, label)
+        except _Diverged as exc:
+            if best_epoch == 0:
+                raise GlossError(f"{exc}.", "Lower --lr, or train in fp32 (--dtype fp32).") from None
+            reporter.warn(f"{exc} in epoch {epoch}; keeping epoch {best_epoch}, the best before it")
+            stopped = "diverged"
+            break
         t1 = time.perf_counter()
         val_loss = loop.evaluate(val)
         steps = loop.step - steps_before

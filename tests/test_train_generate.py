@@ -187,19 +187,15 @@ def test_full_fine_tune_completion_loss_and_config_file(project: Path, tiny_mode
     assert sorted(r["user_id"] for r in lines("test")) == sorted(two)
 
 
-def _nan_on_calls(monkeypatch: pytest.MonkeyPatch, calls: Callable[[int], bool]) -> None:
-    """The training loss becomes NaN on the forward passes whose number (from 1) ``calls`` picks."""
+def _nan_on_steps(monkeypatch: pytest.MonkeyPatch, steps: Callable[[int], bool]) -> None:
+    """The training loss becomes NaN in every micro-batch of the optimizer steps (numbered from 1) ``steps`` picks."""
     import gloss_cli.train
 
-    original, seen = gloss_cli.train._Loop._loss, [0]
+    original = gloss_cli.train._Loop._loss
 
     def loss(self: Any, inputs: dict[str, Any]) -> Any:
         value = original(self, inputs)
-        if self.model.training:
-            seen[0] += 1
-            if calls(seen[0]):
-                return value * float("nan")
-        return value
+        return value * float("nan") if self.model.training and steps(self.step + 1) else value
 
     monkeypatch.setattr(gloss_cli.train._Loop, "_loss", loss)
 
@@ -210,7 +206,7 @@ def test_a_step_with_a_non_finite_loss_is_skipped(
     import torch
     from safetensors.torch import load_file
 
-    _nan_on_calls(monkeypatch, lambda n: n == 2)  # the second step's (one micro-batch a step on a CPU here)
+    _nan_on_steps(monkeypatch, lambda n: n == 2)
     shown = invoke("train", "--model", str(tiny_model), "--batch-size", "8", "--method", "full", "--max-steps", "4")
     assert shown.exit_code == 0 and "skipped" in shown.stdout and "non-finite gradient" in shown.stdout, shown.output
     epoch = json.loads(Path("proj/train/meta.json").read_text())["epochs"][0]
@@ -229,9 +225,24 @@ def test_training_that_diverges_stops_with_one_line_and_writes_nothing(
     import gloss_cli.train
 
     monkeypatch.setattr(gloss_cli.train, "MAX_SKIPPED_IN_A_ROW", 3)
-    _nan_on_calls(monkeypatch, lambda n: n >= 2)
+    _nan_on_steps(monkeypatch, lambda n: n >= 2)
     _one_error(invoke("train", "--model", str(tiny_model), "--method", "full", "--batch-size", "8"), "diverged")
     assert "train" not in manifest() and not Path("proj/train").exists()
+
+
+def test_divergence_after_a_good_epoch_keeps_that_epoch(
+    project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gloss_cli.train
+
+    monkeypatch.setattr(gloss_cli.train, "MAX_SKIPPED_IN_A_ROW", 3)
+    _nan_on_steps(monkeypatch, lambda n: n > 6)  # epoch 1: 6 steps (47 examples, 8 a step)
+    result = invoke("train", "--model", str(tiny_model), "--method", "full", "--batch-size", "8", "--epochs", "3")
+    assert result.exit_code == 0, result.output
+    assert "Training diverged: 3 steps in a row (up to step 9)" in result.stderr and "keeping epoch 1" in result.stderr
+    metrics = manifest()["train"]["metrics"]
+    assert metrics["stopped"] == "diverged" and metrics["best_epoch"] == 1 and metrics["epochs_run"] == 1
+    assert Path("proj/train/model/model.safetensors").is_file()
 
 
 def test_no_finite_validation_loss_keeps_nothing(
