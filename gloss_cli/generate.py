@@ -34,7 +34,7 @@ from gloss_cli.errors import GlossError
 from gloss_cli.examples import fit_history
 from gloss_cli.models import Trained, read_meta
 from gloss_cli.project import Project
-from gloss_cli.prompt import build_prompt
+from gloss_cli.prompt import build_prompt, item_text
 
 SPLITS = ("validation", "test")
 BACKENDS = ("hf", "llama-cpp")
@@ -74,6 +74,7 @@ class GenerateOptions:
     batch_size: int = 0  # 0: the backend's default (hf: up to 256 on CUDA with search gloss, 64 with hf; 8 on CPU)
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     search: str = "gloss"  # hf backend: gloss's batched beam search, or hf (transformers generate); same beams
+    catalog_only: bool = False  # beams may only spell catalog titles (gloss search only; backends/trie.py)
 
     def check(self) -> None:
         if self.backend not in BACKENDS:
@@ -84,6 +85,10 @@ class GenerateOptions:
             raise GlossError("--beams and --max-new-tokens must be >= 1, --batch-size >= 0.", "Fix the flags.")
         if not 1 <= self.num_return <= self.beams:
             raise GlossError(f"--num-return {self.num_return} must be between 1 and --beams {self.beams}.", "Fix it.")
+        if self.catalog_only and (self.backend, self.search) != ("hf", "gloss"):
+            raise GlossError(
+                "--catalog-only needs the gloss search.", "Drop --backend llama-cpp and --search hf, or --catalog-only."
+            )
 
 
 def clean_query(text: str) -> str:
@@ -103,6 +108,7 @@ class HFGenerator:
     ) -> None:
         self.model, self.tokenizer, self.device, self.dtype = trained.model, trained.tokenizer, device, dtype
         self.search, self.cuda_graphs = search, cuda_graphs and device == "cuda"
+        self.trie: Any = None  # set by restrict_to: beams may then only spell those texts
         self.tokenizer.padding_side = "left"
         self.default_batch_size = 8
         if device == "cuda":  # the gloss search does not copy prompts per beam, so it takes far larger batches
@@ -113,8 +119,16 @@ class HFGenerator:
         return [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
 
     def describe(self) -> dict[str, Any]:
-        described = {"backend": "hf", "search": self.search, "device": self.device, "dtype": self.dtype}
+        described: dict[str, Any] = {"backend": "hf", "search": self.search, "device": self.device, "dtype": self.dtype}
+        if self.trie is not None:
+            described |= {"catalog_trie": {"titles": self.trie.sequences, "nodes": self.trie.dead}}
         return described | ({"cuda_graphs": True} if self.cuda_graphs else {})
+
+    def restrict_to(self, texts: Sequence[str]) -> None:
+        """From now on every beam spells one of ``texts`` as training tokenized targets (then EOS)."""
+        from gloss_cli.backends.trie import catalog_trie
+
+        self.trie = catalog_trie(self.tokenizer, texts, device=self.device)
 
     def generate(
         self, prompts: Sequence[str], *, beams: int, num_return: int, max_new_tokens: int
@@ -139,6 +153,7 @@ class HFGenerator:
             eos_token_ids=[self.tokenizer.eos_token_id],
             pad_token_id=self.tokenizer.pad_token_id,
             cuda_graphs=self.cuda_graphs,
+            trie=self.trie,
         )
         ids = [tokens for hyps in found for tokens, _ in hyps]
         self.new_tokens += sum(len(tokens) for tokens in ids)  # EOS included, as _hf_generate counts
@@ -403,6 +418,8 @@ def run(
     settings = asdict(options) | {"max_prompt_tokens": budget, "train": train_record["fingerprint"]}
     settings.pop("batch_size")  # batching does not change what is generated
     settings.pop("search")  # both searches give the same beams
+    if not options.catalog_only:
+        settings.pop("catalog_only")  # as files written before the option have it
     params = {"split": split, **asdict(options), "users": list(users) if users else None, "limit": limit}
     with project.run_stage(
         f"generate/{split}", params, command=command, libraries=LIBRARIES, upstream=("data", "train"), in_place=True
@@ -417,10 +434,13 @@ def run(
         t0, new_tokens = time.perf_counter(), 0
         if todo.height:
             generator = open_generator(project.path("train"), meta, options, reporter)
+            titles = _titles(project)
+            if options.catalog_only:
+                assert isinstance(generator, HFGenerator)  # options.check() saw to it
+                generator.restrict_to([item_text(t) for t in titles.values()])
             stage.params["generator"] = generator.describe()
             stage.params["batch_size"] = options.batch_size or generator.default_batch_size
             rows = list(todo.select("user_id", "target", "history").iter_rows(named=True))
-            titles = _titles(project)
             prompts = fit_prompts(generator, [[titles[i] for i in r["history"]] for r in rows], budget)
             with reporter.progress("generating", total=len(rows)) as tick:
                 t0 = time.perf_counter()

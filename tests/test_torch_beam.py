@@ -1,5 +1,6 @@
 """gloss's batched beam search (gloss_cli.backends.torch_beam) returns transformers' beams: the same token ids and
-scores as ``model.generate`` for every returned beam, on one batch of left-padded prompts of different lengths.
+scores as ``model.generate`` for every returned beam, on one batch of left-padded prompts of different lengths; and
+constrained to a trie of catalog titles (``--catalog-only``), those of ``generate(prefix_allowed_tokens_fn=...)``.
 
 The tiny model is tests/tiny_model.py's with its weights scaled up (margins far above float noise, as in
 test_llama_cpp.py) and the EOS row of its LM head pulled towards three common tokens, so that many beams end at EOS:
@@ -22,6 +23,7 @@ from tests.tiny_model import build_tiny_llama
 
 torch = pytest.importorskip("torch")
 from gloss_cli.backends.torch_beam import search, unsupported  # noqa: E402
+from gloss_cli.backends.trie import TokenTrie, catalog_trie  # noqa: E402
 
 runner = CliRunner()
 SCALE = 8.0
@@ -349,3 +351,133 @@ def test_cli_searches_write_the_same_queries(synthetic: Path, tiny: Path, monkey
     assert "search" not in json.loads(Path("proj/generate/test/settings.json").read_text())
     more = json.loads(invoke(*gen, "--limit", "12", "--search", "hf", "--json").stdout)  # resumes, not refused
     assert more["metrics"]["users_new"] == 2 and len(queries()) == 12
+
+
+# Beam search constrained to the catalog (`gloss generate --catalog-only`, gloss_cli.backends.trie)
+
+SEQUENCES = [[5, 7, 9], [5, 7, 2], [5, 8], [6], [5, 7, 9, 4]]
+
+
+def test_the_trie_allows_what_follows_a_prefix_and_nothing_else() -> None:
+    trie = TokenTrie(SEQUENCES)
+    assert trie.sequences == 5 and trie.dead == 8  # root, 5, 5-7, 5-7-9, 5-7-2, 5-8, 6, 5-7-9-4
+    root = torch.tensor([0, 0])
+    node_5 = trie.advance(root, torch.tensor([5, 5]))
+    node_57 = trie.advance(node_5, torch.tensor([7, 7]))
+    lost = trie.advance(node_57, torch.tensor([3, 99]))  # not a child; past every token
+    assert (lost == trie.dead).all()
+    assert (trie.advance(lost, torch.tensor([9, 0])) == trie.dead).all()  # and it stays lost
+
+    logprobs = torch.log_softmax(torch.randn(4, 12), dim=-1)
+    nodes = torch.cat((root[:1], node_5[:1], node_57[:1], lost[:1]))
+    kept = trie.restrict(logprobs, nodes)
+    allowed = [set((kept[i] > -1e8).nonzero()[:, 0].tolist()) for i in range(4)]
+    assert allowed == [{5, 6}, {7, 8}, {2, 9}, set()]
+    assert torch.equal(kept[0, [5, 6]], logprobs[0, [5, 6]])  # the model's log-probs, not renormalised
+
+
+def prefix_fn(sequences: list[list[int]], prompt_len: int) -> Any:
+    """transformers' ``prefix_allowed_tokens_fn`` for the same sequences, a dict trie walked in Python."""
+    root: dict[int, Any] = {}
+    for seq in sequences:
+        node = root
+        for token in seq:
+            node = node.setdefault(token, {})
+
+    def allowed(batch_id: int, ids: Any) -> list[int]:
+        node = root
+        for token in ids[prompt_len:].tolist():
+            node = node.get(token, {})
+        return sorted(node) or [EOS]  # a beam already off every path (scored -inf) may end: it must do something
+
+    return allowed
+
+
+def catalog(tokenizer: Any) -> list[list[int]]:
+    titles = ["w1_2 w2_1", "w3_4 w4_3", "w2_2 w2_2", "w1_7", "w7_1 w1_7 w5_5", "w10_3", "w5_5", "w3_10 w10_3"]
+    ids = tokenizer([f"Title: {t}" for t in titles], add_special_tokens=False)["input_ids"]
+    return [[*seq, EOS] for seq in ids]
+
+
+@pytest.mark.parametrize(("beams", "num_return"), [(5, 5), (4, 2), (1, 1)])
+def test_constrained_beams_are_generates_with_allowed_tokens(
+    model: Any, tokenizer: Any, beams: int, num_return: int
+) -> None:
+    from transformers import GenerationConfig
+
+    sequences = catalog(tokenizer)
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    config = GenerationConfig(
+        max_new_tokens=30,
+        num_beams=beams,
+        num_return_sequences=num_return,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=EOS,
+    )
+    with torch.inference_mode():
+        out = model.generate(
+            **enc, generation_config=config, prefix_allowed_tokens_fn=prefix_fn(sequences, enc.input_ids.shape[1])
+        )
+    new = out.sequences[:, enc.input_ids.shape[1] :].tolist()
+    want = [row[: row.index(EOS) + 1] for row in new]
+    assert all(ids in sequences for ids in want)  # every beam a catalog title, EOS included
+    for compact in (0.0, 1.0):
+        found = gloss_beams(model, tokenizer, beams, num_return, 30, trie=TokenTrie(sequences), compact=compact)
+        assert [ids for hyps in found for ids, _ in hyps] == want
+        if beams > 1:
+            scores = [s for hyps in found for _, s in hyps]
+            assert scores == pytest.approx(out.sequences_scores.tolist(), abs=1e-4)
+            assert all(len({tuple(ids) for ids, _ in hyps}) == num_return for hyps in found)  # distinct titles
+    free = gloss_beams(model, tokenizer, beams, num_return, 30)
+    assert [ids for hyps in free for ids, _ in hyps] != want  # unconstrained, the model writes other things
+
+
+def test_the_catalog_trie_tokenizes_as_training_does(tokenizer: Any) -> None:
+    from gloss_cli.examples import encode_examples
+    from gloss_cli.prompt import item_text
+
+    titles = ["w1_2 w2_1", "w3_4 w4_3", "w1_2 w2_1"]  # a title twice is one path
+    trie = catalog_trie(tokenizer, [item_text(t) for t in titles])
+    assert trie.sequences == 2
+    encoded = encode_examples(tokenizer, [["w5_5"]] * 2, titles[:2], 512)
+    for ids, prompt_len in zip(encoded.ids, encoded.prompt_lens, strict=True):
+        target = ids[prompt_len:]
+        node = torch.tensor([0])
+        for token in target:
+            node = trie.advance(node, torch.tensor([token]))
+        assert int(node) != trie.dead and int(trie.ptr[node + 1] - trie.ptr[node]) == 0  # a whole path, ending there
+
+
+def test_catalog_only_generation_writes_catalog_titles(
+    synthetic: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import polars as pl
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    invoke("data", "--source", str(synthetic))
+    invoke("train", "--model", str(tiny), "--max-steps", "1", "--batch-size", "8")
+    gen = ("generate", "--split", "test", "--max-new-tokens", "120", "--batch-size", "4", "--limit", "6")
+    invoke(*gen)
+    assert Path("proj/generate/test/settings.json").read_text().count("catalog_only") == 0  # as before the flag
+    free = queries()
+    invoke(*gen, "--catalog-only", "--overwrite")
+    constrained = queries()
+    titles = set(pl.read_parquet("proj/data/items.parquet")["title"])
+    assert all(q in titles for r in constrained for q in r["queries"])
+    assert all(len(set(r["queries"])) == 5 for r in constrained)
+    assert sum(q not in titles for r in free for q in r["queries"]) > 0  # the free model strays off the catalog
+    assert json.loads(Path("proj/generate/test/settings.json").read_text())["catalog_only"] is True
+    record = json.loads(Path("proj/manifest.json").read_text())["stages"]["generate/test"]
+    assert record["params"]["catalog_only"] is True
+
+
+@pytest.mark.parametrize("flags", [("--search", "hf"), ("--backend", "llama-cpp")])
+def test_catalog_only_needs_the_gloss_search(synthetic: Path, tiny: Path, flags: tuple[str, str]) -> None:
+    invoke("data", "--source", str(synthetic))
+    invoke("train", "--model", str(tiny), "--max-steps", "1", "--batch-size", "8")
+    result = runner.invoke(app, ["generate", "--catalog-only", *flags, "-p", "proj"])
+    assert result.exit_code == 1 and "--catalog-only needs the gloss search" in result.output
+    assert "Traceback" not in result.output and not Path("proj/generate/test/queries.jsonl").exists()

@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from gloss_cli.backends.trie import TokenTrie
+
 NEG = -1.0e9  # transformers' "impossible" score, kept so that ties break as they do there
 ALIGN = 8  # generated-token cache length rounded up to a multiple of this (masked), for aligned rows
 ATTENTION = "gloss_shared_prompt"  # the name the decode steps' attention is registered under
@@ -374,6 +376,28 @@ class _Beams:
         ]
 
 
+class _Allowed:
+    """Each row's node in the trie (when the search is constrained; otherwise every method lets all through)."""
+
+    def __init__(self, trie: TokenTrie | None, rows: int, beams: int, device: torch.device) -> None:
+        self.trie, self.beams = trie, beams
+        self.nodes = torch.zeros(rows, dtype=torch.long, device=device)
+        if trie is not None:
+            trie.to(device)
+
+    def restrict(self, logprobs: torch.Tensor) -> torch.Tensor:
+        return logprobs if self.trie is None else self.trie.restrict(logprobs, self.nodes)
+
+    def advance(self, parents: torch.Tensor | None, tokens: torch.Tensor) -> None:
+        """Row i now continues row ``parents[i]`` (None: itself) with ``tokens[i]``."""
+        if self.trie is not None:
+            nodes = self.nodes if parents is None else self.nodes[parents]
+            self.nodes = self.trie.advance(nodes, tokens)
+
+    def retain(self, prompts: torch.Tensor) -> None:
+        self.nodes = self.nodes.view(-1, self.beams).index_select(0, prompts).reshape(-1)
+
+
 def _prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """One forward over the left-padded prompts, as ``generate`` runs it: positions count real tokens only, an
     all-ones mask is dropped, and only the last position's logits are computed."""
@@ -419,6 +443,7 @@ def search(
     check_every: int = 4,
     cuda_graphs: bool = False,
     compact: float | None = None,
+    trie: TokenTrie | None = None,
 ) -> Hypotheses:
     """Beam search on left-padded prompts: per prompt ``num_return`` (generated token ids, score) best first, the
     ids ending at the EOS token that ended them (included). ``beams=1`` is greedy search.
@@ -426,7 +451,10 @@ def search(
     Every ``check_every`` steps, when at most ``compact`` of the batch's prompts can still improve, the others leave
     the batch (their hypotheses are final): the search computes only what can still change (0: never; not with
     ``cuda_graphs``, whose captured shapes are fixed). None: 0.75 on a CPU, where it gained 5 %, and 0 elsewhere:
-    on an H200 the copies cost more than the rows saved (benchmarks/README.md)."""
+    on an H200 the copies cost more than the rows saved (benchmarks/README.md).
+
+    ``trie``: every beam must spell one of its sequences (gloss_cli.backends.trie; the search is then
+    ``generate(prefix_allowed_tokens_fn=...)``'s)."""
     if compact is None:
         compact = 0.75 if input_ids.device.type == "cpu" else 0.0
     if not 1 <= num_return <= beams:
@@ -440,22 +468,24 @@ def search(
         del cache
         eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=input_ids.device)
         with _decode_attention(model):
-            if beams == 1:
-                return _greedy(decoder, logits.float(), max_new_tokens, eos, pad_token_id, check_every)
             batch = input_ids.shape[0]
+            allowed = _Allowed(trie, batch * beams, beams, input_ids.device)
+            if beams == 1:
+                return _greedy(decoder, logits.float(), max_new_tokens, eos, pad_token_id, check_every, allowed)
             state = _Beams(batch, beams, max_new_tokens, eos, pad_token_id, length_penalty)
             found: Hypotheses = [[] for _ in range(batch)]
             index = torch.arange(batch)  # each current prompt's place in the batch given
             # Every beam of a prompt starts from its prompt's logits (only the first counts: the others score -1e9).
             logprobs = torch.log_softmax(logits.float(), dim=-1).repeat_interleave(beams, dim=0)
             for t in range(max_new_tokens):
-                rows = state.step(logprobs, t)
+                rows = state.step(allowed.restrict(logprobs), t)
+                allowed.advance(rows, state.running_tokens[:, :, t].reshape(-1))
                 checked = (t + 1) % check_every == 0
                 if t + 1 == max_new_tokens or (checked and state.done()):
                     break
                 decoder.reorder(rows)
                 if checked and compact and not cuda_graphs:
-                    index = _drop_finished(state, decoder, index, found, num_return, compact)
+                    index = _drop_finished(state, decoder, index, found, num_return, compact, allowed)
                 logprobs = torch.log_softmax(decoder.step(state.running_tokens[:, :, t].reshape(-1)), dim=-1)
             for i, hyps in zip(index.tolist(), state.results(num_return), strict=True):
                 found[i] = hyps
@@ -463,7 +493,13 @@ def search(
 
 
 def _drop_finished(
-    state: _Beams, decoder: _Decoder, index: torch.Tensor, found: Hypotheses, num_return: int, compact: float
+    state: _Beams,
+    decoder: _Decoder,
+    index: torch.Tensor,
+    found: Hypotheses,
+    num_return: int,
+    compact: float,
+    allowed: _Allowed,
 ) -> torch.Tensor:
     """Prompts that can no longer improve (all their beams' hypotheses final) leave the batch once they are at least
     ``1 - compact`` of it: their results go to ``found``; returns the remaining prompts' places in it."""
@@ -477,6 +513,7 @@ def _drop_finished(
     keep = live.nonzero()[:, 0]
     state.retain(keep)
     decoder.retain(keep)
+    allowed.retain(keep)
     return index[keep.cpu()]
 
 
@@ -496,7 +533,13 @@ def _decode_attention(model: Any) -> Iterator[None]:
 
 
 def _greedy(
-    decoder: _Decoder, logits: torch.Tensor, max_new_tokens: int, eos: torch.Tensor, pad: int, check_every: int
+    decoder: _Decoder,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    eos: torch.Tensor,
+    pad: int,
+    check_every: int,
+    allowed: _Allowed,
 ) -> Hypotheses:
     """transformers' greedy search (argmax of the logits; finished rows get padding) with the hf backend's score:
     the sum of the chosen tokens' log-probabilities over the generated length, EOS included."""
@@ -507,9 +550,11 @@ def _greedy(
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
     live = torch.ones(rows, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        token = torch.where(live, logits.argmax(dim=-1), pad)
+        logprobs = allowed.restrict(torch.log_softmax(logits, dim=-1))
+        token = torch.where(live, logprobs.argmax(dim=-1), pad)
+        allowed.advance(None, token)
         tokens[:, t] = token
-        chosen = torch.log_softmax(logits, dim=-1).gather(1, token[:, None])[:, 0]
+        chosen = logprobs.gather(1, token[:, None])[:, 0]
         total += torch.where(live, chosen, 0.0)
         lengths += live
         live &= ~torch.isin(token, eos)

@@ -40,6 +40,14 @@ def generate(
             "generate, ~5x the prompt work); both give the same beams."
         ),
     ] = "gloss",
+    catalog_only: Annotated[
+        bool,
+        typer.Option(
+            "--catalog-only",
+            help="Beams may only spell catalog titles, token for token (beam search over a trie of the catalog; "
+            "the 5 returned titles are 5 distinct items). gloss search only.",
+        ),
+    ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start the queries file again instead of resuming it.")
     ] = False,
@@ -60,12 +68,14 @@ def generate(
 
       gloss generate --split test --search hf          # transformers generate instead (same beams, slower)
 
+      gloss generate --split validation --catalog-only   # every beam a catalog title
+
       gloss generate --users A1YJEY40AYMN6I,A2V5KA3OKOQ0W --split test --json
     """
     from gloss_cli.generate import GenerateOptions
     from gloss_cli.generate import run as run_generate
 
-    options = GenerateOptions(backend, beams, num_return, max_new_tokens, batch_size, dtype, search)
+    options = GenerateOptions(backend, beams, num_return, max_new_tokens, batch_size, dtype, search, catalog_only)
     reporter = RichReporter(quiet)
     proj = Project(project)
     command = f"gloss generate --split {split}"
@@ -73,6 +83,7 @@ def generate(
     for key in ("backend", "beams", "num_return", "max_new_tokens", "batch_size", "dtype", "search"):
         if getattr(options, key) != getattr(defaults, key):
             command += f" --{key.replace('_', '-')} {getattr(options, key)}"
+    command += " --catalog-only" if catalog_only else ""
     command += f" --limit {limit}" if limit else ""
     command += f" --users {','.join(users)}" if users else ""
     with proj.lock(command):
