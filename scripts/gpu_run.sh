@@ -11,6 +11,9 @@
 #               protocols paper and fused --exclude-seen, and the LIS baseline under both (device time is
 #               scarce: scripts/evaluate_returned.sh evaluates the returned runs on a CPU instead)
 #               GLOSS_GPU: the GPU index to run on (machines with several GPUs; generation takes turns per GPU)
+#               GLOSS_CATALOG=1: the trained model also generates with --catalog-only (validation and test, whatever
+#               GLOSS_TEST_LIMIT says) in a copy of the project, NAME-catalog (data and train only); =only: and
+#               its unconstrained generation is of the validation split only
 #               GLOSS_AFTER: runs (names) whose logs must say finished or FAILED before this job begins (timings
 #               taken with the GPU to itself)
 #         bash scripts/gpu_run.sh evaluate NAME                 (GLOSS_EVAL's evaluations of a generated run)
@@ -55,9 +58,19 @@ job() {  # NAME SCRIPT: run SCRIPT (bash) in its own session, logging to NAME/lo
 }
 after_train() {  # the steps after `gloss train`: generation (validation, test), then GLOSS_EVAL's evaluations
     test_step="gen --split test ${GLOSS_GEN_FLAGS:-} ${GLOSS_TEST_LIMIT:+--limit $GLOSS_TEST_LIMIT}"
-    [ "${GLOSS_TEST_LIMIT:-}" = 0 ] && test_step=":"
-    echo "gen --split validation ${GLOSS_GEN_FLAGS:-}
+    [ "${GLOSS_TEST_LIMIT:-}" = 0 ] || [ "${GLOSS_CATALOG:-}" = only ] && test_step=":"
+    fork=":" catalog=":"
+    if [ -n "${GLOSS_CATALOG:-}" ]; then  # the copy before any generation, so that its manifest has data and train only
+      local c="$runs/$name-catalog"
+      fork="rm -rf '$c' && mkdir -p '$c' && cp -r '$runs/$name/data' '$runs/$name/train' '$runs/$name/manifest.json' '$c/'"
+      catalog="lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli generate --split validation --catalog-only -p '$c'
+        $([ "${GLOSS_TEST_LIMIT:-}" = 0 ] || echo "lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli generate \
+          --split test --catalog-only ${GLOSS_TEST_LIMIT:+--limit $GLOSS_TEST_LIMIT} -p '$c'")"
+    fi
+    echo "$fork
+      gen --split validation ${GLOSS_GEN_FLAGS:-}
       $test_step
+      $catalog
       $(eval_steps)"
 }
 eval_steps() {  # GLOSS_EVAL's evaluations, retriever by retriever, the test split's first
@@ -120,13 +133,17 @@ case "${1:-}" in
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader || true
     for d in "$runs"/*/; do
       name=$(basename "$d")
+      [[ $name == *-catalog ]] && continue  # in its run's file
       echo "== $name"
       tail -c 2500 "$d/log.txt" | tr '\r' '\n' | grep -v '^\s*$' | tail -12
       [ -n "${OUT:-}" ] || continue
-      # one file per run ($OUT takes at most 8): manifest, log, train/meta.json, generated queries, evaluations
-      (cd "$d" && tar -czf "$OUT/$name.tgz" --ignore-failed-read manifest.json log.txt train/meta.json \
-        generate/*/queries.jsonl generate/*/settings.json eval/*/metrics.json eval/*/per_user.parquet \
-        2>/dev/null) || true
+      # one file per run ($OUT takes at most 8): manifest, log, train/meta.json, generated queries, evaluations;
+      # its catalog-only generation (GLOSS_CATALOG) under catalog/
+      (cd "$runs" && shopt -s nullglob && tar -czf "$OUT/$name.tgz" --ignore-failed-read \
+        --transform "s,^$name-catalog/,catalog/," --transform "s,^$name/,," \
+        {"$name","$name-catalog"}/{manifest.json,log.txt,train/meta.json} \
+        {"$name","$name-catalog"}/generate/*/{queries.jsonl,settings.json} \
+        {"$name","$name-catalog"}/eval/*/{metrics.json,per_user.parquet} 2>/dev/null) || true
     done
     ;;
   *) sed -n '2,15p' "$0"; exit 2 ;;
