@@ -15,13 +15,14 @@ it to GGUF after training).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -236,6 +237,22 @@ class TrainResult:
             # the skipped steps' examples stay in train/meta.json: thousands of row numbers are no metric
             "losses": [{k: v for k, v in asdict(e).items() if k != "skipped_examples"} for e in self.epochs],
         }
+
+
+@contextlib.contextmanager
+def _no_cudnn_attention() -> Iterator[None]:
+    """SDPA's cuDNN kernel switched off while training (SDPA then takes the memory-efficient one). On an H200 its
+    backward made the gradient non-finite in 15 of the 18 micro-batches of Qwen2.5-0.5B's skipped steps and in
+    none of 15 others; the memory-efficient, math and eager attentions in none (scripts/nan_probe.py; docs/RESULTS.md,
+    session 7)."""
+    import torch
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 class _Diverged(Exception):
@@ -488,7 +505,8 @@ def _train_into(project: Project, config: TrainConfig, ref: ModelRef, out: Path,
         f"({train.truncated:,} histories cut to --max-seq-len {config.max_seq_len}); {config.method} on {device}"
     )
     loop = _Loop(_prepare_model(config, location, device), tokenizer, config, device, out)
-    logs, best_epoch, best, stopped = _fit(loop, train, val, reporter)
+    with _no_cudnn_attention():
+        logs, best_epoch, best, stopped = _fit(loop, train, val, reporter)
     tokenizer.save_pretrained(out / "tokenizer")
     examples, truncated = (len(train.ids), len(val.ids)), train.truncated + val.truncated
     form = "full" if config.method == "full" else "peft-lora"

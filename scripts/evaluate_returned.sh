@@ -64,9 +64,11 @@ unpack() {  # TGZ PROJECT [PREFIX]: `gloss data` for the run's dataset, then its
 }
 for tgz in "$results"/*.tgz; do
   name=$(basename "$tgz" .tgz)
+  members=$(tar -tzf "$tgz")
+  grep -qx manifest.json <<< "$members" || continue  # a benchmark's log, not a run
   unpack "$tgz" "$projects/$name"
   runs=("$name")
-  if tar -tzf "$tgz" | grep -qx catalog/manifest.json; then  # its catalog-only generation (gpu_run.sh GLOSS_CATALOG)
+  if grep -qx catalog/manifest.json <<< "$members"; then  # its catalog-only generation (gpu_run.sh GLOSS_CATALOG)
     unpack "$tgz" "$projects/$name-catalog" catalog/
     runs+=("$name-catalog")
   fi

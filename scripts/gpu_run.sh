@@ -135,7 +135,7 @@ case "${1:-}" in
       name=$(basename "$d")
       [[ $name == *-catalog ]] && continue  # in its run's file
       echo "== $name"
-      tail -c 2500 "$d/log.txt" | tr '\r' '\n' | grep -v '^\s*$' | tail -12
+      tail -c 2500 "$d/log.txt" | tr '\r' '\n' | grep -v '^\s*$' | tail -12  || true
       [ -n "${OUT:-}" ] || continue
       # one file per run ($OUT takes at most 8): manifest, log, train/meta.json, generated queries, evaluations;
       # its catalog-only generation (GLOSS_CATALOG) under catalog/

@@ -219,6 +219,27 @@ def test_a_step_with_a_non_finite_loss_is_skipped(
     assert all(bool(torch.isfinite(w).all()) for w in weights.values())
 
 
+def test_training_runs_without_sdpas_cudnn_kernel(
+    project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel whose backward gave Qwen's non-finite gradients on the GPU is off while training, and only then."""
+    import torch
+
+    import gloss_cli.train
+
+    seen: list[bool] = []
+    fit = gloss_cli.train._fit
+
+    def spy(*args: Any) -> Any:
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return fit(*args)
+
+    monkeypatch.setattr(gloss_cli.train, "_fit", spy)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert invoke("train", "--model", str(tiny_model), "--batch-size", "8", "--max-steps", "1").exit_code == 0
+    assert seen == [False] and torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_training_that_diverges_stops_with_one_line_and_writes_nothing(
     project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
