@@ -66,12 +66,24 @@ def _main(
     pass
 
 
-from gloss_cli.commands import data, evaluate, generate, index, recommend, run, segments, status, train  # noqa: E402
+from gloss_cli.commands import (  # noqa: E402
+    data,
+    evaluate,
+    generate,
+    index,
+    recommend,
+    rerank,
+    run,
+    segments,
+    status,
+    train,
+)
 
 app.command()(data.data)
 app.command()(train.train)
 app.command()(generate.generate)
 app.command()(index.index)
+app.command()(rerank.rerank)
 app.command("eval")(evaluate.evaluate)
 app.command()(segments.segments)
 app.command()(recommend.recommend)

@@ -9,6 +9,11 @@ Protocols:
   beam rank, duplicates removed; the list is filled to K.
 
 ``exclude_seen`` drops the user's history items from every query's results before either protocol.
+
+``rerank`` (after ``gloss rerank``) ranks each user's pool of candidates (the fused list of the LIS query and the
+first generated queries, history excluded) by the fine-tuned model's log-probability of each title: ``lm`` by
+log-probability per token (as beam scores are normalised), ``fused`` by reciprocal-rank fusion of the pool's order
+and the model's order (equal weights, the same offset c as ``fused``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from gloss_cli.queries import QuerySet, lis_queries, load_generated, load_gloss_
 from gloss_cli.retrieval import Retriever
 
 PROTOCOLS = ("paper", "fused")
+RERANKS = ("lm", "fused")
 RRF_K = 1.0  # rank offset c in w / (c + rank): small, so a query's top items dominate its tail
 MAX_SEEN_EXTRA = 100  # extra depth retrieved per query so that excluded history items can be replaced
 
@@ -51,8 +57,20 @@ class EvalResult:
     ci: dict[str, tuple[float, float]]
     folder: Path
     notes: list[str] = field(default_factory=list)
+    rerank: dict[str, Any] | None = None  # how, candidates, num_queries (gloss eval --rerank)
 
     def describe(self) -> str:
+        if self.rerank is not None:
+            order = {
+                "lm": "the model's log-probability per title token",
+                "fused": f"reciprocal-rank fusion (c={RRF_K:g}) of the pool's order and the model's order",
+            }[self.rerank["how"]]
+            return (
+                f"rerank {self.rerank['how']}: each user's top-{self.rerank['candidates']} pool (the last item's title "
+                f"then {self.rerank['num_queries']} generated queries, top-K each, fused), ordered by {order}; "
+                f"history items excluded; split {self.split}; {self.users:,} users; mean over users, one held-out "
+                "item each; 95% CI: bootstrap over users"
+            )
         seen = "history items excluded" if self.exclude_seen else "history items kept (may be recommended)"
         if self.protocol == "paper":
             how = "top-1 per query, duplicates merged, sorted by score (lists may be shorter than K)"
@@ -131,6 +149,30 @@ def retrieve(
         keys, scores = retriever.search(flat, depth + extra, tick=tick)
     shape = (len(qs.users), qs.per_user, keys.shape[1])
     return rank_items(keys.reshape(shape), scores.reshape(shape), seen, protocol=protocol, depth=depth, k=k)
+
+
+def reranked(
+    frame: pl.DataFrame, users: list[str], key_of: dict[str, int], *, how: str, k: int
+) -> npt.NDArray[np.int64]:
+    """Per user (in ``users`` order), the top-``k`` item keys of its reranked pool, -1 padded."""
+    per_token = pl.col("logprob") / pl.col("tokens")
+    lm_rank = per_token.rank(method="ordinal", descending=True).over("user_id")
+    fused = 1.0 / (RRF_K + pl.col("pool_rank")) + 1.0 / (RRF_K + lm_rank)
+    value = per_token if how == "lm" else fused
+    top = (
+        frame.with_columns(value=value)
+        .sort(["user_id", "value", "pool_rank"], descending=[False, True, False])
+        .group_by("user_id", maintain_order=True)
+        .head(k)
+        .group_by("user_id", maintain_order=True)
+        .agg(pl.col("item_id"))
+    )
+    lists = dict(zip(top.get_column("user_id").to_list(), top.get_column("item_id").to_list(), strict=True))
+    ranked = np.full((len(users), k), -1, dtype=np.int64)
+    for u, user in enumerate(users):
+        row = [key_of[i] for i in lists.get(user, [])]
+        ranked[u, : len(row)] = row
+    return ranked
 
 
 def load_queries(
@@ -229,12 +271,15 @@ def run(
     num_queries: int = 5,
     match_generated: bool = False,
     with_lis: bool = False,
+    rerank: str | None = None,
     name: str | None = None,
     command: str = "gloss eval",
     reporter: Reporter | None = None,
 ) -> EvalResult:
     reporter = reporter or Reporter()
     ks = sorted(set(ks or [5]))
+    if rerank is not None:
+        return _run_reranked(project, split, rerank, ks, name=name, command=command)
     if protocol not in PROTOCOLS:
         raise GlossError(f"Unknown protocol '{protocol}'.", f"Use one of: {', '.join(PROTOCOLS)}.")
     if split not in ("validation", "test"):
@@ -301,5 +346,77 @@ def run(
         }
         (stage.dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         stage.metrics = {"users": len(qs.users), **metrics}
+    result.folder = project.path(f"eval/{name}")
+    return result
+
+
+def _run_reranked(
+    project: Project, split: str, how: str, ks: list[int], *, name: str | None, command: str
+) -> EvalResult:
+    """``gloss eval --rerank``: score the pools ``gloss rerank`` wrote for ``split``."""
+    from gloss_cli.rerank import CANDIDATES
+
+    if how not in RERANKS:
+        raise GlossError(f"Unknown rerank order '{how}'.", f"Use one of: {', '.join(RERANKS)}.")
+    if split not in ("validation", "test"):
+        raise GlossError(f"Cannot evaluate on split '{split}'.", "Use --split test or --split validation.")
+    if min(ks) < 1:
+        raise GlossError(f"K must be at least 1, got {min(ks)}.", "Pass -k 5 (or several: -k 5 -k 10).")
+    project.require("data")
+    stage = f"rerank/{split}"
+    record = project.require(stage, f"gloss rerank --split {split}")
+    pool = record["params"]
+    frame = pl.read_parquet(project.path(f"{stage}/{CANDIDATES}"))
+    items = load_items(project.path("data"))
+    item_ids = items.get_column("item_id").to_list()
+    key_of = {item: i for i, item in enumerate(item_ids)}
+    split_df = load_split(project.path("data"), split)
+    split_df = split_df.filter(pl.col("user_id").is_in(frame.get_column("user_id").unique().to_list()))
+    users = split_df.get_column("user_id").to_list()
+    qs = QuerySet(stage, users, split_df.get_column("target").to_list(), split_df.get_column("history").to_list(), [])
+    name = name or f"rerank-{how}-{pool['retriever']}-{split}"
+    params = {
+        "split": split,
+        "retriever": pool["retriever"],
+        "protocol": f"rerank-{how}",
+        "ks": ks,
+        "exclude_seen": True,
+        "queries": stage,
+        "queries_per_user": pool["num_queries"],
+        "candidates": pool["candidates"],
+        "rrf_k": RRF_K if how == "fused" else None,
+        "with_lis": True,
+    }
+    with project.run_stage(
+        f"eval/{name}", params, command=command, upstream=("data", stage), libraries=("numpy",)
+    ) as run_:
+        ranked = reranked(frame, users, key_of, how=how, k=max(ks))
+        values = write_outputs(run_.dir, name, qs, ranked, item_ids, ks)
+        metrics = {m: float(v.mean()) for m, v in values.items()}
+        ci = {f"recall@{k}": bootstrap_ci(values[f"recall@{k}"]) for k in ks}
+        result = EvalResult(
+            name,
+            f"rerank-{how}",
+            split,
+            pool["retriever"],
+            "rerank",
+            ks,
+            len(users),
+            True,
+            metrics,
+            ci,
+            run_.dir,
+            rerank={"how": how, "candidates": pool["candidates"], "num_queries": pool["num_queries"]},
+        )
+        summary = {
+            "name": name,
+            "protocol_description": result.describe(),
+            **params,
+            "users": len(users),
+            "metrics": metrics,
+            "ci95": ci,
+        }
+        (run_.dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        run_.metrics = {"users": len(users), **metrics}
     result.folder = project.path(f"eval/{name}")
     return result

@@ -14,6 +14,8 @@
 #               GLOSS_CATALOG=1: the trained model also generates with --catalog-only (validation and test, whatever
 #               GLOSS_TEST_LIMIT says) in a copy of the project, NAME-catalog (data and train only); =only: and
 #               its unconstrained generation is of the validation split only
+#               GLOSS_RERANK: `gloss rerank` flags (e.g. "--candidates 20 --num-queries 2"): after generation the
+#               model scores each user's pool of candidates, validation and test (whatever GLOSS_TEST_LIMIT says)
 #               GLOSS_AFTER: runs (names) whose logs must say finished or FAILED before this job begins (timings
 #               taken with the GPU to itself)
 #         bash scripts/gpu_run.sh evaluate NAME                 (GLOSS_EVAL's evaluations of a generated run)
@@ -67,9 +69,16 @@ after_train() {  # the steps after `gloss train`: generation (validation, test),
         $([ "${GLOSS_TEST_LIMIT:-}" = 0 ] || echo "lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli generate \
           --split test --catalog-only ${GLOSS_TEST_LIMIT:+--limit $GLOSS_TEST_LIMIT} -p '$c'")"
     fi
+    rerank=":"
+    if [ -n "${GLOSS_RERANK:-}" ]; then
+      rerank="lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank --split validation $GLOSS_RERANK -p '$runs/$name'
+        $([ "$test_step" = ":" ] || echo "lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank \
+          --split test $GLOSS_RERANK -p '$runs/$name'")"
+    fi
     echo "$fork
       gen --split validation ${GLOSS_GEN_FLAGS:-}
       $test_step
+      $rerank
       $catalog
       $(eval_steps)"
 }
@@ -142,7 +151,7 @@ case "${1:-}" in
       (cd "$runs" && shopt -s nullglob && tar -czf "$OUT/$name.tgz" --ignore-failed-read \
         --transform "s,^$name-catalog/,catalog/," --transform "s,^$name/,," \
         {"$name","$name-catalog"}/{manifest.json,log.txt,train/meta.json} \
-        {"$name","$name-catalog"}/generate/*/{queries.jsonl,settings.json} \
+        {"$name","$name-catalog"}/generate/*/{queries.jsonl,settings.json} "$name"/rerank/*/candidates.parquet \
         {"$name","$name-catalog"}/eval/*/{metrics.json,per_user.parquet} 2>/dev/null) || true
     done
     ;;

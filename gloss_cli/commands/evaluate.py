@@ -43,6 +43,13 @@ def evaluate(
             "--with-lis", help="Put the LIS query (the last item's title) before the generated queries (fusion)."
         ),
     ] = False,
+    rerank: Annotated[
+        str | None,
+        typer.Option(
+            help="After 'gloss rerank': order each pool by the model's score (lm) or fuse that order with the "
+            "pool's (fused)."
+        ),
+    ] = None,
     name: Annotated[
         str | None, typer.Option(help="Run name (default: <source>-<retriever>-<protocol>-<split>).")
     ] = None,
@@ -63,6 +70,8 @@ def evaluate(
       gloss eval --retriever e5 --protocol fused --exclude-seen
 
       gloss eval --queries llama-1b_test.json -k 5 -k 10
+
+      gloss eval --split validation --rerank fused      # after 'gloss rerank --split validation'
     """
     from gloss_cli.evaluate import run
     from gloss_cli.project import Project
@@ -73,6 +82,8 @@ def evaluate(
     command += (" --exclude-seen" if exclude_seen else "") + (f" --baseline {baseline}" if baseline else "")
     command += f" --queries {queries}" if queries else ""
     command += " --with-lis" if with_lis else ""
+    if rerank:
+        command = f"gloss eval --split {split} --rerank {rerank}"
     with proj.lock(command):
         result = run(
             proj,
@@ -87,6 +98,7 @@ def evaluate(
             num_queries=num_queries,
             match_generated=match_generated,
             with_lis=with_lis,
+            rerank=rerank,
             name=name,
             command=command,
             reporter=reporter,

@@ -1,0 +1,74 @@
+"""`gloss rerank`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from gloss_cli.console import RichReporter, print_json
+from gloss_cli.options import DEFAULT_PROJECT_PATH, JsonOpt, ProjectOpt, QuietOpt, RetrieverOpt
+
+
+def _complete_split(incomplete: str) -> list[str]:
+    return [s for s in ("validation", "test") if s.startswith(incomplete)]
+
+
+def rerank(
+    split: Annotated[
+        str, typer.Option("--split", "-s", help="validation or test.", autocompletion=_complete_split)
+    ] = "validation",
+    retriever: RetrieverOpt = "bm25",
+    num_queries: Annotated[
+        int, typer.Option(help="Generated queries after the last item's title in the pool (0: that title alone).")
+    ] = 2,
+    candidates: Annotated[int, typer.Option(help="Pool size per user (top-K of each query, fused).")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Users per scoring batch (0: 64 on CUDA, 4 on CPU).")] = 0,
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.")] = "auto",
+    project: ProjectOpt = DEFAULT_PROJECT_PATH,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score each user's pool of retrieved candidates with the fine-tuned model, for 'gloss eval --rerank'.
+
+    The pool: the last item's title and the first --num-queries generated titles, each retrieving its top
+    --candidates items, fused, history items excluded. Each candidate gets log p(its title | the user's prompt)
+    from the model. Writes rerank/<split>/candidates.parquet.
+
+    [dim]Examples:[/]
+
+      gloss rerank --split validation && gloss eval --split validation --rerank fused
+
+      gloss rerank --split test --num-queries 0 --candidates 50     # rerank LIS's top 50, no generation needed
+    """
+    from gloss_cli.project import Project
+    from gloss_cli.rerank import run
+
+    reporter = RichReporter(quiet)
+    proj = Project(project)
+    command = f"gloss rerank --split {split} --retriever {retriever} --num-queries {num_queries}"
+    command += f" --candidates {candidates}"
+    with proj.lock(command):
+        result = run(
+            proj,
+            split,
+            retriever=retriever,
+            num_queries=num_queries,
+            candidates=candidates,
+            batch_size=batch_size,
+            dtype=dtype,
+            command=command,
+            reporter=reporter,
+        )
+    metrics = result.metrics()
+    if json_:
+        print_json({"project": str(proj.root), "path": str(result.path), "metrics": metrics})
+        return
+    from gloss_cli.console import out
+
+    out.print(
+        f"{result.split}: {result.users:,} users' pools of {result.candidates} scored in {result.seconds:.1f} s "
+        f"({metrics['users_per_s'] or 0:.1f} users/s); held-out item in the pool for {result.pool_recall:.2%} "
+        f"of users -> {result.path}"
+    )
+    reporter.info(f"next: gloss eval --split {split} --rerank fused")

@@ -1,0 +1,196 @@
+"""`gloss rerank`: the fine-tuned model scores a pool of retrieved candidates for each user.
+
+The pool is the list ``gloss eval --with-lis --protocol fused --exclude-seen -k C`` ranks (C = ``candidates``): the
+last item's title, then the first ``num_queries`` generated titles (0: the last item's title alone, no generation
+needed), each retrieving its top C, history items excluded, fused by beam-weighted reciprocal rank; its top C.
+The model then gives each candidate ``log p("Title: <title>" EOS | prompt)``, the prompt as generation builds it
+(``gloss_cli.backends.scoring``: each prompt computed once for its whole pool). ``gloss eval --rerank`` orders each
+pool by that score (``lm``: per token, as beam scores are) or fuses it with the pool's order (``fused``).
+
+Output ``rerank/<split>/candidates.parquet``: user_id, item_id, pool_rank (1 = the fused list's first), logprob
+(summed over the title's tokens and EOS), tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from gloss_cli.console import Reporter
+from gloss_cli.data import load_items, load_split
+from gloss_cli.errors import GlossError
+from gloss_cli.evaluate import generated_users, retrieve, with_lis_query
+from gloss_cli.examples import fit_history
+from gloss_cli.index import open_index
+from gloss_cli.models import load_trained, pick_device, read_meta
+from gloss_cli.project import Project
+from gloss_cli.prompt import build_prompt, item_text
+from gloss_cli.queries import lis_queries, load_generated
+
+CANDIDATES = "candidates.parquet"
+MAX_NEW_TOKENS = 50  # prompts are cut as generation cuts them: room for a 50-token answer
+
+
+@dataclass
+class RerankResult:
+    split: str
+    path: Path
+    users: int
+    candidates: int
+    seconds: float
+    pool_recall: float  # share of users whose held-out item is in the pool: the most a reordering can reach
+    gpu_peak_mib: float | None
+
+    def metrics(self) -> dict[str, Any]:
+        rate = self.users / self.seconds if self.seconds else None
+        return {
+            "users": self.users,
+            "candidates": self.candidates,
+            "pool_recall": round(self.pool_recall, 6),
+            "seconds": round(self.seconds, 3),
+            "users_per_s": round(rate, 3) if rate else None,
+        } | ({"gpu_peak_mib": self.gpu_peak_mib} if self.gpu_peak_mib is not None else {})
+
+
+def _prompts(tokenizer: Any, histories: list[list[str]], budget: int) -> list[str]:
+    prompts = [build_prompt(h) for h in histories]
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    for i, n in enumerate(lengths):
+        if n > budget:
+            h = histories[i]
+            keep = fit_history(h, lambda t: len(tokenizer(build_prompt(t))["input_ids"]), budget)
+            prompts[i] = build_prompt(h[len(h) - keep :])
+    return prompts
+
+
+def run(
+    project: Project,
+    split: str = "validation",
+    *,
+    retriever: str = "bm25",
+    num_queries: int = 2,
+    candidates: int = 20,
+    batch_size: int = 0,
+    dtype: str = "auto",
+    command: str = "gloss rerank",
+    reporter: Reporter | None = None,
+) -> RerankResult:
+    """The ``rerank/<split>`` stage (the caller holds the project lock)."""
+    from gloss_cli.backends.scoring import score_continuations, target_ids
+
+    reporter = reporter or Reporter()
+    if split not in ("validation", "test"):
+        raise GlossError(f"Cannot rerank split '{split}'.", "Use --split validation or --split test.")
+    if candidates < 1 or num_queries < 0:
+        raise GlossError(
+            f"--candidates must be >= 1 and --num-queries >= 0 (got {candidates}, {num_queries}).",
+            "Try --candidates 20 --num-queries 2.",
+        )
+    if batch_size < 0:
+        raise GlossError(f"--batch-size must be >= 0 (got {batch_size}).", "Pass 0 for the default.")
+    project.require("data")
+    train_record = project.require("train")
+    items = load_items(project.path("data"))
+    item_ids = items.get_column("item_id").to_list()
+    titles = dict(zip(item_ids, items.get_column("title").to_list(), strict=True))
+    split_df = load_split(project.path("data"), split)
+    stages: tuple[str, ...] = ()
+    if num_queries:
+        stage = f"generate/{split}"
+        split_df = split_df.filter(pl.col("user_id").is_in(generated_users(project, split)))
+        qs = with_lis_query(
+            load_generated(project.path(f"{stage}/queries.jsonl"), split_df, titles, stage, num_queries), titles
+        )
+        stages = (stage,)
+    else:
+        qs = lis_queries(split_df, titles)
+    index, meta = open_index(project, retriever, query_cache=True, reporter=reporter)
+    params = {
+        "split": split,
+        "retriever": meta["key"],
+        "num_queries": num_queries,
+        "candidates": candidates,
+        "pool": "the last item's title, then the generated queries; top-K each, fused, history items excluded",
+        "score": "log p(Title: <title> EOS | prompt), summed",
+        "train": train_record["fingerprint"],
+    }
+    upstream = ("data", "train", f"index/{meta['key']}", *stages)
+    libraries = ("torch", "transformers", "peft", "bm25s")
+    with project.run_stage(f"rerank/{split}", params, command=command, libraries=libraries, upstream=upstream) as st:
+        key_of = {item: i for i, item in enumerate(item_ids)}
+        pools = retrieve(
+            index, qs, key_of, protocol="fused", exclude_seen=True, k=candidates, reporter=reporter
+        )  # (users, candidates), -1 padded
+        targets = np.array([key_of[t] for t in qs.targets])
+        pool_recall = float((pools == targets[:, None]).any(axis=1).mean()) if len(targets) else 0.0
+        meta_train = read_meta(project.path("train"))
+        device = pick_device()
+        trained = load_trained(project.path("train"), device=device, dtype=dtype, reporter=reporter)
+        model, tokenizer = trained.model.eval(), trained.tokenizer
+        tokenizer.padding_side = "left"
+        budget = int(meta_train["max_seq_len"]) - MAX_NEW_TOKENS
+        prompts = _prompts(tokenizer, [[titles[i] for i in h] for h in qs.histories], budget)
+        texts = [item_text(t) for t in items.get_column("title").to_list()]
+        pool_lists = [[int(k) for k in row if k >= 0] for row in pools.tolist()]
+        needed = sorted({k for row in pool_lists for k in row})
+        ids_of = dict(zip(needed, target_ids(tokenizer, [texts[k] for k in needed]), strict=True))
+        size = batch_size or (64 if device == "cuda" else 4)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: fail fast on memory
+        logprob: list[list[float]] = [[] for _ in prompts]
+        t0 = time.perf_counter()
+        with reporter.progress("scoring candidates", len(order)) as tick:
+            for start in range(0, len(order), size):
+                batch = order[start : start + size]
+                enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
+                scores = score_continuations(
+                    model,
+                    enc["input_ids"],
+                    enc["attention_mask"],
+                    [[ids_of[k] for k in pool_lists[i]] for i in batch],
+                    pad_token_id=tokenizer.pad_token_id,
+                    max_logits=2**29 if device == "cuda" else 2**25,  # one chunk's logits: 2 GiB / 128 MiB of floats
+                )
+                for i, values in zip(batch, scores, strict=True):
+                    logprob[i] = values
+                tick.advance(len(batch))
+        seconds = time.perf_counter() - t0
+        rows = [(u, i, r) for u, pool in enumerate(pool_lists) for r, i in enumerate(pool)]
+        pl.DataFrame(
+            {
+                "user_id": [qs.users[u] for u, _, _ in rows],
+                "item_id": [item_ids[i] for _, i, _ in rows],
+                "pool_rank": [r + 1 for _, _, r in rows],
+                "logprob": [logprob[u][r] for u, _, r in rows],
+                "tokens": [len(ids_of[i]) for _, i, _ in rows],
+            },
+            schema={
+                "user_id": pl.String,
+                "item_id": pl.String,
+                "pool_rank": pl.Int32,
+                "logprob": pl.Float32,
+                "tokens": pl.Int32,
+            },
+        ).write_parquet(st.dir / CANDIDATES)
+        result = RerankResult(
+            split,
+            project.path(f"rerank/{split}/{CANDIDATES}"),
+            len(prompts),
+            candidates,
+            seconds,
+            pool_recall,
+            _gpu_peak(),
+        )
+        st.params |= {"device": device, "batch_size": size}
+        st.metrics = result.metrics()
+    return result
+
+
+def _gpu_peak() -> float | None:
+    from gloss_cli.generate import _gpu_peak_mib
+
+    return _gpu_peak_mib()

@@ -1,0 +1,169 @@
+"""gloss_cli.backends.scoring: the log-probability of each candidate continuation, its prompt computed once, equals
+a plain forward over prompt + continuation (no padding, no cache), for left-padded prompts of different lengths,
+continuations of different lengths (a bare EOS among them), chunked or not, LoRA, and sliding-window layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_torch_beam import EOS, PROMPTS, load, sharpen, tiny, tokenizer  # noqa: F401  (fixtures)
+
+torch = pytest.importorskip("torch")
+from gloss_cli.backends.scoring import score_continuations, target_ids  # noqa: E402
+
+TEXTS = ["Title: w1_2 w2_1", "Title: w3_4 w4_3 w10_3 w3_10", "Title: w5_5", "Title: w7_1 w1_7 w2_2"]
+
+
+def plain(model: Any, tok: Any, prompt: str, continuation: list[int]) -> float:
+    ids = tok(prompt)["input_ids"]
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids + continuation[:-1]])).logits[0].float()
+    logp = torch.log_softmax(logits[len(ids) - 1 :], dim=-1)
+    return float(logp.gather(-1, torch.tensor(continuation)[:, None]).sum())
+
+
+def candidates(tok: Any) -> list[list[list[int]]]:
+    ids = target_ids(tok, TEXTS)
+    return [ids[: 1 + i % 4] + ([[EOS]] if i == 2 else []) for i in range(len(PROMPTS))]
+
+
+def check(model: Any, tok: Any, **kwargs: Any) -> None:
+    conts = candidates(tok)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    got = score_continuations(model, enc.input_ids, enc.attention_mask, conts, pad_token_id=tok.pad_token_id, **kwargs)
+    want = [[plain(model, tok, p, c) for c in cs] for p, cs in zip(PROMPTS, conts, strict=True)]
+    assert [len(g) for g in got] == [len(w) for w in want] == [1, 2, 4, 4, 1]
+    for ours, theirs in zip(got, want, strict=True):
+        assert ours == pytest.approx(theirs, abs=2e-3)
+    assert len({round(v, 3) for row in want for v in row}) > 8  # the scores differ: the comparison means something
+
+
+def test_target_ids_end_with_eos(tokenizer: Any) -> None:  # noqa: F811
+    ids = target_ids(tokenizer, TEXTS)
+    assert all(seq[-1] == EOS and EOS not in seq[:-1] for seq in ids)
+    assert ids[0][:-1] == tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("max_logits", [2**27, 256 * 3])
+def test_scores_equal_a_plain_forward(tiny: Path, tokenizer: Any, max_logits: int) -> None:  # noqa: F811
+    check(load(tiny), tokenizer, max_logits=max_logits)  # one chunk; about one row per chunk
+
+
+def test_lora(tiny: Path, tokenizer: Any) -> None:  # noqa: F811
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    check(get_peft_model(load(tiny), config).eval(), tokenizer)
+
+
+def test_sliding_window_layers(tokenizer: Any, tmp_path: Path) -> None:  # noqa: F811
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(2)
+    config = Gemma3TextConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=12,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+        attn_implementation="sdpa",
+    )
+    check(load(sharpen(Gemma3ForCausalLM(config), tmp_path)), tokenizer)
+
+
+# `gloss rerank` and `gloss eval --rerank` on the synthetic dataset with the tiny model
+
+
+def test_rerank_scores_each_pool_and_eval_orders_it(
+    synthetic: Path,
+    tiny: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+
+    import polars as pl
+
+    from gloss_cli.models import load_trained
+    from gloss_cli.prompt import item_text
+    from tests.test_torch_beam import invoke
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    invoke("data", "--source", str(synthetic))
+    invoke("train", "--model", str(tiny), "--max-steps", "1", "--batch-size", "8")
+    invoke("generate", "--split", "test", "--max-new-tokens", "12", "--batch-size", "4", "--limit", "8")
+    out = json.loads(invoke("rerank", "--split", "test", "--candidates", "6", "--json").stdout)
+    frame = pl.read_parquet("proj/rerank/test/candidates.parquet")
+    assert frame["user_id"].n_unique() == out["metrics"]["users"] == 8  # the users generate covered
+    assert frame.group_by("user_id").len()["len"].max() == 6
+    assert frame.group_by("user_id").agg(pl.col("pool_rank").min())["pool_rank"].to_list() == [1] * 8
+    # the pool is `gloss eval`'s fused list (LIS + 2 queries, history excluded) at that depth, in that order
+    fused_flags = ("--protocol", "fused", "--exclude-seen", "--with-lis", "--num-queries", "2", "-k", "6")
+    invoke("eval", "--split", "test", *fused_flags)
+    trec = Path("proj/eval/model+lis-bm25-fused-xseen-test-8u/run.trec").read_text().splitlines()
+    fused: dict[str, list[str]] = {}
+    for line in trec:
+        user, _, item, *_ = line.split()
+        fused.setdefault(user, []).append(item)
+    pools = frame.sort("user_id", "pool_rank").group_by("user_id", maintain_order=True).agg("item_id")
+    assert dict(zip(pools["user_id"], pools["item_id"].to_list(), strict=True)) == fused
+    # one score checked by hand: the model's log-probability of that title after that user's prompt
+    row = frame.row(3, named=True)
+    trained = load_trained(Path("proj/train"), device="cpu")
+    split = pl.read_parquet("proj/data/test.parquet").filter(pl.col("user_id") == row["user_id"])
+    titles = dict(pl.read_parquet("proj/data/items.parquet").iter_rows())
+    from gloss_cli.prompt import build_prompt
+
+    prompt = build_prompt([titles[i] for i in split["history"][0]])
+    ids = target_ids(trained.tokenizer, [item_text(titles[row["item_id"]])])[0]
+    assert row["tokens"] == len(ids)
+    assert row["logprob"] == pytest.approx(plain(trained.model, trained.tokenizer, prompt, ids), abs=1e-3)
+    for how in ("lm", "fused"):
+        res = json.loads(invoke("eval", "--split", "test", "--rerank", how, "--json").stdout)
+        assert res["users"] == 8 and res["protocol"] == f"rerank-{how}"
+        assert f"rerank {how}: each user's top-6 pool" in res["protocol_description"]
+        per_user = pl.read_parquet(f"proj/eval/rerank-{how}-bm25-test/per_user.parquet")
+        assert per_user["n_recommended"].to_list() == [5] * 8
+    lm = [line.split()[2] for line in Path("proj/eval/rerank-lm-bm25-test/run.trec").read_text().splitlines()]
+    best = (
+        frame.with_columns(v=pl.col("logprob") / pl.col("tokens"))
+        .sort("user_id", "v", descending=[False, True])
+        .group_by("user_id", maintain_order=True)
+        .head(5)
+    )
+    first_user = pl.read_parquet("proj/eval/rerank-lm-bm25-test/per_user.parquet")["user_id"][0]
+    assert lm[:5] == best.filter(pl.col("user_id") == first_user)["item_id"].to_list()
+
+
+def test_rerank_bad_input_says_what_to_do(synthetic: Path, tiny: Path) -> None:  # noqa: F811
+    from typer.testing import CliRunner
+
+    from gloss_cli.cli import app
+    from tests.test_torch_beam import invoke
+
+    runner = CliRunner()
+    invoke("data", "--source", str(synthetic))
+    bad = runner.invoke(app, ["eval", "--rerank", "lm", "-p", "proj"])
+    assert bad.exit_code == 1 and "Stage 'rerank/test' has not run" in bad.output and "Traceback" not in bad.output
+    invoke("train", "--model", str(tiny), "--max-steps", "1", "--batch-size", "8")
+    bad = runner.invoke(app, ["rerank", "--split", "test", "-p", "proj"])  # the pool needs the generated queries
+    assert bad.exit_code == 1 and "gloss generate --split test" in bad.output
+    bad = runner.invoke(app, ["rerank", "--candidates", "0", "-p", "proj"])
+    assert bad.exit_code == 1 and "--candidates must be >= 1" in bad.output
+    assert not Path("proj/rerank").exists()
+    lis_pool = ["rerank", "--split", "test", "--num-queries", "0", "--candidates", "3", "-p", "proj", "-q"]
+    ok = runner.invoke(app, lis_pool)
+    assert ok.exit_code == 0, ok.output  # LIS's pool needs no generation
+    bad = runner.invoke(app, ["eval", "--split", "test", "--rerank", "best", "-p", "proj"])
+    assert bad.exit_code == 1 and "Unknown rerank order 'best'" in bad.output
