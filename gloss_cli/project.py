@@ -53,6 +53,10 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("eval", ("data",), "gloss eval --baseline lis"),
     Stage("segments", ("data",), "gloss segments"),
 )
+# Stages that status lists when they have run and never asks for: (stage, the pipeline stage it comes before).
+OPTIONAL: tuple[tuple[Stage, str], ...] = (
+    (Stage("rerank", ("data", "train", "generate"), "gloss rerank --split validation"), "eval"),
+)
 
 
 def now_iso() -> str:
@@ -370,10 +374,12 @@ class Project:
         stages = self.manifest()["stages"]
         dataset = (stages.get("data") or {}).get("params", {}).get("dataset", "beauty")
         states: dict[str, StageState] = {}
-        for spec in PIPELINE:
+        optional = {spec.name for spec, _ in OPTIONAL}
+        order = [o for spec in PIPELINE for o in (*(x for x, before in OPTIONAL if before == spec.name), spec)]
+        for spec in order:
             command = spec.command.format(dataset=dataset)
             names = [n for n in stages if n == spec.name or n.startswith(spec.name + "/")]
-            if not names:
+            if not names and spec.name not in optional:
                 states[spec.name] = StageState(spec.name, "missing", "never run", command)
             for name in names:
                 record = stages[name]

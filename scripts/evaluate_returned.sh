@@ -10,6 +10,7 @@
 #   the model's queries and LIS under the paper protocol and gloss's (fused, history excluded);
 #   LIS + model (`--with-lis`) with 2 and 5 beams on validation, and on test with the number validation picked;
 #   for BM25 also the ablation rows (history excluded alone, fusion alone, LIS + model with history kept);
+#   where the run scored candidate pools (`gloss rerank`, gpu_run.sh GLOSS_RERANK): `--rerank lm` and `fused`;
 # then `gloss segments` over the BM25 rows. An evaluation that already has its metrics is skipped, so a stopped
 # run resumes. Dense retrievers encode every query on the CPU: minutes per evaluation of a whole test split.
 set -euo pipefail
@@ -53,6 +54,10 @@ for r in "${retrievers[@]}"; do
       --run model-bm25-fused-xseen-test --run lis-bm25-fused-xseen-test --run "lis$n-bm25-test"
   fi
 done
+for how in lm fused; do
+  [ ! -f "$p/rerank/validation/candidates.parquet" ] || e "rerank-$how-val" --split validation --rerank "$how"
+  [ ! -f "$p/rerank/test/candidates.parquet" ] || e "rerank-$how-test" --split test --rerank "$how"
+done
 }
 unpack() {  # TGZ PROJECT [PREFIX]: `gloss data` for the run's dataset, then its records (under PREFIX/ in TGZ) over it
   local tgz=$1 p=$2 prefix=${3:-} dataset
@@ -60,7 +65,8 @@ unpack() {  # TGZ PROJECT [PREFIX]: `gloss data` for the run's dataset, then its
   dataset=$(tar -xzOf "$tgz" "${prefix}manifest.json" | python3 -c 'import json, sys; print(json.load(sys.stdin)["stages"]["data"]["params"]["dataset"])')
   gloss data --dataset "$dataset" -p "$p" -q
   tar -xzf "$tgz" -C "$p" --strip-components="$(tr -cd / <<< "$prefix" | wc -c)" --wildcards \
-    "${prefix}manifest.json" "${prefix}train/meta.json" "${prefix}generate/*"  # the GPU run's, over the same data
+    "${prefix}manifest.json" "${prefix}train/meta.json" "${prefix}generate/*" \
+    $(tar -tzf "$tgz" | grep -x "${prefix}rerank/.*" || true)  # the GPU run's, over the same data
 }
 for tgz in "$results"/*.tgz; do
   name=$(basename "$tgz" .tgz)

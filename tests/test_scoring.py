@@ -103,8 +103,12 @@ def test_rerank_scores_each_pool_and_eval_orders_it(
     invoke("data", "--source", str(synthetic))
     invoke("train", "--model", str(tiny), "--max-steps", "1", "--batch-size", "8")
     invoke("generate", "--split", "test", "--max-new-tokens", "12", "--batch-size", "4", "--limit", "8")
+    states = {s["name"]: s["state"] for s in json.loads(invoke("status", "--json").stdout)["stages"]}
+    assert not any(name.startswith("rerank") for name in states)  # optional: never asked for
     out = json.loads(invoke("rerank", "--split", "test", "--candidates", "6", "--json").stdout)
     frame = pl.read_parquet("proj/rerank/test/candidates.parquet")
+    states = {s["name"]: s["state"] for s in json.loads(invoke("status", "--json").stdout)["stages"]}
+    assert states["rerank/test"] == "done"
     assert frame["user_id"].n_unique() == out["metrics"]["users"] == 8  # the users generate covered
     assert frame.group_by("user_id").len()["len"].max() == 6
     assert frame.group_by("user_id").agg(pl.col("pool_rank").min())["pool_rank"].to_list() == [1] * 8
