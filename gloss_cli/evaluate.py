@@ -35,7 +35,7 @@ from gloss_cli.index import open_index
 from gloss_cli.metrics import bootstrap_ci, per_user, target_ranks
 from gloss_cli.project import Project
 from gloss_cli.queries import QuerySet, lis_queries, load_generated, load_gloss_json, query_text
-from gloss_cli.retrieval import Retriever
+from gloss_cli.retrieval import Retriever, hybrid_parts
 
 PROTOCOLS = ("paper", "fused")
 RERANKS = ("lm", "fused")
@@ -286,6 +286,7 @@ def run(
         raise GlossError(f"Cannot evaluate on split '{split}'.", "Use --split test or --split validation.")
     if min(ks) < 1:
         raise GlossError(f"K must be at least 1, got {min(ks)}.", "Pass -k 5 (or several: -k 5 -k 10).")
+    hybrid_parts(retriever)  # a malformed hybrid name fails before any work
     project.require("data")
     items = load_items(project.path("data"))
     item_ids = items.get_column("item_id").to_list()
@@ -321,7 +322,7 @@ def run(
     }
     if meta.get("fallback"):
         params["encoder_fallback"] = meta["fallback"]
-    upstream = tuple(dict.fromkeys(("data", f"index/{meta['key']}", *query_stages, *extra_stages)))
+    upstream = tuple(dict.fromkeys(("data", *meta["stages"], *query_stages, *extra_stages)))
     with project.run_stage(
         f"eval/{name}", params, command=command, upstream=upstream, libraries=("bm25s", "numpy")
     ) as stage:

@@ -11,9 +11,22 @@ from gloss_cli.data import load_items
 from gloss_cli.errors import GlossError
 from gloss_cli.project import Project
 from gloss_cli.prompt import item_text
-from gloss_cli.retrieval import Retriever, build_index, catalog_fingerprint, index_key, load_retriever, write_meta
+from gloss_cli.retrieval import (
+    HYBRID_RRF_K,
+    HybridRetriever,
+    Retriever,
+    build_index,
+    catalog_fingerprint,
+    hybrid_parts,
+    index_key,
+    load_retriever,
+    write_meta,
+)
 
-RETRIEVERS_HELP = "bm25, dense (the --encoder), or an encoder name: minilm, mpnet, e5, e5-base, an HF id or a path"
+RETRIEVERS_HELP = (
+    "bm25, dense (the --encoder), or an encoder name: minilm, mpnet, e5, e5-base, an HF id or a path; two joined by "
+    "'+' (bm25+e5) fuse their lists"
+)
 
 
 def run(
@@ -25,8 +38,13 @@ def run(
     command: str = "gloss index",
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
-    """Build ``index/<key>/`` and record it as stage ``index/<key>``. The caller holds the project lock."""
+    """Build ``index/<key>/`` and record it as stage ``index/<key>``; a hybrid's two indexes. The caller holds the
+    project lock."""
     reporter = reporter or Reporter()
+    parts = hybrid_parts(retriever)
+    if len(parts) > 1:
+        metas = [run(project, part, encoder=encoder, ann=ann, command=command, reporter=reporter) for part in parts]
+        return {"key": "+".join(m["key"] for m in metas), "count": metas[0]["count"], "parts": metas}
     project.require("data")
     items = load_items(project.path("data"))
     key = index_key(retriever, encoder)
@@ -54,7 +72,32 @@ def open_index(
 ) -> tuple[Retriever, dict[str, Any]]:
     """The retriever for ``index/<key>``, built on the fly when missing; refused if built on other items. With
     ``query_cache`` a dense retriever keeps query vectors in ``cache/query-vectors/<key>.npz`` (not a stage: any
-    file there may be deleted)."""
+    file there may be deleted). The meta's ``stages`` are the index stages it reads (a hybrid's: both parts')."""
+    parts = hybrid_parts(retriever)
+    if len(parts) > 1:
+        opened = [
+            open_index(
+                project, part, encoder=encoder, build_missing=build_missing, query_cache=query_cache, reporter=reporter
+            )
+            for part in parts
+        ]
+        (first, first_meta), (second, second_meta) = opened
+        key = f"{first_meta['key']}+{second_meta['key']}"
+        hybrid = HybridRetriever(
+            (first, second),
+            key,
+            f"reciprocal-rank fusion (c={HYBRID_RRF_K:g}) of {first.description} and {second.description}",
+        )
+        meta: dict[str, Any] = {
+            "key": key,
+            "kind": "hybrid",
+            "resolved": hybrid.description,
+            "stages": [f"index/{first_meta['key']}", f"index/{second_meta['key']}"],
+        }
+        fallbacks = [m["fallback"] for m in (first_meta, second_meta) if m.get("fallback")]
+        if fallbacks:
+            meta["fallback"] = "; ".join(fallbacks)
+        return hybrid, meta
     key = index_key(retriever, encoder)
     folder = project.path(f"index/{key}")
     if project.stage(f"index/{key}") is None or not (folder / "meta.json").is_file():
@@ -64,7 +107,7 @@ def open_index(
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     check_catalog(project, folder, meta, key)
     cache = project.path(f"cache/query-vectors/{key}.npz") if query_cache else None
-    return load_retriever(folder, meta, reporter, query_cache=cache), meta | {"key": key}
+    return load_retriever(folder, meta, reporter, query_cache=cache), meta | {"key": key, "stages": [f"index/{key}"]}
 
 
 def check_catalog(project: Project, folder: Path, meta: dict[str, Any], key: str) -> None:

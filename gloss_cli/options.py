@@ -41,7 +41,8 @@ RetrieverOpt = Annotated[
     typer.Option(
         "--retriever",
         "-r",
-        help="bm25, dense (uses --encoder), or an encoder name: minilm, mpnet, e5, e5-base, an HF id or a path.",
+        help="bm25, dense (uses --encoder), or an encoder name: minilm, mpnet, e5, e5-base, an HF id or a path; "
+        "two joined by '+' (bm25+e5) fuse their lists by reciprocal rank.",
         show_default=True,
     ),
 ]

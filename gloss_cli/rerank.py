@@ -31,6 +31,7 @@ from gloss_cli.models import load_trained, pick_device, read_meta
 from gloss_cli.project import Project
 from gloss_cli.prompt import build_prompt, item_text
 from gloss_cli.queries import lis_queries, load_generated
+from gloss_cli.retrieval import hybrid_parts
 
 CANDIDATES = "candidates.parquet"
 MAX_NEW_TOKENS = 50  # prompts are cut as generation cuts them: room for a 50-token answer
@@ -93,6 +94,7 @@ def run(
         )
     if batch_size < 0:
         raise GlossError(f"--batch-size must be >= 0 (got {batch_size}).", "Pass 0 for the default.")
+    hybrid_parts(retriever)  # a malformed hybrid name fails before any work
     project.require("data")
     train_record = project.require("train")
     items = load_items(project.path("data"))
@@ -119,7 +121,7 @@ def run(
         "score": "log p(Title: <title> EOS | prompt), summed",
         "train": train_record["fingerprint"],
     }
-    upstream = ("data", "train", f"index/{meta['key']}", *stages)
+    upstream = ("data", "train", *meta["stages"], *stages)
     libraries = ("torch", "transformers", "peft", "bm25s")
     with project.run_stage(f"rerank/{split}", params, command=command, libraries=libraries, upstream=upstream) as st:
         key_of = {item: i for i, item in enumerate(item_ids)}

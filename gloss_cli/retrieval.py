@@ -1,8 +1,10 @@
 """Retrievers over the catalog: BM25 (bm25s) and dense (sentence encoders + usearch), behind one small interface.
 
-Keys returned by a retriever are row numbers of ``data/items.parquet`` (catalog order). Each index folder keeps
-the library's own format (bm25s folder; ``index.usearch`` + ``vectors.npy``) plus a ``meta.json`` that names the
-retriever and the catalog fingerprint it was built on, so that an index from other items is refused.
+A hybrid (``bm25+e5``: any two of them joined by ``+``) fuses its parts' lists per query by reciprocal rank
+(:class:`HybridRetriever`). Keys returned by a retriever are row numbers of ``data/items.parquet`` (catalog order).
+Each index folder keeps the library's own format (bm25s folder; ``index.usearch`` + ``vectors.npy``) plus a
+``meta.json`` that names the retriever and the catalog fingerprint it was built on, so that an index from other
+items is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from gloss_cli.errors import GlossError
 # GLoSS's BM25: bm25s defaults (Lucene variant, k1 = 1.5, b = 0.75), English stop words, no stemmer.
 BM25_PARAMS = {"method": "lucene", "k1": 1.5, "b": 0.75, "stopwords": "en"}
 DENSE_ALIASES = {"dense": None}  # "dense" = the default encoder (or --encoder)
+HYBRID_RRF_K = 60.0  # c in 1 / (c + rank), the usual constant of reciprocal-rank fusion (Cormack et al., 2009)
 
 
 class Retriever(Protocol):
@@ -35,6 +38,17 @@ class Retriever(Protocol):
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         """(keys, scores), both (len(texts), k), best first; higher score = better."""
         ...
+
+
+def hybrid_parts(retriever: str) -> list[str]:
+    """The parts of a hybrid retriever name (``bm25+e5`` -> ``["bm25", "e5"]``); one part for a plain name."""
+    parts = [part.strip() for part in retriever.split("+")]
+    if len(parts) > 1 and (len(parts) != 2 or not all(parts) or parts[0] == parts[1]):
+        raise GlossError(
+            f"Cannot read the hybrid retriever '{retriever}'.",
+            "Join two different retrievers with '+', e.g. --retriever bm25+e5.",
+        )
+    return parts
 
 
 def catalog_fingerprint(item_ids: Sequence[str]) -> str:
@@ -160,6 +174,36 @@ class DenseRetriever:
         keys, scores = self.index.search(vectors, k)
         rows = np.fromiter((row_of[text] for text in texts), dtype=np.int64, count=len(texts))
         return np.asarray(keys, dtype=np.int64)[rows], np.asarray(scores, dtype=np.float32)[rows]
+
+
+@dataclass
+class HybridRetriever:
+    """Two retrievers' lists fused per query: each part retrieves its top ``k``; an item scores ``sum 1 / (c +
+    rank)`` over the lists it is in (rank from 1); the top ``k`` by that score, ties in the first part's order."""
+
+    parts: tuple[Retriever, Retriever]
+    name: str
+    description: str
+    c: float = HYBRID_RRF_K
+
+    def search(
+        self, texts: Sequence[str], k: int, *, tick: Tick | None = None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        lists = [part.search(texts, k)[0] for part in self.parts]
+        keys = np.full((len(texts), k), -1, dtype=np.int64)
+        scores = np.zeros((len(texts), k), dtype=np.float32)
+        for row in range(len(texts)):
+            fused: dict[int, float] = {}
+            for found in lists:
+                for rank, key in enumerate(found[row].tolist()):
+                    if key >= 0:
+                        fused[key] = fused.get(key, 0.0) + 1.0 / (self.c + rank + 1)
+            best = sorted(fused, key=fused.__getitem__, reverse=True)[:k]  # stable: first-seen order breaks ties
+            keys[row, : len(best)] = best
+            scores[row, : len(best)] = [fused[key] for key in best]
+        if tick is not None:
+            tick.advance(len(texts))
+        return keys, scores
 
 
 _ENCODERS: dict[str, Any] = {}

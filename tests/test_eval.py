@@ -152,6 +152,41 @@ def test_dense_eval_keeps_query_vectors_for_the_next_eval(synthetic: Path, tmp_p
     assert again["metrics"] == first["metrics"] and cache.is_file()
 
 
+def test_hybrid_fuses_its_parts_lists_by_reciprocal_rank() -> None:
+    from gloss_cli.retrieval import HybridRetriever
+
+    class Fixed:
+        description = "fixed"
+
+        def __init__(self, rows: list[list[int]]) -> None:
+            self.rows = rows
+
+        def search(self, texts: list[str], k: int, *, tick: object = None) -> tuple[np.ndarray, np.ndarray]:
+            keys = np.array([row[:k] for row in self.rows], dtype=np.int64)
+            return keys, np.zeros(keys.shape, dtype=np.float32)
+
+    hybrid = HybridRetriever((Fixed([[1, 2, 3], [7, -1, -1]]), Fixed([[3, 4, 1], [8, 7, -1]])), "a+b", "a+b", c=60)
+    keys, scores = hybrid.search(["q1", "q2"], 3)
+    # q1: 1 = 1/61 + 1/63, 3 = 1/63 + 1/61 (a tie: the first part's order), then 2 (1/62) before 4 (1/62, later)
+    assert keys.tolist() == [[1, 3, 2], [7, 8, -1]]
+    assert scores[0].tolist() == pytest.approx([1 / 61 + 1 / 63, 1 / 63 + 1 / 61, 1 / 62])
+    assert scores[1].tolist() == pytest.approx([1 / 61 + 1 / 62, 1 / 61, 0.0])
+
+
+def test_hybrid_retriever_eval(synthetic: Path, tmp_path: Path) -> None:
+    project = _project(synthetic)
+    _gloss_file(project, tmp_path / "q.json")
+    args = ["eval", "--queries", str(tmp_path / "q.json"), "-p", "p", "--json", "-q", "--protocol", "fused"]
+    hybrid = json.loads(runner.invoke(app, [*args, "--retriever", "bm25+minilm"]).stdout)
+    assert hybrid["run"] == "file-bm25+minilm-fused-test" and hybrid["metrics"]["recall@5"] > 0.8
+    record = json.loads((project / "manifest.json").read_text())["stages"]["eval/" + hybrid["run"]]
+    assert set(record["upstream"]) == {"data", "index/bm25", "index/minilm"}  # both parts built on the fly
+    summary = json.loads(Path(hybrid["folder"], "metrics.json").read_text())
+    assert summary["retriever_description"].startswith("reciprocal-rank fusion (c=60) of BM25")
+    for bad in ("bm25+", "bm25+bm25", "bm25+minilm+e5"):
+        _assert_refused(["eval", "--retriever", bad, "-p", "p"], f"Cannot read the hybrid retriever '{bad}'", project)
+
+
 def test_segments_table_and_plot(synthetic: Path) -> None:
     _project(synthetic)
     assert runner.invoke(app, ["eval", "--baseline", "lis", "-p", "p", "-q"]).exit_code == 0

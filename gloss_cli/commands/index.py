@@ -31,6 +31,8 @@ def index(
       gloss index --retriever e5
 
       gloss index --retriever dense --encoder sentence-transformers/all-mpnet-base-v2
+
+      gloss index --retriever bm25+e5          # both indexes, for the hybrid retriever
     """
     from gloss_cli.index import run
 
@@ -46,4 +48,5 @@ def index(
     if json_:
         print_json({"project": str(proj.root), **meta})
     else:
-        out.print(f"index/{meta['key']}: {meta.get('resolved', 'BM25 (bm25s)')}, {meta['count']:,} items")
+        for part in meta.get("parts", [meta]):  # a hybrid's two indexes
+            out.print(f"index/{part['key']}: {part.get('resolved', 'BM25 (bm25s)')}, {part['count']:,} items")
