@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -339,7 +339,7 @@ class GenerateResult:
         } | ({"gpu_peak_mib": self.gpu_peak_mib} if self.gpu_peak_mib is not None else {})
 
 
-def _gpu_peak_mib() -> float | None:
+def gpu_peak_mib() -> float | None:
     """The peak of CUDA memory torch allocated in this process (MiB), when it used a GPU."""
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
@@ -382,12 +382,16 @@ def _write_queries(
             tick.update(description=f"generating · {rate:.2f} users/s · {generator.new_tokens:,} tokens")
 
 
-def fit_prompts(generator: Generator, histories: list[list[str]], budget: int) -> list[str]:
+def fit_prompts(
+    count_tokens: Callable[[Sequence[str]], list[int]], histories: list[list[str]], budget: int
+) -> list[str]:
+    """The prompts of ``histories``, each cut (oldest items first) to at most ``budget`` tokens as ``count_tokens``
+    (a generator's, or a tokenizer's) counts them."""
     prompts = [build_prompt(h) for h in histories]
-    for i, n in enumerate(generator.count_tokens(prompts)):
+    for i, n in enumerate(count_tokens(prompts)):
         if n > budget:
             h = histories[i]
-            keep = fit_history(h, lambda t: generator.count_tokens([build_prompt(t)])[0], budget)
+            keep = fit_history(h, lambda t: count_tokens([build_prompt(t)])[0], budget)
             prompts[i] = build_prompt(h[len(h) - keep :])
     return prompts
 
@@ -441,16 +445,14 @@ def run(
             stage.params["generator"] = generator.describe()
             stage.params["batch_size"] = options.batch_size or generator.default_batch_size
             rows = list(todo.select("user_id", "target", "history").iter_rows(named=True))
-            prompts = fit_prompts(generator, [[titles[i] for i in r["history"]] for r in rows], budget)
+            prompts = fit_prompts(generator.count_tokens, [[titles[i] for i in r["history"]] for r in rows], budget)
             with reporter.progress("generating", total=len(rows)) as tick:
                 t0 = time.perf_counter()
                 _write_queries(generator, rows, prompts, path, options, tick)
             new_tokens = generator.new_tokens
         seconds = time.perf_counter() - t0
         found = len(read_done(path))
-        result = GenerateResult(
-            split, path, found, todo.height, skipped, seconds, new_tokens, settings, _gpu_peak_mib()
-        )
+        result = GenerateResult(split, path, found, todo.height, skipped, seconds, new_tokens, settings, gpu_peak_mib())
         stage.metrics = result.metrics()
     return result
 

@@ -112,7 +112,7 @@ class Recommender:
         self, users: list[str | None], histories: list[list[str]], seen: list[set[int]]
     ) -> list[UserRecommendations]:
         t0 = time.perf_counter()
-        prompts = fit_prompts(self.generator, histories, self.budget)
+        prompts = fit_prompts(self.generator.count_tokens, histories, self.budget)
         t1 = time.perf_counter()
         o = self.options
         beams = self.generator.generate(

@@ -25,11 +25,11 @@ from gloss_cli.console import Reporter
 from gloss_cli.data import load_items, load_split
 from gloss_cli.errors import GlossError
 from gloss_cli.evaluate import generated_users, retrieve, with_lis_query
-from gloss_cli.examples import fit_history
+from gloss_cli.generate import fit_prompts, gpu_peak_mib
 from gloss_cli.index import open_index
 from gloss_cli.models import load_trained, pick_device, read_meta
 from gloss_cli.project import Project
-from gloss_cli.prompt import build_prompt, item_text
+from gloss_cli.prompt import item_text
 from gloss_cli.queries import lis_queries, load_generated
 from gloss_cli.retrieval import hybrid_parts
 
@@ -56,17 +56,6 @@ class RerankResult:
             "seconds": round(self.seconds, 3),
             "users_per_s": round(rate, 3) if rate else None,
         } | ({"gpu_peak_mib": self.gpu_peak_mib} if self.gpu_peak_mib is not None else {})
-
-
-def _prompts(tokenizer: Any, histories: list[list[str]], budget: int) -> list[str]:
-    prompts = [build_prompt(h) for h in histories]
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    for i, n in enumerate(lengths):
-        if n > budget:
-            h = histories[i]
-            keep = fit_history(h, lambda t: len(tokenizer(build_prompt(t))["input_ids"]), budget)
-            prompts[i] = build_prompt(h[len(h) - keep :])
-    return prompts
 
 
 def run(
@@ -136,7 +125,11 @@ def run(
         model, tokenizer = trained.model.eval(), trained.tokenizer
         tokenizer.padding_side = "left"
         budget = int(meta_train["max_seq_len"]) - MAX_NEW_TOKENS
-        prompts = _prompts(tokenizer, [[titles[i] for i in h] for h in qs.histories], budget)
+        prompts = fit_prompts(
+            lambda texts: [len(ids) for ids in tokenizer(list(texts))["input_ids"]],
+            [[titles[i] for i in h] for h in qs.histories],
+            budget,
+        )
         texts = [item_text(t) for t in items.get_column("title").to_list()]
         pool_lists = [[int(k) for k in row if k >= 0] for row in pools.tolist()]
         needed = sorted({k for row in pool_lists for k in row})
@@ -185,14 +178,8 @@ def run(
             candidates,
             seconds,
             pool_recall,
-            _gpu_peak(),
+            gpu_peak_mib(),
         )
         st.params |= {"device": device, "batch_size": size}
         st.metrics = result.metrics()
     return result
-
-
-def _gpu_peak() -> float | None:
-    from gloss_cli.generate import _gpu_peak_mib
-
-    return _gpu_peak_mib()
