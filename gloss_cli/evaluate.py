@@ -279,6 +279,12 @@ def run(
     reporter = reporter or Reporter()
     ks = sorted(set(ks or [5]))
     if rerank is not None:
+        if baseline or queries_file or match_generated or retriever != "bm25" or protocol != "paper":
+            raise GlossError(
+                "--rerank orders the pools 'gloss rerank' made: their retriever and queries were set there.",
+                "Drop --baseline, --queries, --match-generated, --retriever and --protocol (gloss rerank takes "
+                "--retriever, --num-queries and --candidates).",
+            )
         return _run_reranked(project, split, rerank, ks, name=name, command=command)
     if protocol not in PROTOCOLS:
         raise GlossError(f"Unknown protocol '{protocol}'.", f"Use one of: {', '.join(PROTOCOLS)}.")

@@ -171,3 +171,7 @@ def test_rerank_bad_input_says_what_to_do(synthetic: Path, tiny: Path) -> None: 
     assert ok.exit_code == 0, ok.output  # LIS's pool needs no generation
     bad = runner.invoke(app, ["eval", "--split", "test", "--rerank", "best", "-p", "proj"])
     assert bad.exit_code == 1 and "Unknown rerank order 'best'" in bad.output
+    for flags in (["--retriever", "e5"], ["--baseline", "lis"], ["--protocol", "fused"]):
+        bad = runner.invoke(app, ["eval", "--split", "test", "--rerank", "lm", *flags, "-p", "proj"])
+        assert bad.exit_code == 1 and "--rerank orders the pools 'gloss rerank' made" in bad.output
+    assert not Path("proj/eval").exists()
