@@ -288,10 +288,7 @@ def run(
         return _run_reranked(project, split, rerank, ks, name=name, command=command)
     if protocol not in PROTOCOLS:
         raise GlossError(f"Unknown protocol '{protocol}'.", f"Use one of: {', '.join(PROTOCOLS)}.")
-    if split not in ("validation", "test"):
-        raise GlossError(f"Cannot evaluate on split '{split}'.", "Use --split test or --split validation.")
-    if min(ks) < 1:
-        raise GlossError(f"K must be at least 1, got {min(ks)}.", "Pass -k 5 (or several: -k 5 -k 10).")
+    _check_split_and_k(split, ks)
     hybrid_parts(retriever)  # a malformed hybrid name fails before any work
     project.require("data")
     items = load_items(project.path("data"))
@@ -357,6 +354,13 @@ def run(
     return result
 
 
+def _check_split_and_k(split: str, ks: list[int]) -> None:
+    if split not in ("validation", "test"):
+        raise GlossError(f"Cannot evaluate on split '{split}'.", "Use --split test or --split validation.")
+    if min(ks) < 1:
+        raise GlossError(f"K must be at least 1, got {min(ks)}.", "Pass -k 5 (or several: -k 5 -k 10).")
+
+
 def _run_reranked(
     project: Project, split: str, how: str, ks: list[int], *, name: str | None, command: str
 ) -> EvalResult:
@@ -365,10 +369,7 @@ def _run_reranked(
 
     if how not in RERANKS:
         raise GlossError(f"Unknown rerank order '{how}'.", f"Use one of: {', '.join(RERANKS)}.")
-    if split not in ("validation", "test"):
-        raise GlossError(f"Cannot evaluate on split '{split}'.", "Use --split test or --split validation.")
-    if min(ks) < 1:
-        raise GlossError(f"K must be at least 1, got {min(ks)}.", "Pass -k 5 (or several: -k 5 -k 10).")
+    _check_split_and_k(split, ks)
     project.require("data")
     stage = f"rerank/{split}"
     record = project.require(stage, f"gloss rerank --split {split}")

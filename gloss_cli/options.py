@@ -36,6 +36,12 @@ DatasetOpt = Annotated[
     ),
 ]
 DEFAULT_PROJECT_PATH = Path(DEFAULT_PROJECT)
+
+
+def complete_split(incomplete: str) -> list[str]:
+    return [s for s in ("validation", "test") if s.startswith(incomplete)]
+
+
 RetrieverOpt = Annotated[
     str,
     typer.Option(

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_torch_beam import EOS, PROMPTS, load, sharpen, tiny, tokenizer  # noqa: F401  (fixtures)
+from tests.test_torch_beam import EOS, PROMPTS, load, tiny, tiny_gemma, tokenizer  # noqa: F401  (fixtures)
 
 torch = pytest.importorskip("torch")
 from gloss_cli.backends.scoring import score_continuations, target_ids  # noqa: E402
@@ -61,26 +61,7 @@ def test_lora(tiny: Path, tokenizer: Any) -> None:  # noqa: F811
 
 
 def test_sliding_window_layers(tokenizer: Any, tmp_path: Path) -> None:  # noqa: F811
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(2)
-    config = Gemma3TextConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=12,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=EOS,
-        pad_token_id=EOS,
-        attn_implementation="sdpa",
-    )
-    check(load(sharpen(Gemma3ForCausalLM(config), tmp_path)), tokenizer)
+    check(tiny_gemma(tokenizer, tmp_path), tokenizer)
 
 
 # `gloss rerank` and `gloss eval --rerank` on the synthetic dataset with the tiny model

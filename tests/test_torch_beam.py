@@ -250,9 +250,8 @@ def test_lora_and_eager_attention(tiny: Path, tokenizer: Any) -> None:
     assert_same(gloss_beams(eager, tokenizer, 3, 3, 12), want)
 
 
-def test_sliding_window_layers(tokenizer: Any, tmp_path: Path) -> None:
-    """A tiny Gemma 3 whose sliding layers see 12 positions (prompts run to ~320 tokens, so the window cuts the
-    prompt and then moves with the generated tokens) and whose full layer sees all: transformers' beams."""
+def tiny_gemma(tokenizer: Any, folder: Path) -> Any:
+    """A tiny Gemma 3 whose sliding layers see 12 positions and whose middle layer sees all (sharpened, loaded)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(2)
@@ -272,7 +271,13 @@ def test_sliding_window_layers(tokenizer: Any, tmp_path: Path) -> None:
         pad_token_id=EOS,
         attn_implementation="sdpa",
     )
-    gemma = load(sharpen(Gemma3ForCausalLM(config), tmp_path))
+    return load(sharpen(Gemma3ForCausalLM(config), folder))
+
+
+def test_sliding_window_layers(tokenizer: Any, tmp_path: Path) -> None:
+    """A tiny Gemma 3 whose sliding layers see 12 positions (prompts run to ~320 tokens, so the window cuts the
+    prompt and then moves with the generated tokens) and whose full layer sees all: transformers' beams."""
+    gemma = tiny_gemma(tokenizer, tmp_path)
     assert unsupported(gemma) is None
     want, _ = hf_beams(gemma, tokenizer, 5, 5, 16)
     assert_same(gloss_beams(gemma, tokenizer, 5, 5, 16), want)

@@ -7,17 +7,13 @@ from typing import Annotated
 import typer
 
 from gloss_cli.console import RichReporter, print_json
-from gloss_cli.options import DEFAULT_PROJECT_PATH, JsonOpt, ProjectOpt, QuietOpt
+from gloss_cli.options import DEFAULT_PROJECT_PATH, JsonOpt, ProjectOpt, QuietOpt, complete_split
 from gloss_cli.project import Project
-
-
-def _complete_split(incomplete: str) -> list[str]:
-    return [s for s in ("validation", "test") if s.startswith(incomplete)]
 
 
 def generate(
     split: Annotated[
-        str, typer.Option("--split", "-s", help="validation or test.", autocompletion=_complete_split)
+        str, typer.Option("--split", "-s", help="validation or test.", autocompletion=complete_split)
     ] = "test",
     users: Annotated[
         list[str] | None,

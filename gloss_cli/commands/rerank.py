@@ -7,16 +7,12 @@ from typing import Annotated
 import typer
 
 from gloss_cli.console import RichReporter, print_json
-from gloss_cli.options import DEFAULT_PROJECT_PATH, JsonOpt, ProjectOpt, QuietOpt, RetrieverOpt
-
-
-def _complete_split(incomplete: str) -> list[str]:
-    return [s for s in ("validation", "test") if s.startswith(incomplete)]
+from gloss_cli.options import DEFAULT_PROJECT_PATH, JsonOpt, ProjectOpt, QuietOpt, RetrieverOpt, complete_split
 
 
 def rerank(
     split: Annotated[
-        str, typer.Option("--split", "-s", help="validation or test.", autocompletion=_complete_split)
+        str, typer.Option("--split", "-s", help="validation or test.", autocompletion=complete_split)
     ] = "validation",
     retriever: RetrieverOpt = "bm25",
     num_queries: Annotated[
