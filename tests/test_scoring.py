@@ -129,6 +129,13 @@ def test_rerank_scores_each_pool_and_eval_orders_it(
     )
     first_user = pl.read_parquet("proj/eval/rerank-lm-bm25-test/per_user.parquet")["user_id"][0]
     assert lm[:5] == best.filter(pl.col("user_id") == first_user)["item_id"].to_list()
+    # fused: 1 / (1 + pool rank) + 1 / (1 + the model's rank), ties to the pool's order
+    mine = frame.filter(pl.col("user_id") == first_user).with_columns(v=pl.col("logprob") / pl.col("tokens"))
+    model_rank = {item: r + 1 for r, item in enumerate(mine.sort("v", descending=True)["item_id"])}
+    value = {i: 1 / (1 + r) + 1 / (1 + model_rank[i]) for i, r in zip(mine["item_id"], mine["pool_rank"], strict=True)}
+    want = sorted(value, key=lambda i: (-value[i], mine.filter(pl.col("item_id") == i)["pool_rank"][0]))[:5]
+    fused_run = Path("proj/eval/rerank-fused-bm25-test/run.trec").read_text().splitlines()
+    assert [line.split()[2] for line in fused_run[:5]] == want
 
 
 def test_rerank_bad_input_says_what_to_do(synthetic: Path, tiny: Path) -> None:  # noqa: F811
