@@ -48,15 +48,21 @@ class Encoded:
         return [len(x) for x in self.ids]
 
 
+def target_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """``texts`` (``Title: <title>``) as training tokenizes a target: no special tokens, then EOS. The catalog trie
+    of ``--catalog-only`` and ``gloss rerank``'s scores use the same ids, so they follow the model's training."""
+    eos = tokenizer.eos_token_id
+    return [[*ids, eos] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
 def encode_examples(tokenizer: Any, histories: list[list[str]], targets: list[str], max_seq_len: int) -> Encoded:
     """Token ids of prompt + ``Title: <target>`` + EOS, with the prompt cut to fit ``max_seq_len``."""
     if not histories:
         return Encoded()
     prompts = tokenizer([build_prompt(h) for h in histories])["input_ids"]
-    tails = tokenizer([item_text(t) for t in targets], add_special_tokens=False)["input_ids"]
+    tails = target_ids(tokenizer, [item_text(t) for t in targets])
     out = Encoded()
     for history, prompt, tail in zip(histories, prompts, tails, strict=True):
-        tail = [*tail, tokenizer.eos_token_id]
         if len(prompt) + len(tail) > max_seq_len:
             keep = fit_history(history, lambda t: len(tokenizer(build_prompt(t))["input_ids"]), max_seq_len - len(tail))
             prompt = tokenizer(build_prompt(history[len(history) - keep :]))["input_ids"]

@@ -43,7 +43,10 @@ def run(
     reporter = reporter or Reporter()
     parts = hybrid_parts(retriever)
     if len(parts) > 1:
-        metas = [run(project, part, encoder=encoder, ann=ann, command=command, reporter=reporter) for part in parts]
+        metas = [
+            run(project, part, encoder=encoder, ann=ann, command=f"gloss index --retriever {part}", reporter=reporter)
+            for part in parts
+        ]
         return {"key": "+".join(m["key"] for m in metas), "count": metas[0]["count"], "parts": metas}
     project.require("data")
     items = load_items(project.path("data"))

@@ -25,6 +25,7 @@ from gloss_cli.console import Reporter
 from gloss_cli.data import load_items, load_split
 from gloss_cli.errors import GlossError
 from gloss_cli.evaluate import generated_users, retrieve, with_lis_query
+from gloss_cli.examples import target_ids
 from gloss_cli.generate import fit_prompts, gpu_peak_mib
 from gloss_cli.index import open_index
 from gloss_cli.models import load_trained, pick_device, read_meta
@@ -71,7 +72,7 @@ def run(
     reporter: Reporter | None = None,
 ) -> RerankResult:
     """The ``rerank/<split>`` stage (the caller holds the project lock)."""
-    from gloss_cli.backends.scoring import score_continuations, target_ids
+    from gloss_cli.backends.scoring import score_continuations
 
     reporter = reporter or Reporter()
     if split not in ("validation", "test"):
@@ -130,10 +131,9 @@ def run(
             [[titles[i] for i in h] for h in qs.histories],
             budget,
         )
-        texts = [item_text(t) for t in items.get_column("title").to_list()]
         pool_lists = [[int(k) for k in row if k >= 0] for row in pools.tolist()]
         needed = sorted({k for row in pool_lists for k in row})
-        ids_of = dict(zip(needed, target_ids(tokenizer, [texts[k] for k in needed]), strict=True))
+        ids_of = dict(zip(needed, target_ids(tokenizer, [item_text(titles[item_ids[k]]) for k in needed]), strict=True))
         size = batch_size or (64 if device == "cuda" else 4)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: fail fast on memory
         logprob: list[list[float]] = [[] for _ in prompts]

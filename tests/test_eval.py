@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,14 @@ def test_hybrid_retriever_eval(synthetic: Path, tmp_path: Path) -> None:
     assert set(record["upstream"]) == {"data", "index/bm25", "index/minilm"}  # both parts built on the fly
     summary = json.loads(Path(hybrid["folder"], "metrics.json").read_text())
     assert summary["retriever_description"].startswith("reciprocal-rank fusion (c=60) of BM25")
+    shutil.rmtree(project / "index")
+    built = runner.invoke(app, ["index", "--retriever", "bm25+minilm", "-p", "p"])
+    assert built.exit_code == 0 and "index/bm25:" in built.output and "index/minilm:" in built.output
+    stages = json.loads((project / "manifest.json").read_text())["stages"]
+    assert [stages[f"index/{r}"]["command"] for r in ("bm25", "minilm")] == [
+        "gloss index --retriever bm25",
+        "gloss index --retriever minilm",
+    ]
     for bad in ("bm25+", "bm25+bm25", "bm25+minilm+e5"):
         _assert_refused(["eval", "--retriever", bad, "-p", "p"], f"Cannot read the hybrid retriever '{bad}'", project)
 

@@ -12,7 +12,8 @@ import pytest
 from tests.test_torch_beam import EOS, PROMPTS, load, tiny, tiny_gemma, tokenizer  # noqa: F401  (fixtures)
 
 torch = pytest.importorskip("torch")
-from gloss_cli.backends.scoring import score_continuations, target_ids  # noqa: E402
+from gloss_cli.backends.scoring import score_continuations  # noqa: E402
+from gloss_cli.examples import target_ids  # noqa: E402
 
 TEXTS = ["Title: w1_2 w2_1", "Title: w3_4 w4_3 w10_3 w3_10", "Title: w5_5", "Title: w7_1 w1_7 w2_2"]
 

@@ -1,7 +1,8 @@
 """The log-probability a causal LM gives each of several continuations of one prompt, the prompt computed once.
 
 ``gloss rerank`` asks the fine-tuned model how likely it finds each candidate item's title as the next item:
-``log p("Title: <title>" EOS | prompt)``, the text tokenized as training tokenized targets. The prompts of a batch
+``log p("Title: <title>" EOS | prompt)``, the text tokenized as training tokenized targets
+(``gloss_cli.examples.target_ids``). The prompts of a batch
 are prefilled once, left-padded (as generation prefills them); every candidate row then gets a copy of its prompt's
 keys and values and runs its own tokens (but the last) in one forward, so a prompt's ~300 tokens are computed once
 for its 20-50 candidates. The first token's log-probability comes from the prompt's last logits. Rows are chunked
@@ -16,12 +17,6 @@ from typing import Any
 import torch
 
 from gloss_cli.backends.torch_beam import _cache_kwarg, _layers, _prefill
-
-
-def target_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """``texts`` as training tokenizes a target: no special tokens, then EOS."""
-    eos = tokenizer.eos_token_id
-    return [[*ids, eos] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 @torch.inference_mode()

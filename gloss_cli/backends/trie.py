@@ -80,7 +80,6 @@ class TokenTrie:
 
 def catalog_trie(tokenizer: object, texts: Iterable[str], device: torch.device | str = "cpu") -> TokenTrie:
     """The trie of ``texts`` tokenized as training tokenizes a target (no special tokens, then EOS)."""
-    distinct = sorted(set(texts))
-    ids = tokenizer(distinct, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-    eos = tokenizer.eos_token_id  # type: ignore[attr-defined]
-    return TokenTrie(([*seq, eos] for seq in ids), device=device)
+    from gloss_cli.examples import target_ids
+
+    return TokenTrie(target_ids(tokenizer, sorted(set(texts))), device=device)
