@@ -279,13 +279,13 @@ def run(
     reporter = reporter or Reporter()
     ks = sorted(set(ks or [5]))
     if rerank is not None:
-        if baseline or queries_file or match_generated or retriever != "bm25" or protocol != "paper":
+        if baseline or queries_file or match_generated or protocol != "paper" or encoder:
             raise GlossError(
-                "--rerank orders the pools 'gloss rerank' made: their retriever and queries were set there.",
-                "Drop --baseline, --queries, --match-generated, --retriever and --protocol (gloss rerank takes "
-                "--retriever, --num-queries and --candidates).",
+                "--rerank orders the pools 'gloss rerank' made: their queries and protocol were set there.",
+                "Drop --baseline, --queries, --match-generated, --protocol and --encoder (gloss rerank takes "
+                "--num-queries and --candidates; --retriever picks whose pools to order).",
             )
-        return _run_reranked(project, split, rerank, ks, name=name, command=command)
+        return _run_reranked(project, split, rerank, retriever, ks, name=name, command=command)
     if protocol not in PROTOCOLS:
         raise GlossError(f"Unknown protocol '{protocol}'.", f"Use one of: {', '.join(PROTOCOLS)}.")
     _check_split_and_k(split, ks)
@@ -362,17 +362,18 @@ def _check_split_and_k(split: str, ks: list[int]) -> None:
 
 
 def _run_reranked(
-    project: Project, split: str, how: str, ks: list[int], *, name: str | None, command: str
+    project: Project, split: str, how: str, retriever: str, ks: list[int], *, name: str | None, command: str
 ) -> EvalResult:
-    """``gloss eval --rerank``: score the pools ``gloss rerank`` wrote for ``split``."""
-    from gloss_cli.rerank import CANDIDATES
+    """``gloss eval --rerank``: order the pools ``gloss rerank --retriever RETRIEVER`` wrote for ``split``."""
+    from gloss_cli.rerank import CANDIDATES, stage_name
 
     if how not in RERANKS:
         raise GlossError(f"Unknown rerank order '{how}'.", f"Use one of: {', '.join(RERANKS)}.")
     _check_split_and_k(split, ks)
+    hybrid_parts(retriever)
     project.require("data")
-    stage = f"rerank/{split}"
-    record = project.require(stage, f"gloss rerank --split {split}")
+    stage = stage_name(split, retriever)
+    record = project.require(stage, f"gloss rerank --split {split} --retriever {retriever}")
     pool = record["params"]
     frame = pl.read_parquet(project.path(f"{stage}/{CANDIDATES}"))
     items = load_items(project.path("data"))

@@ -7,8 +7,9 @@ The model then gives each candidate ``log p("Title: <title>" EOS | prompt)``, th
 (``gloss_cli.backends.scoring``: each prompt computed once for its whole pool). ``gloss eval --rerank`` orders each
 pool by that score (``lm``: per token, as beam scores are) or fuses it with the pool's order (``fused``).
 
-Output ``rerank/<split>/candidates.parquet``: user_id, item_id, pool_rank (1 = the fused list's first), logprob
-(summed over the title's tokens and EOS), tokens.
+Output ``rerank/<split>/candidates.parquet`` (BM25's pool; another retriever's in ``rerank/<split>-<retriever>``,
+so that pools of several retrievers can be compared on validation): user_id, item_id, pool_rank (1 = the fused
+list's first), logprob (summed over the title's tokens and EOS), tokens.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ from gloss_cli.retrieval import hybrid_parts
 
 CANDIDATES = "candidates.parquet"
 MAX_NEW_TOKENS = 50  # prompts are cut as generation cuts them: room for a 50-token answer
+
+
+def stage_name(split: str, retriever: str) -> str:
+    """The stage holding the pools of ``split`` that ``retriever`` retrieved (BM25's keep the plain name)."""
+    return f"rerank/{split}" if retriever == "bm25" else f"rerank/{split}-{retriever}"
 
 
 @dataclass
@@ -71,7 +77,7 @@ def run(
     command: str = "gloss rerank",
     reporter: Reporter | None = None,
 ) -> RerankResult:
-    """The ``rerank/<split>`` stage (the caller holds the project lock)."""
+    """The ``rerank/<split>`` stage, or ``rerank/<split>-<retriever>`` (the caller holds the project lock)."""
     from gloss_cli.backends.scoring import score_continuations
 
     reporter = reporter or Reporter()
@@ -113,7 +119,8 @@ def run(
     }
     upstream = ("data", "train", *meta["stages"], *stages)
     libraries = ("torch", "transformers", "peft", "bm25s")
-    with project.run_stage(f"rerank/{split}", params, command=command, libraries=libraries, upstream=upstream) as st:
+    stage_dir = stage_name(split, retriever)
+    with project.run_stage(stage_dir, params, command=command, libraries=libraries, upstream=upstream) as st:
         key_of = {item: i for i, item in enumerate(item_ids)}
         pools = retrieve(
             index, qs, key_of, protocol="fused", exclude_seen=True, k=candidates, reporter=reporter
@@ -173,7 +180,7 @@ def run(
         ).write_parquet(st.dir / CANDIDATES)
         result = RerankResult(
             split,
-            project.path(f"rerank/{split}/{CANDIDATES}"),
+            project.path(f"{stage_dir}/{CANDIDATES}"),
             len(prompts),
             candidates,
             seconds,

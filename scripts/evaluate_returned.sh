@@ -10,7 +10,8 @@
 #   the model's queries and LIS under the paper protocol and gloss's (fused, history excluded);
 #   LIS + model (`--with-lis`) with 2 and 5 beams on validation, and on test with the number validation picked;
 #   for BM25 also the ablation rows (history excluded alone, fusion alone, LIS + model with history kept);
-#   where the run scored candidate pools (`gloss rerank`, gpu_run.sh GLOSS_RERANK): `--rerank lm` and `fused`;
+#   where the run scored candidate pools (`gloss rerank`, gpu_run.sh GLOSS_RERANK): `--rerank lm` and `fused`,
+#   for each retriever's pools (rerank-{lm,fused}-RETRIEVER-{val,test});
 # then `gloss segments` over the BM25 rows. An evaluation that already has its metrics is skipped, so a stopped
 # run resumes. Dense retrievers encode every query on the CPU: minutes per evaluation of a whole test split.
 set -euo pipefail
@@ -54,9 +55,13 @@ for r in "${retrievers[@]}"; do
       --run model-bm25-fused-xseen-test --run lis-bm25-fused-xseen-test --run "lis$n-bm25-test"
   fi
 done
-for how in lm fused; do
-  [ ! -f "$p/rerank/validation/candidates.parquet" ] || e "rerank-$how-val" --split validation --rerank "$how"
-  [ ! -f "$p/rerank/test/candidates.parquet" ] || e "rerank-$how-test" --split test --rerank "$how"
+local pool split r
+for pool in "$p"/rerank/*/; do  # rerank/<split> (BM25's pools) or rerank/<split>-<retriever>
+  pool=$(basename "$pool") split=${pool%%-*} r=bm25
+  [ "$pool" = "$split" ] || r=${pool#*-}
+  for how in lm fused; do
+    e "rerank-$how-$r-${split/validation/val}" --split "$split" --rerank "$how" --retriever "$r"
+  done
 done
 }
 unpack() {  # TGZ PROJECT [PREFIX]: `gloss data` for the run's dataset, then its records (under PREFIX/ in TGZ) over it

@@ -16,6 +16,9 @@
 #               its unconstrained generation is of the validation split only
 #               GLOSS_RERANK: `gloss rerank` flags (e.g. "--candidates 20 --num-queries 2"): after generation the
 #               model scores each user's pool of candidates, validation and test (whatever GLOSS_TEST_LIMIT says)
+#               GLOSS_RERANK_RETRIEVERS: the retrievers whose pools it scores (default bm25), each on validation;
+#               on test only the one whose `gloss eval --rerank fused` validation Recall@5 is highest (the
+#               first listed on a tie)
 #               GLOSS_AFTER: runs (names) whose logs must say finished or FAILED before this job begins (timings
 #               taken with the GPU to itself)
 #         bash scripts/gpu_run.sh evaluate NAME                 (GLOSS_EVAL's evaluations of a generated run)
@@ -71,9 +74,16 @@ after_train() {  # the steps after `gloss train`: generation (validation, test),
     fi
     rerank=":"
     if [ -n "${GLOSS_RERANK:-}" ]; then
-      rerank="lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank --split validation $GLOSS_RERANK -p '$runs/$name'
-        $([ "$test_step" = ":" ] || echo "lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank \
-          --split test $GLOSS_RERANK -p '$runs/$name'")"
+      local r rs=${GLOSS_RERANK_RETRIEVERS:-bm25}
+      rerank=$(for r in $rs; do
+        echo "lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank --split validation --retriever $r \
+          $GLOSS_RERANK -p '$runs/$name'
+          g eval --split validation --rerank fused --retriever $r --name rerank-fused-$r-val"
+      done)
+      [ "$test_step" = ":" ] || rerank+="
+        best=\$(python3 scripts/pick_rerank.py '$runs/$name' $rs); echo \"test rerank: \$best (validation)\"
+        lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank --split test --retriever \$best \
+          $GLOSS_RERANK -p '$runs/$name'"
     fi
     echo "$fork
       gen --split validation ${GLOSS_GEN_FLAGS:-}

@@ -140,6 +140,9 @@ def test_rerank_scores_each_pool_and_eval_orders_it(
 
 
 def test_rerank_bad_input_says_what_to_do(synthetic: Path, tiny: Path) -> None:  # noqa: F811
+    import json
+
+    import polars as pl
     from typer.testing import CliRunner
 
     from gloss_cli.cli import app
@@ -160,7 +163,22 @@ def test_rerank_bad_input_says_what_to_do(synthetic: Path, tiny: Path) -> None: 
     assert ok.exit_code == 0, ok.output  # LIS's pool needs no generation
     bad = runner.invoke(app, ["eval", "--split", "test", "--rerank", "best", "-p", "proj"])
     assert bad.exit_code == 1 and "Unknown rerank order 'best'" in bad.output
-    for flags in (["--retriever", "e5"], ["--baseline", "lis"], ["--protocol", "fused"]):
+    for flags in (["--encoder", "mpnet"], ["--baseline", "lis"], ["--protocol", "fused"]):
         bad = runner.invoke(app, ["eval", "--split", "test", "--rerank", "lm", *flags, "-p", "proj"])
         assert bad.exit_code == 1 and "--rerank orders the pools 'gloss rerank' made" in bad.output
+    bad = runner.invoke(app, ["eval", "--split", "test", "--rerank", "lm", "--retriever", "minilm", "-p", "proj"])
+    assert bad.exit_code == 1 and "gloss rerank --split test --retriever minilm" in bad.output
     assert not Path("proj/eval").exists()
+    # another retriever's pools go beside BM25's, and --retriever picks which ones eval orders
+    ok = runner.invoke(app, [*lis_pool, "--retriever", "minilm"])
+    assert ok.exit_code == 0, ok.output
+    pools = {
+        r: pl.read_parquet(f"proj/rerank/{d}/candidates.parquet")
+        for r, d in (("bm25", "test"), ("minilm", "test-minilm"))
+    }
+    assert not pools["bm25"].equals(pools["minilm"])
+    for retriever, frame in pools.items():
+        res = json.loads(invoke("eval", "--split", "test", "--rerank", "lm", "--retriever", retriever, "--json").stdout)
+        assert res["retriever"] == retriever and res["run"] == f"rerank-lm-{retriever}-test"
+        trec = Path(f"proj/eval/{res['run']}/run.trec").read_text().splitlines()
+        assert {line.split()[2] for line in trec} <= set(frame["item_id"])

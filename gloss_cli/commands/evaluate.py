@@ -47,7 +47,7 @@ def evaluate(
         str | None,
         typer.Option(
             help="After 'gloss rerank': order each pool by the model's score (lm) or fuse that order with the "
-            "pool's (fused)."
+            "pool's (fused); --retriever picks the pools (those 'gloss rerank --retriever' made)."
         ),
     ] = None,
     name: Annotated[
@@ -83,7 +83,7 @@ def evaluate(
     command += f" --queries {queries}" if queries else ""
     command += " --with-lis" if with_lis else ""
     if rerank:
-        command = f"gloss eval --split {split} --rerank {rerank}"
+        command = f"gloss eval --split {split} --rerank {rerank} --retriever {retriever}"
     with proj.lock(command):
         result = run(
             proj,

@@ -29,7 +29,8 @@ def rerank(
 
     The pool: the last item's title and the first --num-queries generated titles, each retrieving its top
     --candidates items, fused, history items excluded. Each candidate gets log p(its title | the user's prompt)
-    from the model. Writes rerank/<split>/candidates.parquet.
+    from the model. Writes rerank/<split>/candidates.parquet (another retriever than BM25:
+    rerank/<split>-<retriever>/).
 
     [dim]Examples:[/]
 
@@ -67,4 +68,4 @@ def rerank(
         f"({metrics['users_per_s'] or 0:.1f} users/s); held-out item in the pool for {result.pool_recall:.2%} "
         f"of users -> {result.path}"
     )
-    reporter.info(f"next: gloss eval --split {split} --rerank fused")
+    reporter.info(f"next: gloss eval --split {split} --rerank fused --retriever {retriever}")

@@ -1,0 +1,18 @@
+"""Which retriever's pools `gloss rerank --split test` scores (scripts/gpu_run.sh, GLOSS_RERANK_RETRIEVERS).
+
+    python3 scripts/pick_rerank.py PROJECT RETRIEVER...
+
+Prints the retriever whose `gloss eval --split validation --rerank fused --retriever R --name rerank-fused-R-val`
+has the highest Recall@5, the first listed on a tie; validation only, never test.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+project, *retrievers = sys.argv[1:]
+recall = {
+    r: json.loads((Path(project) / f"eval/rerank-fused-{r}-val/metrics.json").read_text())["metrics"]["recall@5"]
+    for r in retrievers
+}
+print(max(retrievers, key=lambda r: (recall[r], -retrievers.index(r))))
