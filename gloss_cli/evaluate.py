@@ -370,9 +370,8 @@ def _run_reranked(
     if how not in RERANKS:
         raise GlossError(f"Unknown rerank order '{how}'.", f"Use one of: {', '.join(RERANKS)}.")
     _check_split_and_k(split, ks)
-    hybrid_parts(retriever)
     project.require("data")
-    stage = stage_name(split, retriever)
+    stage = stage_name(split, retriever)  # a malformed hybrid name fails here
     record = project.require(stage, f"gloss rerank --split {split} --retriever {retriever}")
     pool = record["params"]
     frame = pl.read_parquet(project.path(f"{stage}/{CANDIDATES}"))

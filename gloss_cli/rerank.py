@@ -33,15 +33,17 @@ from gloss_cli.models import load_trained, pick_device, read_meta
 from gloss_cli.project import Project
 from gloss_cli.prompt import item_text
 from gloss_cli.queries import lis_queries, load_generated
-from gloss_cli.retrieval import hybrid_parts
+from gloss_cli.retrieval import hybrid_parts, index_key
 
 CANDIDATES = "candidates.parquet"
 MAX_NEW_TOKENS = 50  # prompts are cut as generation cuts them: room for a 50-token answer
 
 
 def stage_name(split: str, retriever: str) -> str:
-    """The stage holding the pools of ``split`` that ``retriever`` retrieved (BM25's keep the plain name)."""
-    return f"rerank/{split}" if retriever == "bm25" else f"rerank/{split}-{retriever}"
+    """The stage holding the pools of ``split`` that ``retriever`` retrieved: BM25's keep the plain name, another
+    retriever's carry its index key (path-safe: ``org/model`` -> ``org_model``; ``dense`` -> its default encoder)."""
+    key = "+".join(index_key(part) for part in hybrid_parts(retriever))
+    return f"rerank/{split}" if key == "bm25" else f"rerank/{split}-{key}"
 
 
 @dataclass

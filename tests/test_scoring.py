@@ -146,6 +146,7 @@ def test_rerank_bad_input_says_what_to_do(synthetic: Path, tiny: Path) -> None: 
     from typer.testing import CliRunner
 
     from gloss_cli.cli import app
+    from gloss_cli.rerank import stage_name
     from tests.test_torch_beam import invoke
 
     runner = CliRunner()
@@ -177,6 +178,8 @@ def test_rerank_bad_input_says_what_to_do(synthetic: Path, tiny: Path) -> None: 
         for r, d in (("bm25", "test"), ("minilm", "test-minilm"))
     }
     assert not pools["bm25"].equals(pools["minilm"])
+    assert stage_name("test", "dense") == "rerank/test-minilm"  # the default encoder's pools, by its index key
+    assert stage_name("validation", "org/model+bm25") == "rerank/validation-org_model+bm25"  # path-safe
     for retriever, frame in pools.items():
         res = json.loads(invoke("eval", "--split", "test", "--rerank", "lm", "--retriever", retriever, "--json").stdout)
         assert res["retriever"] == retriever and res["run"] == f"rerank-lm-{retriever}-test"
