@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from gloss_cli.data import load_items, load_split
 from gloss_cli.errors import GlossError
 from gloss_cli.index import open_index
 from gloss_cli.metrics import bootstrap_ci, per_user, target_ranks
-from gloss_cli.project import Project
+from gloss_cli.project import Project, StageRun
 from gloss_cli.queries import QuerySet, lis_queries, load_generated, load_gloss_json, query_text
 from gloss_cli.retrieval import Retriever, hybrid_parts
 
@@ -331,26 +332,51 @@ def run(
     ) as stage:
         key_of = {item: i for i, item in enumerate(item_ids)}
         ranked = retrieve(index, qs, key_of, protocol=protocol, exclude_seen=exclude_seen, k=max(ks), reporter=reporter)
-        values = write_outputs(stage.dir, name, qs, ranked, item_ids, ks)
-        metrics = {m: float(v.mean()) for m, v in values.items()}
-        ci = {f"recall@{k}": bootstrap_ci(values[f"recall@{k}"]) for k in ks}
-        result = EvalResult(
-            name, protocol, split, meta["key"], source, ks, len(qs.users), exclude_seen, metrics, ci, stage.dir
+        result = _record(
+            stage,
+            name,
+            qs,
+            ranked,
+            item_ids,
+            params,
+            lambda metrics, ci: EvalResult(
+                name, protocol, split, meta["key"], source, ks, len(qs.users), exclude_seen, metrics, ci, stage.dir
+            ),
+            retriever_description=meta.get("resolved", index.description),
         )
         if meta.get("fallback"):
             result.notes.append(meta["fallback"])
-        summary = {
-            "name": name,
-            "protocol_description": result.describe(),
-            **params,
-            "users": len(qs.users),
-            "metrics": metrics,
-            "ci95": ci,
-            "retriever_description": meta.get("resolved", index.description),
-        }
-        (stage.dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        stage.metrics = {"users": len(qs.users), **metrics}
     result.folder = project.path(f"eval/{name}")
+    return result
+
+
+def _record(
+    stage: StageRun,
+    name: str,
+    qs: QuerySet,
+    ranked: npt.NDArray[np.int64],
+    item_ids: list[str],
+    params: dict[str, Any],
+    result_of: Callable[[dict[str, float], dict[str, tuple[float, float]]], EvalResult],
+    **extra: Any,
+) -> EvalResult:
+    """An eval stage's outputs for ``ranked`` (per-user metrics, TREC files, metrics.json) and its result."""
+    ks = params["ks"]
+    values = write_outputs(stage.dir, name, qs, ranked, item_ids, ks)
+    metrics = {m: float(v.mean()) for m, v in values.items()}
+    ci = {f"recall@{k}": bootstrap_ci(values[f"recall@{k}"]) for k in ks}
+    result = result_of(metrics, ci)
+    summary = {
+        "name": name,
+        "protocol_description": result.describe(),
+        **params,
+        "users": len(qs.users),
+        "metrics": metrics,
+        "ci95": ci,
+        **extra,
+    }
+    (stage.dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    stage.metrics = {"users": len(qs.users), **metrics}
     return result
 
 
@@ -399,32 +425,27 @@ def _run_reranked(
         f"eval/{name}", params, command=command, upstream=("data", stage), libraries=("numpy",)
     ) as run_:
         ranked = reranked(frame, users, key_of, how=how, k=max(ks))
-        values = write_outputs(run_.dir, name, qs, ranked, item_ids, ks)
-        metrics = {m: float(v.mean()) for m, v in values.items()}
-        ci = {f"recall@{k}": bootstrap_ci(values[f"recall@{k}"]) for k in ks}
-        result = EvalResult(
+        result = _record(
+            run_,
             name,
-            f"rerank-{how}",
-            split,
-            pool["retriever"],
-            "rerank",
-            ks,
-            len(users),
-            True,
-            metrics,
-            ci,
-            run_.dir,
-            rerank={"how": how, "candidates": pool["candidates"], "num_queries": pool["num_queries"]},
+            qs,
+            ranked,
+            item_ids,
+            params,
+            lambda metrics, ci: EvalResult(
+                name,
+                f"rerank-{how}",
+                split,
+                pool["retriever"],
+                "rerank",
+                ks,
+                len(users),
+                True,
+                metrics,
+                ci,
+                run_.dir,
+                rerank={"how": how, "candidates": pool["candidates"], "num_queries": pool["num_queries"]},
+            ),
         )
-        summary = {
-            "name": name,
-            "protocol_description": result.describe(),
-            **params,
-            "users": len(users),
-            "metrics": metrics,
-            "ci95": ci,
-        }
-        (run_.dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        run_.metrics = {"users": len(users), **metrics}
     result.folder = project.path(f"eval/{name}")
     return result

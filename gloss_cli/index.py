@@ -47,7 +47,7 @@ def run(
             run(project, part, encoder=encoder, ann=ann, command=f"gloss index --retriever {part}", reporter=reporter)
             for part in parts
         ]
-        return {"key": "+".join(m["key"] for m in metas), "count": metas[0]["count"], "parts": metas}
+        return {"key": index_key(retriever, encoder), "count": metas[0]["count"], "parts": metas}
     project.require("data")
     items = load_items(project.path("data"))
     key = index_key(retriever, encoder)
@@ -85,7 +85,7 @@ def open_index(
             for part in parts
         ]
         (first, first_meta), (second, second_meta) = opened
-        key = f"{first_meta['key']}+{second_meta['key']}"
+        key = index_key(retriever, encoder)
         hybrid = HybridRetriever(
             (first, second),
             key,

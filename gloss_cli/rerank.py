@@ -42,7 +42,7 @@ MAX_NEW_TOKENS = 50  # prompts are cut as generation cuts them: room for a 50-to
 def stage_name(split: str, retriever: str) -> str:
     """The stage holding the pools of ``split`` that ``retriever`` retrieved: BM25's keep the plain name, another
     retriever's carry its index key (path-safe: ``org/model`` -> ``org_model``; ``dense`` -> its default encoder)."""
-    key = "+".join(index_key(part) for part in hybrid_parts(retriever))
+    key = index_key(retriever)
     return f"rerank/{split}" if key == "bm25" else f"rerank/{split}-{key}"
 
 

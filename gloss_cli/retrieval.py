@@ -56,7 +56,11 @@ def catalog_fingerprint(item_ids: Sequence[str]) -> str:
 
 
 def index_key(retriever: str, encoder: str | None = None) -> str:
-    """Stage/folder name of an index: ``bm25``, or the encoder's name made path-safe (``minilm``, ``e5``...)."""
+    """Stage/folder name of an index: ``bm25``, or the encoder's name made path-safe (``minilm``, ``e5``...); a
+    hybrid's is its parts' keys joined by ``+`` (``bm25+e5``)."""
+    parts = hybrid_parts(retriever)
+    if len(parts) > 1:
+        return "+".join(index_key(part, encoder) for part in parts)
     if retriever == "bm25":
         return "bm25"
     name = encoder if retriever in DENSE_ALIASES else retriever
