@@ -10,6 +10,9 @@ Protocols:
 
 ``exclude_seen`` drops the user's history items from every query's results before either protocol.
 
+``with_transitions`` puts a collaborative list first in the fusion: the items that followed the user's recent items in
+the training sequences (``gloss_cli.transitions``); ``baseline="transitions"`` is that list alone.
+
 ``rerank`` (after ``gloss rerank``) ranks each user's pool of candidates (the fused list of the LIS query and the
 first generated queries, history excluded) by the fine-tuned model's log-probability of each title: ``lm`` by
 log-probability per token (as beam scores are normalised), ``fused`` by reciprocal-rank fusion of the pool's order
@@ -37,11 +40,18 @@ from gloss_cli.metrics import bootstrap_ci, per_user, target_ranks
 from gloss_cli.project import Project, StageRun
 from gloss_cli.queries import QuerySet, lis_queries, load_generated, load_gloss_json, query_text
 from gloss_cli.retrieval import Retriever, hybrid_parts
+from gloss_cli.transitions import DECAY, RECENT, WINDOW
 
 PROTOCOLS = ("paper", "fused")
+BASELINES = ("lis", "transitions")
 RERANKS = ("lm", "fused")
 RRF_K = 1.0  # rank offset c in w / (c + rank): small, so a query's top items dominate its tail
 MAX_SEEN_EXTRA = 100  # extra depth retrieved per query so that excluded history items can be replaced
+TRANSITIONS_PARAMS = {"window": WINDOW, "recent": RECENT, "decay": DECAY, "counted_from": "train split"}
+TRANSITIONS_TEXT = (
+    f"the items that followed the user's {RECENT} most recent items within {WINDOW} places in the training sequences, "
+    f"weighted 1/gap, each older item's votes times {DECAY:g}"
+)
 
 
 @dataclass
@@ -73,18 +83,23 @@ class EvalResult:
                 "item each; 95% CI: bootstrap over users"
             )
         seen = "history items excluded" if self.exclude_seen else "history items kept (may be recommended)"
+        tail = (
+            f"{seen}; split {self.split}; {self.users:,} users; mean over users, one held-out item each; "
+            "95% CI: bootstrap over users"
+        )
+        if self.source == "transitions":
+            return f"baseline transitions: {TRANSITIONS_TEXT}, top-K by summed weight; {tail}"
         if self.protocol == "paper":
             how = "top-1 per query, duplicates merged, sorted by score (lists may be shorter than K)"
             if self.source == "lis":
                 how = "top-K of the last item's title"
         else:
             how = f"top-K per query fused by beam-weighted reciprocal rank (c={RRF_K:g}), filled to K"
-        if self.source.endswith("+lis"):
-            how = "the last item's title as the first query, then the generated ones; " + how
-        return (
-            f"protocol {self.protocol}: {how}; {seen}; split {self.split}; {self.users:,} users; "
-            f"mean over users, one held-out item each; 95% CI: bootstrap over users"
-        )
+        lists = [f"the transitions list ({TRANSITIONS_TEXT})"] if self.source.startswith("transitions+") else []
+        lists += ["the last item's title"] if self.source.endswith("+lis") else []
+        if lists:
+            how = f"lists in order: {', then '.join([*lists, 'the generated queries'])}; " + how
+        return f"protocol {self.protocol}: {how}; {tail}"
 
 
 def merge_user(
@@ -140,7 +155,10 @@ def retrieve(
     exclude_seen: bool,
     k: int,
     reporter: Reporter,
+    lead: npt.NDArray[np.int64] | None = None,
 ) -> npt.NDArray[np.int64]:
+    """Per user, the ranked item keys (n, k). ``lead`` (n, m), -1 padded: a ranked list per user fused before the
+    queries' lists (the transitions list), as if it were the first query's."""
     is_lis = qs.source == "lis"
     depth = k if (protocol == "fused" or is_lis) else 1
     seen = [{key_of[i] for i in h} for h in qs.histories] if exclude_seen else [set() for _ in qs.histories]
@@ -149,7 +167,28 @@ def retrieve(
     with reporter.progress(f"retrieve ({retriever.name})", len(flat)) as tick:
         keys, scores = retriever.search(flat, depth + extra, tick=tick)
     shape = (len(qs.users), qs.per_user, keys.shape[1])
-    return rank_items(keys.reshape(shape), scores.reshape(shape), seen, protocol=protocol, depth=depth, k=k)
+    keys, scores = keys.reshape(shape), scores.reshape(shape)
+    if lead is not None:
+        first = np.full((len(qs.users), 1, keys.shape[2]), -1, dtype=keys.dtype)
+        width = min(lead.shape[1], keys.shape[2])
+        first[:, 0, :width] = lead[:, :width]
+        keys = np.concatenate([first, keys], axis=1)
+        scores = np.concatenate([np.zeros(first.shape, dtype=scores.dtype), scores], axis=1)
+    return rank_items(keys, scores, seen, protocol=protocol, depth=depth, k=k)
+
+
+def transitions_lists(
+    project: Project, qs: QuerySet, key_of: dict[str, int], *, depth: int, exclude_seen: bool
+) -> npt.NDArray[np.int64]:
+    """Per user of ``qs``, the transitions list's first ``depth`` item keys, -1 padded."""
+    from gloss_cli.transitions import recommend, transition_counts
+
+    counts = transition_counts(load_split(project.path("data"), "train"))
+    lists = recommend(counts, qs.histories, depth=depth, exclude_seen=exclude_seen)
+    out = np.full((len(lists), depth), -1, dtype=np.int64)
+    for u, row in enumerate(lists):
+        out[u, : len(row)] = [key_of[i] for i in row]
+    return out
 
 
 def reranked(
@@ -188,9 +227,10 @@ def load_queries(
 ) -> tuple[QuerySet, tuple[str, ...]]:
     """The query set and the stage records it depends on."""
     if baseline is not None:
-        if baseline != "lis":
-            raise GlossError(f"Unknown baseline '{baseline}'.", "Use --baseline lis.")
-        return lis_queries(split_df, titles), ()
+        if baseline not in BASELINES:
+            raise GlossError(f"Unknown baseline '{baseline}'.", f"Use one of: {', '.join(BASELINES)}.")
+        qs = lis_queries(split_df, titles)
+        return (dataclasses.replace(qs, source="transitions", queries=[]) if baseline == "transitions" else qs), ()
     if queries_file is not None:
         if is_generated_file(queries_file):
             if not queries_file.is_file():
@@ -272,6 +312,7 @@ def run(
     num_queries: int = 5,
     match_generated: bool = False,
     with_lis: bool = False,
+    with_transitions: bool = False,
     rerank: str | None = None,
     name: str | None = None,
     command: str = "gloss eval",
@@ -280,16 +321,21 @@ def run(
     reporter = reporter or Reporter()
     ks = sorted(set(ks or [5]))
     if rerank is not None:
-        if baseline or queries_file or match_generated or protocol != "paper" or encoder:
+        if baseline or queries_file or match_generated or protocol != "paper" or encoder or with_transitions:
             raise GlossError(
                 "--rerank orders the pools 'gloss rerank' made: their queries and protocol were set there.",
-                "Drop --baseline, --queries, --match-generated, --protocol and --encoder (gloss rerank takes "
-                "--num-queries and --candidates; --retriever picks whose pools to order).",
+                "Drop --baseline, --queries, --match-generated, --protocol, --encoder and --with-transitions "
+                "(gloss rerank takes --num-queries and --candidates; --retriever picks whose pools to order).",
             )
         return _run_reranked(project, split, rerank, retriever, ks, name=name, command=command)
     if protocol not in PROTOCOLS:
         raise GlossError(f"Unknown protocol '{protocol}'.", f"Use one of: {', '.join(PROTOCOLS)}.")
     _check_split_and_k(split, ks)
+    if with_transitions and (protocol != "fused" or baseline):
+        raise GlossError(
+            "--with-transitions fuses the transitions list with the queries' lists.",
+            "Use --protocol fused, without --baseline (--baseline transitions is the list alone).",
+        )
     hybrid_parts(retriever)  # a malformed hybrid name fails before any work
     project.require("data")
     items = load_items(project.path("data"))
@@ -305,13 +351,28 @@ def run(
         project, split, split_df, titles, queries_file=queries_file, baseline=baseline, n=num_queries
     )
     if with_lis:
-        if qs.source == "lis":
-            raise GlossError("--with-lis adds the LIS query to generated ones.", "Drop --baseline lis.")
+        if baseline:
+            raise GlossError("--with-lis adds the LIS query to generated ones.", f"Drop --baseline {baseline}.")
         qs = with_lis_query(qs, titles)
+    subset = f"-{len(qs.users)}u" if len(qs.users) < split_users else ""  # never mix subset and full-split names
+    key_of = {item: i for i, item in enumerate(item_ids)}
+    if qs.source == "transitions":
+        return _run_transitions(
+            project,
+            qs,
+            key_of,
+            item_ids,
+            split,
+            ks,
+            exclude_seen,
+            name=name or f"transitions{'-xseen' if exclude_seen else ''}-{split}{subset}",
+            upstream=("data", *extra_stages),
+            command=command,
+        )
     index, meta = open_index(project, retriever, encoder=encoder, query_cache=True, reporter=reporter)
     source = "lis" if qs.source == "lis" else ("model" if qs.source.startswith("generate") else "file")
     source += "+lis" if with_lis else ""
-    subset = f"-{len(qs.users)}u" if len(qs.users) < split_users else ""  # never mix subset and full-split names
+    source = ("transitions+" if with_transitions else "") + source
     name = name or f"{source}-{meta['key']}-{protocol}{'-xseen' if exclude_seen else ''}-{split}{subset}"
     params = {
         "split": split,
@@ -323,6 +384,7 @@ def run(
         "queries_per_user": qs.per_user,
         "rrf_k": RRF_K if protocol == "fused" else None,
         "with_lis": with_lis,
+        "transitions": TRANSITIONS_PARAMS if with_transitions else None,
     }
     if meta.get("fallback"):
         params["encoder_fallback"] = meta["fallback"]
@@ -330,8 +392,14 @@ def run(
     with project.run_stage(
         f"eval/{name}", params, command=command, upstream=upstream, libraries=("bm25s", "numpy")
     ) as stage:
-        key_of = {item: i for i, item in enumerate(item_ids)}
-        ranked = retrieve(index, qs, key_of, protocol=protocol, exclude_seen=exclude_seen, k=max(ks), reporter=reporter)
+        lead = (
+            transitions_lists(project, qs, key_of, depth=max(ks), exclude_seen=exclude_seen)
+            if with_transitions
+            else None
+        )
+        ranked = retrieve(
+            index, qs, key_of, protocol=protocol, exclude_seen=exclude_seen, k=max(ks), reporter=reporter, lead=lead
+        )
         result = _record(
             stage,
             name,
@@ -377,6 +445,56 @@ def _record(
     }
     (stage.dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     stage.metrics = {"users": len(qs.users), **metrics}
+    return result
+
+
+def _run_transitions(
+    project: Project,
+    qs: QuerySet,
+    key_of: dict[str, int],
+    item_ids: list[str],
+    split: str,
+    ks: list[int],
+    exclude_seen: bool,
+    *,
+    name: str,
+    upstream: tuple[str, ...],
+    command: str,
+) -> EvalResult:
+    """``gloss eval --baseline transitions``: the transitions list alone, no retrieval."""
+    params = {
+        "split": split,
+        "retriever": None,
+        "protocol": "transitions",
+        "ks": ks,
+        "exclude_seen": exclude_seen,
+        "queries": "transitions",
+        "transitions": TRANSITIONS_PARAMS,
+    }
+    with project.run_stage(f"eval/{name}", params, command=command, upstream=upstream, libraries=("polars",)) as stage:
+        ranked = transitions_lists(project, qs, key_of, depth=max(ks), exclude_seen=exclude_seen)
+        result = _record(
+            stage,
+            name,
+            qs,
+            ranked,
+            item_ids,
+            params,
+            lambda metrics, ci: EvalResult(
+                name,
+                "transitions",
+                split,
+                "none",
+                "transitions",
+                ks,
+                len(qs.users),
+                exclude_seen,
+                metrics,
+                ci,
+                stage.dir,
+            ),
+        )
+    result.folder = project.path(f"eval/{name}")
     return result
 
 

@@ -22,7 +22,13 @@ def evaluate(
     exclude_seen: Annotated[
         bool, typer.Option("--exclude-seen", help="Never recommend the user's history items.")
     ] = False,
-    baseline: Annotated[str | None, typer.Option(help="lis: query with the title of the user's last item.")] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="lis: query with the title of the user's last item; transitions: the items that followed the "
+            "user's recent items in the training sequences (no model, no retrieval)."
+        ),
+    ] = None,
     queries: Annotated[
         Path | None,
         typer.Option(
@@ -43,6 +49,14 @@ def evaluate(
             "--with-lis", help="Put the LIS query (the last item's title) before the generated queries (fusion)."
         ),
     ] = False,
+    with_transitions: Annotated[
+        bool,
+        typer.Option(
+            "--with-transitions",
+            help="Fuse the transitions list (see --baseline transitions) first, before the queries' lists "
+            "(--protocol fused).",
+        ),
+    ] = False,
     rerank: Annotated[
         str | None,
         typer.Option(
@@ -60,7 +74,8 @@ def evaluate(
     """Evaluate recommendations: Recall@K, NDCG@K and MRR@K on the held-out item, with a bootstrap 95% CI.
 
     Queries come from 'gloss generate' (default), a GLoSS JSON file (--queries) or the Last-Item-Search baseline
-    (--baseline lis). The index is built on the fly if missing. Writes eval/<name>/: per_user.parquet,
+    (--baseline lis); --baseline transitions and --with-transitions add what followed the user's recent items in
+    the training sequences. The index is built on the fly if missing. Writes eval/<name>/: per_user.parquet,
     run.trec + qrels.trec (for ranx / trec_eval) and metrics.json.
 
     [dim]Examples:[/]
@@ -68,6 +83,10 @@ def evaluate(
       gloss eval --baseline lis
 
       gloss eval --retriever e5 --protocol fused --exclude-seen
+
+      gloss eval --protocol fused --exclude-seen --with-transitions --with-lis --num-queries 2
+
+      gloss eval --baseline transitions --exclude-seen
 
       gloss eval --queries llama-1b_test.json -k 5 -k 10
 
@@ -82,6 +101,7 @@ def evaluate(
     command += (" --exclude-seen" if exclude_seen else "") + (f" --baseline {baseline}" if baseline else "")
     command += f" --queries {queries}" if queries else ""
     command += " --with-lis" if with_lis else ""
+    command += " --with-transitions" if with_transitions else ""
     if rerank:
         command = f"gloss eval --split {split} --rerank {rerank} --retriever {retriever}"
     with proj.lock(command):
@@ -98,6 +118,7 @@ def evaluate(
             num_queries=num_queries,
             match_generated=match_generated,
             with_lis=with_lis,
+            with_transitions=with_transitions,
             rerank=rerank,
             name=name,
             command=command,

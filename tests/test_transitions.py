@@ -1,0 +1,192 @@
+"""The transitions list (gloss_cli.transitions): counted from the train split only, checked against a plain loop,
+and its two uses in gloss eval (--baseline transitions, --with-transitions)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from gloss_cli.cli import app
+from gloss_cli.transitions import DECAY, RECENT, ROUND, WINDOW, recommend, transition_counts
+from tests.test_eval import _assert_refused, _gloss_file, _project
+
+runner = CliRunner()
+
+
+def _train(rows: list[tuple[list[str], str]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "user_id": [f"U{i}" for i in range(len(rows))],
+            "history": [h for h, _ in rows],
+            "target": [t for _, t in rows],
+        }
+    )
+
+
+def _reference(train: pl.DataFrame, histories: list[list[str]], depth: int, exclude_seen: bool) -> list[list[str]]:
+    """The definition, as plain loops."""
+    weight: dict[tuple[str, str], float] = defaultdict(float)
+    for history, target in zip(train["history"].to_list(), train["target"].to_list(), strict=True):
+        seq = [*history, target]
+        for t in range(len(seq)):
+            for gap in range(1, WINDOW + 1):
+                if t + gap < len(seq):
+                    weight[seq[t], seq[t + gap]] += 1.0 / gap
+    out = []
+    for history in histories:
+        score: dict[str, float] = defaultdict(float)
+        for age, item in enumerate(reversed(history[-RECENT:])):
+            for (a, b), w in weight.items():
+                if a == item:
+                    score[b] += w * DECAY**age
+        ranked = sorted(
+            (b for b in score if not (exclude_seen and b in history)), key=lambda b: (-round(score[b], ROUND), b)
+        )
+        out.append(ranked[:depth])
+    return out
+
+
+def test_pairs_are_weighted_by_gap_within_the_window() -> None:
+    counts = transition_counts(_train([(["a", "b", "c"], "d"), (["a"], "b")]))
+    weights = {(r["item"], r["next_item"]): r["weight"] for r in counts.iter_rows(named=True)}
+    assert weights == pytest.approx(
+        {("a", "b"): 2.0, ("a", "c"): 0.5, ("a", "d"): 1 / 3, ("b", "c"): 1.0, ("b", "d"): 0.5, ("c", "d"): 1.0}
+    )
+
+
+def test_recent_items_vote_with_decay_and_history_is_excluded() -> None:
+    train = _train([(["x"], "p"), (["y"], "q"), (["x"], "y")])
+    # the last item x votes 1 for p and for y (a tie: by id); y, one older, votes 0.5 for q; y is seen
+    assert recommend(transition_counts(train), [["y", "x"]], depth=5, exclude_seen=True) == [["p", "q"]]
+    assert recommend(transition_counts(train), [["y", "x"]], depth=5, exclude_seen=False) == [["p", "y", "q"]]
+    assert recommend(transition_counts(train), [["never-followed"], []], depth=5, exclude_seen=True) == [[], []]
+
+
+def test_lists_equal_the_plain_definition_on_the_synthetic_data(synthetic: Path) -> None:
+    project = _project(synthetic)
+    train = pl.read_parquet(project / "data/train.parquet")
+    histories = pl.read_parquet(project / "data/test.parquet")["history"].to_list()
+    for exclude_seen in (True, False):
+        got = recommend(transition_counts(train), histories, depth=7, exclude_seen=exclude_seen)
+        assert got == _reference(train, histories, 7, exclude_seen)
+    assert any(got)
+
+
+def test_held_out_items_are_never_counted(synthetic: Path) -> None:
+    """The counts are those of every user's sequence without its test item, and without its validation item too
+    for a validation user: what the model trains on, nothing held out."""
+    project = _project(synthetic)
+    data = project / "data"
+    validation = set(pl.read_parquet(data / "validation.parquet")["user_id"].to_list())
+    sequences = pl.read_parquet(data / "sequences.parquet")
+    kept = [
+        (seq[: -2 if user in validation else -1])
+        for user, seq in zip(sequences["user_id"].to_list(), sequences["item_ids"].to_list(), strict=True)
+    ]
+    truncated = _train([(seq[:-1], seq[-1]) for seq in kept])
+    assert transition_counts(pl.read_parquet(data / "train.parquet")).equals(transition_counts(truncated))
+
+
+def test_baseline_and_fusion_end_to_end(synthetic: Path, tmp_path: Path) -> None:
+    project = _project(synthetic)
+    base = json.loads(
+        runner.invoke(app, ["eval", "--baseline", "transitions", "--exclude-seen", "-p", "p", "--json", "-q"]).stdout
+    )
+    assert base["run"] == "transitions-xseen-test" and base["retriever"] == "none"
+    assert base["protocol_description"].startswith("baseline transitions: the items that followed")
+    summary = json.loads((project / "eval/transitions-xseen-test/metrics.json").read_text())
+    assert summary["transitions"] == {"window": WINDOW, "recent": RECENT, "decay": DECAY, "counted_from": "train split"}
+    manifest = json.loads((project / "manifest.json").read_text())
+    assert set(manifest["stages"]["eval/transitions-xseen-test"]["upstream"]) == {"data"}  # no index, no model
+    test = pl.read_parquet(project / "data/test.parquet")
+    expected = recommend(
+        transition_counts(pl.read_parquet(project / "data/train.parquet")),
+        test["history"].to_list(),
+        depth=5,
+        exclude_seen=True,
+    )
+    run: dict[str, list[str]] = defaultdict(list)
+    for line in (project / "eval/transitions-xseen-test/run.trec").read_text().splitlines():
+        run[line.split()[0]].append(line.split()[2])
+    assert [run.get(u, []) for u in test["user_id"].to_list()] == expected
+
+    _gloss_file(project, tmp_path / "q.json")
+    args = ["eval", "--queries", str(tmp_path / "q.json"), "-p", "p", "--json", "-q", "--exclude-seen"]
+    fused = json.loads(
+        runner.invoke(
+            app, [*args, "--protocol", "fused", "--with-lis", "--with-transitions", "--num-queries", "2"]
+        ).stdout
+    )
+    assert fused["run"] == "transitions+file+lis-bm25-fused-xseen-test" and fused["source"] == "transitions+file+lis"
+    assert "lists in order: the transitions list" in fused["protocol_description"]
+    lists: dict[str, list[str]] = defaultdict(list)
+    for line in Path(fused["folder"], "run.trec").read_text().splitlines():
+        lists[line.split()[0]].append(line.split()[2])
+    # the same as fusing, by hand, the transitions lists before the three queries' lists
+    from gloss_cli.console import Reporter
+    from gloss_cli.evaluate import retrieve, with_lis_query
+    from gloss_cli.index import open_index
+    from gloss_cli.project import Project
+    from gloss_cli.queries import load_gloss_json
+
+    items = pl.read_parquet(project / "data/items.parquet")
+    key_of = {item: i for i, item in enumerate(items["item_id"].to_list())}
+    qs = with_lis_query(load_gloss_json(tmp_path / "q.json", test, dict(items.iter_rows()), 2), dict(items.iter_rows()))
+    lead = np.full((len(qs.users), 5), -1)
+    for u, row in enumerate(
+        recommend(
+            transition_counts(pl.read_parquet(project / "data/train.parquet")), qs.histories, depth=5, exclude_seen=True
+        )
+    ):
+        lead[u, : len(row)] = [key_of[i] for i in row]
+    index, _ = open_index(Project(project), "bm25", reporter=Reporter())
+    ranked = retrieve(index, qs, key_of, protocol="fused", exclude_seen=True, k=5, reporter=Reporter(), lead=lead)
+    ids = items["item_id"].to_list()
+    assert {u: [ids[k] for k in row if k >= 0] for u, row in zip(qs.users, ranked.tolist(), strict=True)} == lists
+    assert (
+        ranked.tolist()
+        != retrieve(index, qs, key_of, protocol="fused", exclude_seen=True, k=5, reporter=Reporter()).tolist()
+    )
+
+
+def test_the_lead_list_is_fused_as_the_first_query() -> None:
+    from gloss_cli.console import Reporter
+    from gloss_cli.evaluate import retrieve
+    from gloss_cli.queries import QuerySet
+
+    class Fixed:
+        name = description = "fixed"
+
+        def search(self, texts: list[str], k: int, *, tick: object = None) -> tuple[np.ndarray, np.ndarray]:
+            keys = np.array([[1, 2, 3, 4, 5][:k], [2, 1, 6, 7, 8][:k]], dtype=np.int64)
+            return keys, np.zeros(keys.shape, dtype=np.float32)
+
+    qs = QuerySet("generate/test", ["u"], ["t"], [["h"]], [["a", "b"]])
+    plain = retrieve(Fixed(), qs, {"h": 9}, protocol="fused", exclude_seen=True, k=3, reporter=Reporter())
+    # weights 1 / (1 + rank), times 1/2 and 1/3 for the two queries: 1 = 1/4 + 1/9, 2 = 1/6 + 1/6, 3 = 1/8;
+    # the lead [6, 9 (seen, skipped), 3] comes first, weight 1: 6 = 1/2 + 1/12, 3 = 1/3 + 1/8
+    led = retrieve(
+        Fixed(), qs, {"h": 9}, protocol="fused", exclude_seen=True, k=3, reporter=Reporter(), lead=np.array([[6, 9, 3]])
+    )
+    assert plain.tolist() == [[1, 2, 3]] and led.tolist() == [[6, 3, 1]]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--with-transitions"], "--with-transitions fuses the transitions list"),  # the paper protocol
+        (["--with-transitions", "--protocol", "fused", "--baseline", "lis"], "--with-transitions fuses"),
+        (["--baseline", "transitions", "--with-lis"], "--with-lis adds the LIS query"),
+        (["--baseline", "popular"], "Unknown baseline 'popular'"),
+        (["--rerank", "fused", "--with-transitions"], "--rerank orders the pools"),
+    ],
+)
+def test_transitions_misuse_is_refused(synthetic: Path, extra: list[str], message: str) -> None:
+    project = _project(synthetic)
+    _assert_refused(["eval", "-p", "p", *extra], message, project)
