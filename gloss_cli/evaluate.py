@@ -76,9 +76,10 @@ class EvalResult:
                 "lm": "the model's log-probability per title token",
                 "fused": f"reciprocal-rank fusion (c={RRF_K:g}) of the pool's order and the model's order",
             }[self.rerank["how"]]
+            lead = f"the transitions list ({TRANSITIONS_TEXT}), " if self.rerank.get("transitions") else ""
             return (
-                f"rerank {self.rerank['how']}: each user's top-{self.rerank['candidates']} pool (the last item's title "
-                f"then {self.rerank['num_queries']} generated queries, top-K each, fused), ordered by {order}; "
+                f"rerank {self.rerank['how']}: each user's top-{self.rerank['candidates']} pool ({lead}the last item's "
+                f"title then {self.rerank['num_queries']} generated queries, top-K each, fused), ordered by {order}; "
                 f"history items excluded; split {self.split}; {self.users:,} users; mean over users, one held-out "
                 "item each; 95% CI: bootstrap over users"
             )
@@ -95,10 +96,12 @@ class EvalResult:
                 how = "top-K of the last item's title"
         else:
             how = f"top-K per query fused by beam-weighted reciprocal rank (c={RRF_K:g}), filled to K"
-        lists = [f"the transitions list ({TRANSITIONS_TEXT})"] if self.source.startswith("transitions+") else []
-        lists += ["the last item's title"] if self.source.endswith("+lis") else []
-        if lists:
-            how = f"lists in order: {', then '.join([*lists, 'the generated queries'])}; " + how
+        parts = self.source.split("+")  # [transitions+](model|file|lis)[+lis]
+        lists = [f"the transitions list ({TRANSITIONS_TEXT})"] if parts[0] == "transitions" else []
+        lists += ["the last item's title"] if parts[-1] == "lis" else []
+        lists += ["the generated queries"] if {"model", "file"} & set(parts) else []
+        if len(lists) > 1:
+            how = f"lists in order: {', then '.join(lists)}; " + how
         return f"protocol {self.protocol}: {how}; {tail}"
 
 
@@ -321,20 +324,23 @@ def run(
     reporter = reporter or Reporter()
     ks = sorted(set(ks or [5]))
     if rerank is not None:
-        if baseline or queries_file or match_generated or protocol != "paper" or encoder or with_transitions:
+        if baseline or queries_file or match_generated or protocol != "paper" or encoder:
             raise GlossError(
                 "--rerank orders the pools 'gloss rerank' made: their queries and protocol were set there.",
-                "Drop --baseline, --queries, --match-generated, --protocol, --encoder and --with-transitions "
-                "(gloss rerank takes --num-queries and --candidates; --retriever picks whose pools to order).",
+                "Drop --baseline, --queries, --match-generated, --protocol and --encoder (gloss rerank takes "
+                "--num-queries and --candidates; --retriever and --with-transitions pick whose pools to order).",
             )
-        return _run_reranked(project, split, rerank, retriever, ks, name=name, command=command)
+        return _run_reranked(
+            project, split, rerank, retriever, ks, transitions=with_transitions, name=name, command=command
+        )
     if protocol not in PROTOCOLS:
         raise GlossError(f"Unknown protocol '{protocol}'.", f"Use one of: {', '.join(PROTOCOLS)}.")
     _check_split_and_k(split, ks)
-    if with_transitions and (protocol != "fused" or baseline):
+    if with_transitions and (protocol != "fused" or baseline == "transitions"):
         raise GlossError(
             "--with-transitions fuses the transitions list with the queries' lists.",
-            "Use --protocol fused, without --baseline (--baseline transitions is the list alone).",
+            "Use --protocol fused, with generated queries or --baseline lis (--baseline transitions is the list "
+            "alone).",
         )
     hybrid_parts(retriever)  # a malformed hybrid name fails before any work
     project.require("data")
@@ -506,17 +512,27 @@ def _check_split_and_k(split: str, ks: list[int]) -> None:
 
 
 def _run_reranked(
-    project: Project, split: str, how: str, retriever: str, ks: list[int], *, name: str | None, command: str
+    project: Project,
+    split: str,
+    how: str,
+    retriever: str,
+    ks: list[int],
+    *,
+    transitions: bool,
+    name: str | None,
+    command: str,
 ) -> EvalResult:
-    """``gloss eval --rerank``: order the pools ``gloss rerank --retriever RETRIEVER`` wrote for ``split``."""
+    """``gloss eval --rerank``: order the pools ``gloss rerank --retriever RETRIEVER [--with-transitions]`` wrote
+    for ``split``."""
     from gloss_cli.rerank import CANDIDATES, stage_name
 
     if how not in RERANKS:
         raise GlossError(f"Unknown rerank order '{how}'.", f"Use one of: {', '.join(RERANKS)}.")
     _check_split_and_k(split, ks)
     project.require("data")
-    stage = stage_name(split, retriever)  # a malformed hybrid name fails here
-    record = project.require(stage, f"gloss rerank --split {split} --retriever {retriever}")
+    stage = stage_name(split, retriever, transitions=transitions)  # a malformed hybrid name fails here
+    also = " --with-transitions" if transitions else ""
+    record = project.require(stage, f"gloss rerank --split {split} --retriever {retriever}{also}")
     pool = record["params"]
     frame = pl.read_parquet(project.path(f"{stage}/{CANDIDATES}"))
     items = load_items(project.path("data"))
@@ -526,7 +542,7 @@ def _run_reranked(
     split_df = split_df.filter(pl.col("user_id").is_in(frame.get_column("user_id").unique().to_list()))
     users = split_df.get_column("user_id").to_list()
     qs = QuerySet(stage, users, split_df.get_column("target").to_list(), split_df.get_column("history").to_list(), [])
-    name = name or f"rerank-{how}-{pool['retriever']}-{split}"
+    name = name or f"rerank-{how}-{'transitions+' if transitions else ''}{pool['retriever']}-{split}"
     params = {
         "split": split,
         "retriever": pool["retriever"],
@@ -538,6 +554,7 @@ def _run_reranked(
         "candidates": pool["candidates"],
         "rrf_k": RRF_K if how == "fused" else None,
         "with_lis": True,
+        "transitions": pool.get("transitions"),
     }
     with project.run_stage(
         f"eval/{name}", params, command=command, upstream=("data", stage), libraries=("numpy",)
@@ -562,7 +579,12 @@ def _run_reranked(
                 metrics,
                 ci,
                 run_.dir,
-                rerank={"how": how, "candidates": pool["candidates"], "num_queries": pool["num_queries"]},
+                rerank={
+                    "how": how,
+                    "candidates": pool["candidates"],
+                    "num_queries": pool["num_queries"],
+                    "transitions": transitions,
+                },
             ),
         )
     result.folder = project.path(f"eval/{name}")

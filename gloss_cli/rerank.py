@@ -3,12 +3,14 @@
 The pool is the list ``gloss eval --with-lis --protocol fused --exclude-seen -k C`` ranks (C = ``candidates``): the
 last item's title, then the first ``num_queries`` generated titles (0: the last item's title alone, no generation
 needed), each retrieving its top C, history items excluded, fused by beam-weighted reciprocal rank; its top C.
+With ``with_transitions`` (``--with-transitions``) the transitions list's top C leads that fusion.
 The model then gives each candidate ``log p("Title: <title>" EOS | prompt)``, the prompt as generation builds it
 (``gloss_cli.backends.scoring``: each prompt computed once for its whole pool). ``gloss eval --rerank`` orders each
 pool by that score (``lm``: per token, as beam scores are) or fuses it with the pool's order (``fused``).
 
 Output ``rerank/<split>/candidates.parquet`` (BM25's pool; another retriever's in ``rerank/<split>-<retriever>``,
-so that pools of several retrievers can be compared on validation): user_id, item_id, pool_rank (1 = the fused
+those the transitions list led in ``rerank/<split>-transitions[-<retriever>]``, so that pools can be compared on
+validation): user_id, item_id, pool_rank (1 = the fused
 list's first), logprob (summed over the title's tokens and EOS), tokens.
 """
 
@@ -25,7 +27,7 @@ import polars as pl
 from gloss_cli.console import Reporter
 from gloss_cli.data import load_items, load_split
 from gloss_cli.errors import GlossError
-from gloss_cli.evaluate import generated_users, retrieve, with_lis_query
+from gloss_cli.evaluate import TRANSITIONS_PARAMS, generated_users, retrieve, transitions_lists, with_lis_query
 from gloss_cli.examples import target_ids
 from gloss_cli.generate import fit_prompts, gpu_peak_mib
 from gloss_cli.index import open_index
@@ -39,11 +41,12 @@ CANDIDATES = "candidates.parquet"
 MAX_NEW_TOKENS = 50  # prompts are cut as generation cuts them: room for a 50-token answer
 
 
-def stage_name(split: str, retriever: str) -> str:
+def stage_name(split: str, retriever: str, *, transitions: bool = False) -> str:
     """The stage holding the pools of ``split`` that ``retriever`` retrieved: BM25's keep the plain name, another
-    retriever's carry its index key (path-safe: ``org/model`` -> ``org_model``; ``dense`` -> its default encoder)."""
+    retriever's carry its index key (path-safe: ``org/model`` -> ``org_model``; ``dense`` -> its default encoder);
+    pools that the transitions list led carry ``-transitions``."""
     key = index_key(retriever)
-    return f"rerank/{split}" if key == "bm25" else f"rerank/{split}-{key}"
+    return f"rerank/{split}" + ("-transitions" if transitions else "") + ("" if key == "bm25" else f"-{key}")
 
 
 @dataclass
@@ -74,6 +77,7 @@ def run(
     retriever: str = "bm25",
     num_queries: int = 2,
     candidates: int = 20,
+    with_transitions: bool = False,
     batch_size: int = 0,
     dtype: str = "auto",
     command: str = "gloss rerank",
@@ -115,17 +119,20 @@ def run(
         "retriever": meta["key"],
         "num_queries": num_queries,
         "candidates": candidates,
-        "pool": "the last item's title, then the generated queries; top-K each, fused, history items excluded",
+        "pool": ("the transitions list, then " if with_transitions else "")
+        + "the last item's title, then the generated queries; top-K each, fused, history items excluded",
+        "transitions": TRANSITIONS_PARAMS if with_transitions else None,
         "score": "log p(Title: <title> EOS | prompt), summed",
         "train": train_record["fingerprint"],
     }
     upstream = ("data", "train", *meta["stages"], *stages)
     libraries = ("torch", "transformers", "peft", "bm25s")
-    stage_dir = stage_name(split, retriever)
+    stage_dir = stage_name(split, retriever, transitions=with_transitions)
     with project.run_stage(stage_dir, params, command=command, libraries=libraries, upstream=upstream) as st:
         key_of = {item: i for i, item in enumerate(item_ids)}
+        lead = transitions_lists(project, qs, key_of, depth=candidates, exclude_seen=True) if with_transitions else None
         pools = retrieve(
-            index, qs, key_of, protocol="fused", exclude_seen=True, k=candidates, reporter=reporter
+            index, qs, key_of, protocol="fused", exclude_seen=True, k=candidates, reporter=reporter, lead=lead
         )  # (users, candidates), -1 padded
         targets = np.array([key_of[t] for t in qs.targets])
         pool_recall = float((pools == targets[:, None]).any(axis=1).mean()) if len(targets) else 0.0

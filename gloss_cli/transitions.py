@@ -23,9 +23,14 @@ ROUND = 6  # decimals kept of a score: equal scores tie (then the item id decide
 
 
 def transition_counts(train: pl.DataFrame, *, window: int = WINDOW) -> pl.DataFrame:
-    """Pair weights ``(item, next_item, weight)`` from the train split (user_id, history, target)."""
+    """Pair weights ``(item, next_item, weight)`` from the train split (user_id, history, target): each user's
+    longest example, which holds all of theirs (``--train-examples all-prefixes`` has one per prefix: each pair is
+    still counted once)."""
     steps = (
-        train.select(seq=pl.concat_list(pl.col("history"), pl.col("target")))
+        train.select("user_id", seq=pl.concat_list(pl.col("history"), pl.col("target")))
+        .sort(pl.col("seq").list.len(), descending=True, maintain_order=True)
+        .unique("user_id", keep="first", maintain_order=True)
+        .select("seq")
         .with_row_index("row")
         .with_columns(pos=pl.int_ranges(0, pl.col("seq").list.len()))
         .explode("seq", "pos")

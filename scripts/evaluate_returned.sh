@@ -9,9 +9,12 @@
 # per retriever and project, the test split's first (where it was generated):
 #   the model's queries and LIS under the paper protocol and gloss's (fused, history excluded);
 #   LIS + model (`--with-lis`) with 2 and 5 beams on validation, and on test with the number validation picked;
+#   the transitions list first, then LIS + 2 beams, on both splits (tr-lis2-RETRIEVER-{val,test}), and the
+#   transitions baseline alone (transitions-xseen-{validation,test});
 #   for BM25 also the ablation rows (history excluded alone, fusion alone, LIS + model with history kept);
 #   where the run scored candidate pools (`gloss rerank`, gpu_run.sh GLOSS_RERANK): `--rerank lm` and `fused`,
-#   for each retriever's pools (rerank-{lm,fused}-RETRIEVER-{val,test});
+#   for each retriever's pools (rerank-{lm,fused}-RETRIEVER-{val,test}; those the transitions list led:
+#   rerank-{lm,fused}-transitions+RETRIEVER-{val,test});
 # then `gloss segments` over the BM25 rows. An evaluation that already has its metrics is skipped, so a stopped
 # run resumes. Dense retrievers encode every query on the CPU: minutes per evaluation of a whole test split.
 set -euo pipefail
@@ -45,6 +48,11 @@ for r in "${retrievers[@]}"; do
   done
   n=$(picked "$r")
   t "lis$n-$r-test" --retriever "$r" --protocol fused --exclude-seen --with-lis --num-queries "$n"
+  for s in validation test; do  # transitions, then LIS + 2 beams (session 10's (5) and (6))
+    [ $s = validation ] && x=e || x=t
+    $x "tr-lis2-$r-${s/validation/val}" --retriever "$r" --split $s --protocol fused --exclude-seen --with-lis \
+      --with-transitions --num-queries 2
+  done
   e "model-$r-paper-validation" --retriever "$r" --split validation --protocol paper
   e "model-$r-fused-xseen-validation" --retriever "$r" --split validation --protocol fused --exclude-seen
   if [ "$r" = bm25 ]; then
@@ -55,12 +63,17 @@ for r in "${retrievers[@]}"; do
       --run model-bm25-fused-xseen-test --run lis-bm25-fused-xseen-test --run "lis$n-bm25-test"
   fi
 done
-local pool split r
-for pool in "$p"/rerank/*/; do  # rerank/<split> (BM25's pools) or rerank/<split>-<retriever>
-  pool=$(basename "$pool") split=${pool%%-*} r=bm25
+e transitions-xseen-validation --split validation --baseline transitions --exclude-seen
+t transitions-xseen-test --baseline transitions --exclude-seen
+local pool split r lead
+for pool in "$p"/rerank/*/; do  # rerank/<split>[-transitions][-<retriever>] (no retriever: BM25's pools)
+  pool=$(basename "$pool") split=${pool%%-*} r=bm25 lead=
   [ "$pool" = "$split" ] || r=${pool#*-}
+  if [ "${r%%-*}" = transitions ]; then
+    lead=--with-transitions r=${r#transitions}; r=${r#-}; r=${r:-bm25}
+  fi
   for how in lm fused; do
-    e "rerank-$how-$r-${split/validation/val}" --split "$split" --rerank "$how" --retriever "$r"
+    e "rerank-$how-${lead:+transitions+}$r-${split/validation/val}" --split "$split" --rerank "$how" --retriever "$r" $lead
   done
 done
 }

@@ -16,9 +16,9 @@
 #               its unconstrained generation is of the validation split only
 #               GLOSS_RERANK: `gloss rerank` flags (e.g. "--candidates 20 --num-queries 2"): after generation the
 #               model scores each user's pool of candidates, validation and test (whatever GLOSS_TEST_LIMIT says)
-#               GLOSS_RERANK_RETRIEVERS: the retrievers whose pools it scores (default bm25), each on validation;
-#               on test only the one whose `gloss eval --rerank fused` validation Recall@5 is highest (the
-#               first listed on a tie)
+#               GLOSS_RERANK_RETRIEVERS: the pools it scores (default bm25: a retriever's, or transitions+RETRIEVER:
+#               led by the transitions list), each on validation; on test only the one whose
+#               `gloss eval --rerank fused` validation Recall@5 is highest (the first listed on a tie)
 #               GLOSS_AFTER: runs (names) whose logs must say finished or FAILED before this job begins (timings
 #               taken with the GPU to itself)
 #         bash scripts/gpu_run.sh evaluate NAME                 (GLOSS_EVAL's evaluations of a generated run)
@@ -76,13 +76,15 @@ after_train() {  # the steps after `gloss train`: generation (validation, test),
     if [ -n "${GLOSS_RERANK:-}" ]; then
       local r rs=${GLOSS_RERANK_RETRIEVERS:-bm25}
       rerank=$(for r in $rs; do
-        echo "lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank --split validation --retriever $r \
+        echo "lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank --split validation $(pool_flags "$r") \
           $GLOSS_RERANK -p '$runs/$name'
-          g eval --split validation --rerank fused --retriever $r --name rerank-fused-$r-val"
+          g eval --split validation --rerank fused $(pool_flags "$r") --name rerank-fused-$r-val"
       done)
       [ "$test_step" = ":" ] || rerank+="
         best=\$(python3 scripts/pick_rerank.py '$runs/$name' $rs); echo \"test rerank: \$best (validation)\"
-        lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank --split test --retriever \$best \
+        case \$best in transitions+*) flags=\"--retriever \${best#transitions+} --with-transitions\" ;;
+          *) flags=\"--retriever \$best\" ;; esac
+        lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank --split test \$flags \
           $GLOSS_RERANK -p '$runs/$name'"
     fi
     echo "$fork
@@ -91,6 +93,12 @@ after_train() {  # the steps after `gloss train`: generation (validation, test),
       $rerank
       $catalog
       $(eval_steps)"
+}
+pool_flags() {  # POOL: the flags of `gloss rerank` / `gloss eval --rerank` for bm25, bm25+e5, transitions+bm25, ...
+  case $1 in
+    transitions+*) echo "--retriever ${1#transitions+} --with-transitions" ;;
+    *) echo "--retriever $1" ;;
+  esac
 }
 eval_steps() {  # GLOSS_EVAL's evaluations, retriever by retriever, the test split's first
   for r in ${GLOSS_EVAL:-}; do

@@ -185,3 +185,27 @@ def test_rerank_bad_input_says_what_to_do(synthetic: Path, tiny: Path) -> None: 
         assert res["retriever"] == retriever and res["run"] == f"rerank-lm-{retriever}-test"
         trec = Path(f"proj/eval/{res['run']}/run.trec").read_text().splitlines()
         assert {line.split()[2] for line in trec} <= set(frame["item_id"])
+    # pools that the transitions list led go beside them too, and eval --with-transitions orders those
+    bad = runner.invoke(app, ["eval", "--split", "test", "--rerank", "lm", "--with-transitions", "-p", "proj"])
+    assert bad.exit_code == 1 and "gloss rerank --split test --retriever bm25 --with-transitions" in bad.output
+    ok = runner.invoke(app, [*lis_pool, "--with-transitions"])
+    assert ok.exit_code == 0, ok.output
+    led = pl.read_parquet("proj/rerank/test-transitions/candidates.parquet")
+    assert stage_name("test", "bm25+e5", transitions=True) == "rerank/test-transitions-bm25+e5"
+    from gloss_cli.transitions import recommend, transition_counts
+
+    test = pl.read_parquet("proj/data/test.parquet")
+    firsts = recommend(
+        transition_counts(pl.read_parquet("proj/data/train.parquet")),
+        test["history"].to_list(),
+        depth=1,
+        exclude_seen=True,
+    )
+    pool_of = {u: set(g["item_id"]) for (u,), g in led.group_by("user_id")}
+    # weight 1 at rank 1 (1/2) against the LIS query's 1/4: the transitions list's first item is in every pool of 3
+    assert all(own[0] in pool_of[u] for u, own in zip(test["user_id"].to_list(), firsts, strict=True) if own)
+    assert not led.equals(pools["bm25"])
+    res = json.loads(invoke("eval", "--split", "test", "--rerank", "fused", "--with-transitions", "--json").stdout)
+    assert res["run"] == "rerank-fused-transitions+bm25-test" and "the transitions list" in res["protocol_description"]
+    manifest = json.loads(Path("proj/manifest.json").read_text())
+    assert manifest["stages"]["rerank/test-transitions"]["params"]["transitions"]["window"] == 3

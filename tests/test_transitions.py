@@ -93,6 +93,17 @@ def test_held_out_items_are_never_counted(synthetic: Path) -> None:
     assert transition_counts(pl.read_parquet(data / "train.parquet")).equals(transition_counts(truncated))
 
 
+def test_all_prefix_examples_count_each_pair_once(synthetic: Path) -> None:
+    last = _project(synthetic, "last")
+    result = runner.invoke(
+        app, ["data", "--source", str(synthetic), "-p", "ap", "--train-examples", "all-prefixes", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    prefixes = pl.read_parquet("ap/data/train.parquet")
+    assert prefixes.height > pl.read_parquet(last / "data/train.parquet").height
+    assert transition_counts(prefixes).equals(transition_counts(pl.read_parquet(last / "data/train.parquet")))
+
+
 def test_baseline_and_fusion_end_to_end(synthetic: Path, tmp_path: Path) -> None:
     project = _project(synthetic)
     base = json.loads(
@@ -181,10 +192,10 @@ def test_the_lead_list_is_fused_as_the_first_query() -> None:
     ("extra", "message"),
     [
         (["--with-transitions"], "--with-transitions fuses the transitions list"),  # the paper protocol
-        (["--with-transitions", "--protocol", "fused", "--baseline", "lis"], "--with-transitions fuses"),
+        (["--with-transitions", "--protocol", "fused", "--baseline", "transitions"], "--with-transitions fuses"),
         (["--baseline", "transitions", "--with-lis"], "--with-lis adds the LIS query"),
         (["--baseline", "popular"], "Unknown baseline 'popular'"),
-        (["--rerank", "fused", "--with-transitions"], "--rerank orders the pools"),
+        (["--rerank", "fused", "--with-transitions"], "Stage 'rerank/test-transitions' has not run"),
     ],
 )
 def test_transitions_misuse_is_refused(synthetic: Path, extra: list[str], message: str) -> None:

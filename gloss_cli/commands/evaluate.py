@@ -54,7 +54,7 @@ def evaluate(
         typer.Option(
             "--with-transitions",
             help="Fuse the transitions list (see --baseline transitions) first, before the queries' lists "
-            "(--protocol fused).",
+            "(--protocol fused); with --rerank: order the pools 'gloss rerank --with-transitions' made.",
         ),
     ] = False,
     rerank: Annotated[
@@ -104,6 +104,7 @@ def evaluate(
     command += " --with-transitions" if with_transitions else ""
     if rerank:
         command = f"gloss eval --split {split} --rerank {rerank} --retriever {retriever}"
+        command += " --with-transitions" if with_transitions else ""
     with proj.lock(command):
         result = run(
             proj,

@@ -19,6 +19,14 @@ def rerank(
         int, typer.Option(help="Generated queries after the last item's title in the pool (0: that title alone).")
     ] = 2,
     candidates: Annotated[int, typer.Option(help="Pool size per user (top-K of each query, fused).")] = 20,
+    with_transitions: Annotated[
+        bool,
+        typer.Option(
+            "--with-transitions",
+            help="Fuse the transitions list (items that followed the user's recent items in the training sequences) "
+            "first into the pool.",
+        ),
+    ] = False,
     batch_size: Annotated[int, typer.Option(help="Users per scoring batch (0: 64 on CUDA, 4 on CPU).")] = 0,
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.")] = "auto",
     project: ProjectOpt = DEFAULT_PROJECT_PATH,
@@ -30,7 +38,7 @@ def rerank(
     The pool: the last item's title and the first --num-queries generated titles, each retrieving its top
     --candidates items, fused, history items excluded. Each candidate gets log p(its title | the user's prompt)
     from the model. Writes rerank/<split>/candidates.parquet (another retriever than BM25:
-    rerank/<split>-<retriever>/).
+    rerank/<split>-<retriever>/; --with-transitions: rerank/<split>-transitions[-<retriever>]/).
 
     [dim]Examples:[/]
 
@@ -44,7 +52,7 @@ def rerank(
     reporter = RichReporter(quiet)
     proj = Project(project)
     command = f"gloss rerank --split {split} --retriever {retriever} --num-queries {num_queries}"
-    command += f" --candidates {candidates}"
+    command += f" --candidates {candidates}" + (" --with-transitions" if with_transitions else "")
     with proj.lock(command):
         result = run(
             proj,
@@ -52,6 +60,7 @@ def rerank(
             retriever=retriever,
             num_queries=num_queries,
             candidates=candidates,
+            with_transitions=with_transitions,
             batch_size=batch_size,
             dtype=dtype,
             command=command,
@@ -68,4 +77,5 @@ def rerank(
         f"({metrics['users_per_s'] or 0:.1f} users/s); held-out item in the pool for {result.pool_recall:.2%} "
         f"of users -> {result.path}"
     )
-    reporter.info(f"next: gloss eval --split {split} --rerank fused --retriever {retriever}")
+    also = " --with-transitions" if with_transitions else ""
+    reporter.info(f"next: gloss eval --split {split} --rerank fused --retriever {retriever}{also}")
