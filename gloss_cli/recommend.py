@@ -2,7 +2,9 @@
 
 The model and the index load once per :class:`Recommender`; each call builds the prompts, generates the queries
 (beam search), retrieves every query's top items and merges them with the ``fused`` protocol of ``gloss eval``
-(history items excluded by default) or the ``paper`` one.
+(history items excluded by default) or the ``paper`` one. ``with_transitions`` fuses first what followed the
+user's latest items in every known sequence (``gloss_cli.transitions``, counted from all of the project's
+interactions: a deployed recommender knows them all).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from gloss_cli.console import Reporter
@@ -22,6 +25,8 @@ from gloss_cli.index import open_index
 from gloss_cli.models import read_meta
 from gloss_cli.project import Project
 from gloss_cli.queries import query_text
+
+TRANSITIONS_QUERY = "(transitions: what followed the latest items in other histories)"
 
 
 @dataclass
@@ -63,10 +68,13 @@ class Recommender:
         exclude_seen: bool = True,
         k: int = 10,
         with_lis: bool = False,
+        with_transitions: bool = False,
         reporter: Reporter | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise GlossError(f"Unknown protocol '{protocol}'.", f"Use one of: {', '.join(PROTOCOLS)}.")
+        if with_transitions and protocol != "fused":
+            raise GlossError("--with-transitions fuses ranked lists.", "Drop --protocol paper.")
         if k < 1:
             raise GlossError(f"-k must be at least 1, got {k}.", "Pass e.g. -k 10.")
         self.reporter = reporter or Reporter()
@@ -80,6 +88,16 @@ class Recommender:
         self.key_of_title = {title: i for i, title in enumerate(self.titles)}
         sequences = pl.read_parquet(project.path("data/sequences.parquet"), columns=["user_id", "item_ids"])
         self.histories: dict[str, list[str]] = dict(sequences.iter_rows())
+        self.transitions = None
+        if with_transitions:
+            from gloss_cli.transitions import transition_counts
+
+            n = pl.col("item_ids").list.len()
+            self.transitions = transition_counts(
+                sequences.select(
+                    "user_id", history=pl.col("item_ids").list.slice(0, n - 1), target=pl.col("item_ids").list.last()
+                )
+            )
         meta = read_meta(project.path("train"))
         self.options = GenerateOptions(backend=backend or default_backend())
         self.budget = int(meta["max_seq_len"]) - self.options.max_new_tokens
@@ -99,17 +117,17 @@ class Recommender:
         histories = [self.history_of(u) for u in user_ids]
         titled = [[self.titles[self.key_of[i]] for i in h] for h in histories]
         seen = [{self.key_of[i] for i in h} for h in histories]
-        return self._recommend(list(user_ids), titled, seen)
+        return self._recommend(list(user_ids), titled, seen, histories)
 
     def for_history(self, titles: Sequence[str]) -> UserRecommendations:
         cleaned = [" ".join(t.split()) for t in titles if t.strip()]
         if not cleaned:
             raise GlossError("The history is empty.", 'Pass at least one --history "item title".')
-        seen = {self.key_of_title[t] for t in cleaned if t in self.key_of_title}
-        return self._recommend([None], [cleaned], [seen])[0]
+        known = [self.key_of_title[t] for t in cleaned if t in self.key_of_title]  # only catalog titles vote
+        return self._recommend([None], [cleaned], [set(known)], [[self.item_ids[k] for k in known]])[0]
 
     def _recommend(
-        self, users: list[str | None], histories: list[list[str]], seen: list[set[int]]
+        self, users: list[str | None], histories: list[list[str]], seen: list[set[int]], item_ids: list[list[str]]
     ) -> list[UserRecommendations]:
         t0 = time.perf_counter()
         prompts = fit_prompts(self.generator.count_tokens, histories, self.budget)
@@ -129,6 +147,17 @@ class Recommender:
         keys, scores = self.index.search(flat, min(depth + extra, len(self.item_ids)))
         keys = keys.reshape(len(users), per_user, -1)
         scores = scores.reshape(len(users), per_user, -1)
+        if self.transitions is not None:  # its list first, as gloss eval --with-transitions fuses it
+            from gloss_cli.transitions import recommend
+
+            lead = np.full((len(users), 1, keys.shape[2]), -1, dtype=keys.dtype)
+            for u, row in enumerate(
+                recommend(self.transitions, item_ids, depth=keys.shape[2], exclude_seen=self.exclude_seen)
+            ):
+                lead[u, 0, : len(row)] = [self.key_of[i] for i in row]
+            keys = np.concatenate([lead, keys], axis=1)
+            scores = np.concatenate([np.zeros(lead.shape, dtype=scores.dtype), scores], axis=1)
+            queries = [[(TRANSITIONS_QUERY, 0.0), *user] for user in queries]
         t3 = time.perf_counter()
         results = []
         for u, user in enumerate(users):

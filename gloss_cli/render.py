@@ -88,7 +88,15 @@ def segments_table(report: Any) -> None:
     out.print(f"plot: {report.plot}")
 
 
-def recommendations(result: Any, *, profile: bool, protocol: str, exclude_seen: bool, with_lis: bool = False) -> None:
+def recommendations(
+    result: Any,
+    *,
+    profile: bool,
+    protocol: str,
+    exclude_seen: bool,
+    with_lis: bool = False,
+    with_transitions: bool = False,
+) -> None:
     who = f"user {result.user_id}" if result.user_id else "the given history"
     shown = result.history[-5:]
     out.print(f"[bold]{who}[/] · {len(result.history)} items, latest last:")
@@ -101,7 +109,8 @@ def recommendations(result: Any, *, profile: bool, protocol: str, exclude_seen: 
         title_justify="left",
         caption=f"protocol {protocol}; history items {'excluded' if exclude_seen else 'allowed'}; "
         "query = the generated title (beam rank) that found the item first"
-        + ("; #1 is the last item's title (--with-lis)" if with_lis else ""),
+        + ("; #1 is what followed the latest items elsewhere (--with-transitions)" if with_transitions else "")
+        + (f"; #{1 + with_transitions} is the last item's title (--with-lis)" if with_lis else ""),
         caption_justify="left",
     )
     for column, justify in (

@@ -55,6 +55,31 @@ def test_recommend_with_lis_searches_the_last_title_first(trained: Path) -> None
     assert table.exit_code == 0 and "#1 is the last item's title" in table.stdout
 
 
+def test_recommend_with_transitions_fuses_what_followed_first(trained: Path) -> None:
+    from gloss_cli.recommend import TRANSITIONS_QUERY
+    from gloss_cli.transitions import recommend, transition_counts
+
+    sequences = pl.read_parquet(trained / "data/sequences.parquet")
+    seq = sequences.row(2, named=True)
+    args = ["recommend", "--user", seq["user_id"], "-p", "p", "-k", "4", "--backend", "hf", "--with-transitions"]
+    doc = json.loads(runner.invoke(app, [*args, "--with-lis", "--json", "-q"]).stdout)
+    assert len(doc["queries"]) == 7 and doc["queries"][0] == {"text": TRANSITIONS_QUERY, "score": 0.0}
+    assert not {i["item_id"] for i in doc["items"]} & set(seq["item_ids"])
+    # counted from every known sequence (the deployed case): the user's own list, its first item fused first
+    n = pl.col("item_ids").list.len()
+    every = sequences.select(
+        "user_id", history=pl.col("item_ids").list.slice(0, n - 1), target=pl.col("item_ids").list.last()
+    )
+    own = recommend(transition_counts(every), [seq["item_ids"]], depth=4, exclude_seen=True)[0]
+    found = {i["item_id"] for i in doc["items"] if i["query"] == 0}
+    assert found <= set(own) and (not own or own[0] in {i["item_id"] for i in doc["items"]})
+    table = runner.invoke(app, [*args, "--with-lis", "-q"])
+    assert table.exit_code == 0 and "#1 is what followed the latest items" in table.stdout
+    assert "#2 is the last item's title" in table.stdout
+    bad = runner.invoke(app, [*args, "--protocol", "paper"])
+    assert bad.exit_code == 1 and "--with-transitions fuses ranked lists" in bad.output
+
+
 def test_recommend_table_and_profile(trained: Path) -> None:
     seq = pl.read_parquet(trained / "data/sequences.parquet").row(1, named=True)
     result = runner.invoke(app, ["recommend", "-u", seq["user_id"], "-p", "p", "--backend", "hf", "--profile", "-q"])

@@ -45,6 +45,13 @@ def recommend(
             "--with-lis", help="Search with the last item's title first, then the generated titles (LIS + model)."
         ),
     ] = False,
+    with_transitions: Annotated[
+        bool,
+        typer.Option(
+            "--with-transitions",
+            help="Fuse first what followed the latest history items in every known sequence (before any query).",
+        ),
+    ] = False,
     profile: Annotated[bool, typer.Option("--profile", help="Print where the time went.")] = False,
     project: ProjectOpt = DEFAULT_PROJECT_PATH,
     json_: JsonOpt = False,
@@ -59,6 +66,8 @@ def recommend(
       gloss recommend --history "Maybelline Great Lash Mascara" --history "Neutrogena Makeup Remover" -k 5
 
       gloss recommend --users-file users.txt --json > recs.jsonl
+
+      gloss recommend --user A2CZ4YVBIJFW6J --with-transitions --with-lis    # docs/RESULTS.md's best configuration
     """
     from gloss_cli.recommend import Recommender
 
@@ -80,6 +89,7 @@ def recommend(
         exclude_seen=not include_seen,
         k=k,
         with_lis=with_lis,
+        with_transitions=with_transitions,
         reporter=reporter,
     )
     results = recommender.for_users(ids) if ids else [recommender.for_history(titles)]
@@ -93,4 +103,11 @@ def recommend(
     from gloss_cli.render import recommendations
 
     for r in results:
-        recommendations(r, profile=profile, protocol=protocol, exclude_seen=not include_seen, with_lis=with_lis)
+        recommendations(
+            r,
+            profile=profile,
+            protocol=protocol,
+            exclude_seen=not include_seen,
+            with_lis=with_lis,
+            with_transitions=with_transitions,
+        )
