@@ -104,10 +104,14 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
         )
 
     results = []
-    # model and LIS under both protocols, then the two fused (gloss eval --with-lis), all on the same users
-    runs = [(None, "paper", False, False), (None, "fused", True, False), ("lis", "paper", False, False)]
-    runs += [("lis", "fused", True, False), (None, "fused", True, True)]
-    for baseline, protocol, exclude, with_lis in runs:
+    # model and LIS under both protocols, then the two fused (gloss eval --with-lis); the transitions baseline
+    # (no model), then it fused before LIS + model (--with-transitions); all on the same users
+    runs: list[tuple[str | None, str, bool, bool, bool]] = [(None, "paper", False, False, False)]
+    runs += [(None, "fused", True, False, False)]
+    runs += [("lis", "paper", False, False, False), ("lis", "fused", True, False, False)]
+    runs += [(None, "fused", True, True, False), ("transitions", "fused", True, False, False)]
+    runs += [(None, "fused", True, True, True)]
+    for baseline, protocol, exclude, with_lis, with_transitions in runs:
         results.append(
             evaluate.run(
                 project,
@@ -118,6 +122,7 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
                 baseline=baseline,
                 match_generated=True,
                 with_lis=with_lis,
+                with_transitions=with_transitions,
                 command="gloss run",
                 reporter=reporter,
             )

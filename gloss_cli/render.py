@@ -134,10 +134,16 @@ def recommendations(
 
 
 def run_summary(summary: Any) -> None:
-    table = Table(title="gloss run: model vs LIS baseline", title_justify="left")
+    table = Table(title="gloss run: model vs the LIS and transitions baselines", title_justify="left")
     for column in ("queries", "protocol", "history", "users", "recall@5", "ndcg@5", "mrr@5"):
         table.add_column(column, justify="right" if column in ("users", "recall@5", "ndcg@5", "mrr@5") else "left")
-    labels = {"lis": "LIS", "model": "model", "model+lis": "LIS + model"}
+    labels = {
+        "lis": "LIS",
+        "model": "model",
+        "model+lis": "LIS + model",
+        "transitions": "transitions",
+        "transitions+model+lis": "transitions + LIS + model",
+    }
     for r in summary.rows:
         table.add_row(
             labels.get(r["source"], r["source"]),

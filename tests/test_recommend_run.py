@@ -134,8 +134,8 @@ def test_run_chains_every_stage_then_skips_them(synthetic: Path, tiny: Path, mon
     doc = json.loads(result.stdout)
     assert [name for name, how in doc["steps"][:5]] == ["data", "train", "index/bm25", "generate/test", "eval"]
     assert all(how == "ran" for _, how in doc["steps"][:4])
-    assert len(doc["runs"]) == 5 and {r["users"] for r in doc["runs"]} == {6}
-    assert {r["source"] for r in doc["runs"]} == {"model", "lis", "model+lis"}
+    assert len(doc["runs"]) == 7 and {r["users"] for r in doc["runs"]} == {6}
+    assert {r["source"] for r in doc["runs"]} == {"model", "lis", "model+lis", "transitions", "transitions+model+lis"}
     assert Path(doc["plot"]).is_file()
     again = json.loads(runner.invoke(app, args).stdout)
     assert all(how == "skipped" for _, how in again["steps"][:4])
