@@ -91,7 +91,9 @@ def plot(table: pl.DataFrame, k: int, path: Path, title: str) -> None:
     import numpy as np
 
     runs = table.get_column("run").unique(maintain_order=True).to_list()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    columns = min(len(runs), 4)
+    legend_rows = -(-len(runs) // columns)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4 + 0.25 * legend_rows))
     width = 0.8 / len(runs)
     for ax, metric in zip(axes, (f"recall@{k}", f"ndcg@{k}"), strict=True):
         for i, run in enumerate(runs):
@@ -106,9 +108,11 @@ def plot(table: pl.DataFrame, k: int, path: Path, title: str) -> None:
         ax.set_xticks(np.arange(len(SEGMENTS)) + width * (len(runs) - 1) / 2, labels)
         ax.set_title(metric)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    # below the plots, where it hides no bar whatever the number of runs
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=columns, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * legend_rows / (1 + 0.06 * legend_rows) + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
