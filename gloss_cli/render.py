@@ -158,7 +158,9 @@ def run_summary(summary: Any) -> None:
     out.print(
         "[dim]test split, the same users for every row; mean over users, one held-out item each; K = 5. paper: top-1 "
         "per generated query (LIS: top-5 of the last item's title); fused: top-5 per query, beam-weighted rank fusion; "
-        "LIS + model: the last item's title as the first query, then the generated ones (gloss eval --with-lis). "
+        "LIS + model: the last item's title as the first query, then the generated ones (gloss eval --with-lis); "
+        "transitions: the items that followed the user's 5 most recent items in the training sequences, no model "
+        "(--baseline transitions), fused first in the last row (--with-transitions). "
         f"Per-user results: eval/<run>/ ({', '.join(r['run'] for r in summary.rows)}).[/]"
     )
     out.print(f"segments plot: {summary.plot}")
