@@ -25,3 +25,17 @@ def test_lis_bm25_paper_protocol_reproduces_glosss_numbers(shared_data: Path) ->
     assert doc["metrics"]["ndcg@5"] == pytest.approx(0.0235, abs=0.001)
     seg = json.loads(runner.invoke(app, ["segments", "-p", "b", "--json"]).stdout)
     assert [r["users"] for r in seg["segments"]] == [7_180, 12_996, 2_187]  # the paper's Beauty segments
+
+
+def test_transitions_baseline_on_beauty(shared_data: Path) -> None:
+    """docs/RESULTS.md, session 10: the transitions list alone on every Beauty test user, and with the LIS query."""
+    assert runner.invoke(app, ["data", "--source", str(shared_data / "beauty"), "-p", "b", "-q"]).exit_code == 0
+    alone = json.loads(
+        runner.invoke(app, ["eval", "--baseline", "transitions", "--exclude-seen", "-p", "b", "--json", "-q"]).stdout
+    )
+    assert alone["users"] == 22_363
+    assert alone["metrics"]["recall@5"] == pytest.approx(0.0680, abs=0.0001)
+    assert alone["metrics"]["ndcg@5"] == pytest.approx(0.0503, abs=0.0001)
+    args = ["eval", "--baseline", "lis", "--with-transitions", "--protocol", "fused", "--exclude-seen"]
+    with_lis = json.loads(runner.invoke(app, [*args, "-p", "b", "--json", "-q"]).stdout)
+    assert with_lis["metrics"]["recall@5"] == pytest.approx(0.0732, abs=0.0001)

@@ -175,7 +175,8 @@ def test_main_job_at_its_smallest_on_the_real_model(shared_data: Path, monkeypat
     doc = json.loads(result.stdout)
     assert doc["plan"]["backend"] is None and doc["plan"]["loss"] == "completion"
     assert [name for name, how in doc["steps"][:5]] == ["data", "train", "index/bm25", "generate/test", "eval"]
-    assert {(r["source"], r["users"]) for r in doc["runs"]} == {("model", 5), ("lis", 5), ("model+lis", 5)}
+    sources = {"model", "lis", "model+lis", "transitions", "transitions+model+lis"}
+    assert {(r["source"], r["users"]) for r in doc["runs"]} == {(source, 5) for source in sources}
     assert all(0 <= r["recall@5"] <= 1 and "5 users" in r["description"] for r in doc["runs"])
     generated = json.loads(Path("p/manifest.json").read_text())["stages"]["generate/test"]
     assert generated["params"]["backend"] == "llama-cpp"  # the CPU default
