@@ -10,8 +10,8 @@ pool by that score (``lm``: per token, as beam scores are) or fuses it with the 
 
 Output ``rerank/<split>/candidates.parquet`` (BM25's pool; another retriever's in ``rerank/<split>-<retriever>``,
 those the transitions list led in ``rerank/<split>-transitions[-<retriever>]``, so that pools can be compared on
-validation): user_id, item_id, pool_rank (1 = the fused
-list's first), logprob (summed over the title's tokens and EOS), tokens.
+validation): user_id, item_id, pool_rank (1 = the fused list's first), logprob (summed over the title's tokens and
+EOS), tokens.
 """
 
 from __future__ import annotations
