@@ -172,12 +172,30 @@ def retrieve(
     shape = (len(qs.users), qs.per_user, keys.shape[1])
     keys, scores = keys.reshape(shape), scores.reshape(shape)
     if lead is not None:
-        first = np.full((len(qs.users), 1, keys.shape[2]), -1, dtype=keys.dtype)
-        width = min(lead.shape[1], keys.shape[2])
-        first[:, 0, :width] = lead[:, :width]
-        keys = np.concatenate([first, keys], axis=1)
-        scores = np.concatenate([np.zeros(first.shape, dtype=scores.dtype), scores], axis=1)
+        keys, scores = with_lead_list(keys, scores, lead)
     return rank_items(keys, scores, seen, protocol=protocol, depth=depth, k=k)
+
+
+def with_lead_list(
+    keys: npt.NDArray[np.int64], scores: npt.NDArray[np.float32], lead: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """keys/scores (n, queries, m) with ``lead`` (n, m'), -1 padded, put first as if it were the first query's list
+    (cut or padded to m; its scores 0: the fused protocol reads ranks only)."""
+    first = np.full((keys.shape[0], 1, keys.shape[2]), -1, dtype=keys.dtype)
+    width = min(lead.shape[1], keys.shape[2])
+    first[:, 0, :width] = lead[:, :width]
+    return (
+        np.concatenate([first, keys], axis=1),
+        np.concatenate([np.zeros(first.shape, dtype=scores.dtype), scores], axis=1),
+    )
+
+
+def padded_keys(lists: list[list[str]], key_of: dict[str, int], depth: int) -> npt.NDArray[np.int64]:
+    """Item-id lists as an (n, depth) array of item keys, -1 padded (each list cut to ``depth``)."""
+    out = np.full((len(lists), depth), -1, dtype=np.int64)
+    for u, row in enumerate(lists):
+        out[u, : min(len(row), depth)] = [key_of[i] for i in row[:depth]]
+    return out
 
 
 def transitions_lists(
@@ -187,11 +205,7 @@ def transitions_lists(
     from gloss_cli.transitions import recommend, transition_counts
 
     counts = transition_counts(load_split(project.path("data"), "train"))
-    lists = recommend(counts, qs.histories, depth=depth, exclude_seen=exclude_seen)
-    out = np.full((len(lists), depth), -1, dtype=np.int64)
-    for u, row in enumerate(lists):
-        out[u, : len(row)] = [key_of[i] for i in row]
-    return out
+    return padded_keys(recommend(counts, qs.histories, depth=depth, exclude_seen=exclude_seen), key_of, depth)
 
 
 def reranked(

@@ -14,12 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from gloss_cli.console import Reporter
 from gloss_cli.errors import GlossError
-from gloss_cli.evaluate import PROTOCOLS, merge_user
+from gloss_cli.evaluate import PROTOCOLS, merge_user, padded_keys, with_lead_list
 from gloss_cli.generate import GenerateOptions, clean_query, default_backend, fit_prompts, open_generator
 from gloss_cli.index import open_index
 from gloss_cli.models import read_meta
@@ -150,13 +149,9 @@ class Recommender:
         if self.transitions is not None:  # its list first, as gloss eval --with-transitions fuses it
             from gloss_cli.transitions import recommend
 
-            lead = np.full((len(users), 1, keys.shape[2]), -1, dtype=keys.dtype)
-            for u, row in enumerate(
-                recommend(self.transitions, item_ids, depth=keys.shape[2], exclude_seen=self.exclude_seen)
-            ):
-                lead[u, 0, : len(row)] = [self.key_of[i] for i in row]
-            keys = np.concatenate([lead, keys], axis=1)
-            scores = np.concatenate([np.zeros(lead.shape, dtype=scores.dtype), scores], axis=1)
+            width = keys.shape[2]
+            lists = recommend(self.transitions, item_ids, depth=width, exclude_seen=self.exclude_seen)
+            keys, scores = with_lead_list(keys, scores, padded_keys(lists, self.key_of, width))
             queries = [[(TRANSITIONS_QUERY, 0.0), *user] for user in queries]
         t3 = time.perf_counter()
         results = []
