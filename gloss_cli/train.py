@@ -23,7 +23,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +31,7 @@ from gloss_cli import __version__
 from gloss_cli.console import Reporter
 from gloss_cli.errors import GlossError
 from gloss_cli.examples import Encoded, auto_micro_batch_tokens, collate, encode_examples, length_batches, micro_batches
-from gloss_cli.models import DEFAULT_MODEL, ModelRef, resolve_model
+from gloss_cli.models import DEFAULT_MODEL, ModelRef, canonical_name, resolve_model
 from gloss_cli.project import Project, file_entry
 
 METHODS = ("lora", "qlora", "full")
@@ -540,6 +540,9 @@ def run(
             f"Project {project.root} holds dataset '{have}', not '{dataset}'.",
             f"Run 'gloss data --dataset {dataset}' first, or use another --project.",
         )
+    if canonical_name(config.model) != config.model:
+        reporter.info(f"model '{config.model}' is the old name of '{canonical_name(config.model)}'")
+        config = replace(config, model=canonical_name(config.model))
     ref = resolve_model(config.model)  # unknown names and missing packages fail before any work
     if config.method == "qlora":
         from gloss_cli.models import quantization_4bit

