@@ -270,6 +270,26 @@ def test_export_checks_its_inputs(tmp_path: Path) -> None:
         export_gguf(tmp_path, tmp_path, tmp_path / "x.gguf")
 
 
+@pytest.mark.slow
+def test_an_amx_runtime_gets_plain_weight_buffers(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ggml's AMX kernels, as a native GCC 12 build compiles them, crash llama_decode on quantized weights
+    (runtime_uses_amx): an AMX runtime loads the weights without extra buffer types, any other keeps them."""
+    import llama_cpp
+    from llama_cpp import _internals
+
+    real, seen = _internals.LlamaModel, []
+
+    def spy(**kwargs: Any) -> Any:
+        seen.append(kwargs["params"].use_extra_bufts)
+        return real(**kwargs)
+
+    monkeypatch.setattr(_internals, "LlamaModel", spy)
+    for info in (b"CPU : AVX2 = 1 | AMX_INT8 = 1 | REPACK = 1 | ", b"CPU : AVX2 = 1 | REPACK = 1 | "):
+        monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda info=info: info)
+        generator(tiny_gguf).close()
+    assert seen == [False, True]
+
+
 def test_missing_llama_cpp_names_the_pip_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from gloss_cli.backends.llama_cpp import LlamaCppGenerator
 

@@ -46,6 +46,19 @@ def import_llama_cpp() -> Any:
     return llama_cpp
 
 
+def runtime_uses_amx(llama: Any) -> bool:
+    """Whether the llama.cpp build runs quantized weights on Intel AMX tiles (``AMX_INT8 = 1`` in its system info).
+
+    A source build with ``GGML_NATIVE=ON`` (pip's default) on an AMX CPU compiles ggml's AMX kernels. Built with
+    GCC 12 (Debian 12's), whose ``_tile_loadconfig`` tells the optimiser it reads 8 bytes of the 64-byte tile
+    config, the stores of the tiles' rows and widths are dropped and ``ldtilecfg`` faults on what is left: a
+    segmentation fault in ``llama_decode`` on the first multi-token batch through a Q4_0/Q4_1/Q8_0/K-quant weight
+    (llama-cpp-python 0.3.36; f32 weights never take that path). Such a runtime gets its weights in plain CPU
+    buffers (``use_extra_bufts`` off), which also skips ggml's AVX2 weight repacking: slower, never wrong.
+    """
+    return b"AMX_INT8 = 1" in llama.llama_print_system_info()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Beam search, one prompt at a time, independent of the runtime that produces the log-probabilities.
 
@@ -202,6 +215,8 @@ class LlamaCppGenerator:
         logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
         self._llama.llama_backend_init()
         params = self._llama.llama_model_default_params()
+        if runtime_uses_amx(self._llama) and "use_extra_bufts" in dict(type(params)._fields_):
+            params.use_extra_bufts = False  # see runtime_uses_amx
         try:
             return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
         except ValueError as exc:
