@@ -2,6 +2,8 @@
 
 A hybrid (``bm25+e5``: any two of them joined by ``+``) fuses its parts' lists per query by reciprocal rank
 (:class:`HybridRetriever`). Keys returned by a retriever are row numbers of ``data/items.parquet`` (catalog order).
+Equal scores are common (the Amazon catalogs repeat titles), so gloss decides their order itself, never a library's
+selection algorithm: a retriever's list is ordered by score descending, then key ascending (:func:`top_k`).
 Each index folder keeps the library's own format (bm25s folder; ``index.usearch`` + ``vectors.npy``) plus a
 ``meta.json`` that names the retriever and the catalog fingerprint it was built on, so that an index from other
 items is refused.
@@ -27,17 +29,45 @@ from gloss_cli.errors import GlossError
 BM25_PARAMS = {"method": "lucene", "k1": 1.5, "b": 0.75, "stopwords": "en"}
 DENSE_ALIASES = {"dense": None}  # "dense" = the default encoder (or --encoder)
 HYBRID_RRF_K = 60.0  # c in 1 / (c + rank), the usual constant of reciprocal-rank fusion (Cormack et al., 2009)
+# BM25 scores this many (query, item) pairs at a time: 16 MB of float32 scores, ~50 MB at peak with argpartition.
+BM25_BLOCK = 1 << 22
+
+Hits = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]  # (keys, scores), both (n_queries, k)
 
 
 class Retriever(Protocol):
     name: str
     description: str
 
-    def search(
-        self, texts: Sequence[str], k: int, *, tick: Tick | None = None
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """(keys, scores), both (len(texts), k), best first; higher score = better."""
+    def search(self, texts: Sequence[str], k: int, *, tick: Tick | None = None) -> Hits:
+        """(keys, scores), both (len(texts), k), best first; higher score = better; equal scores by key."""
         ...
+
+
+def top_k(scores: npt.NDArray[np.float32], k: int) -> Hits:
+    """Each row's ``k`` best columns (item keys) and their scores, ordered by score descending, then key ascending.
+
+    scores: (queries, items), finite, compared exactly as given. Among items tied at the k-th score, those with the
+    lowest keys make the list, so which of a catalog's duplicate titles is recommended is gloss's rule, not the
+    outcome of numpy's, bm25s's or jax's selection algorithm. ``k`` larger than the catalog is cut to its size.
+    """
+    rows, n = scores.shape
+    k = min(k, n)
+    if k < n:
+        top = np.argpartition(scores, n - k, axis=1)[:, n - k :]  # a best k; which tied items: numpy's choice
+        kth = np.take_along_axis(scores, top, axis=1).min(axis=1)
+        # Where more items reach the k-th score than fit, take the tied ones with the lowest keys instead.
+        for r in np.flatnonzero(np.count_nonzero(scores >= kth[:, None], axis=1) > k).tolist():
+            above = np.flatnonzero(scores[r] > kth[r])
+            top[r] = np.concatenate([above, np.flatnonzero(scores[r] == kth[r])[: k - len(above)]])
+    else:
+        top = np.broadcast_to(np.arange(n), (rows, n))
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    order = np.lexsort((top, -top_scores), axis=1)  # the last key sorts first: score descending, then key
+    return (
+        np.take_along_axis(top, order, axis=1).astype(np.int64, copy=False),
+        np.take_along_axis(top_scores, order, axis=1).astype(np.float32, copy=False),
+    )
 
 
 def hybrid_parts(retriever: str) -> list[str]:
@@ -96,17 +126,31 @@ class BM25Retriever:
 
         return cls(bm25s.BM25.load(str(folder), show_progress=False))
 
-    def search(
-        self, texts: Sequence[str], k: int, *, tick: Tick | None = None
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    def search(self, texts: Sequence[str], k: int, *, tick: Tick | None = None) -> Hits:
+        """Each text's top ``k`` items by BM25 score, then key (:func:`top_k`), scores exactly as bm25s computes them
+        (``BM25.get_scores_from_ids``, float32), but selected by gloss rather than by ``BM25.retrieve``, whose choice
+        among tied items depends on bm25s's version and backend. Items that share no token with the query score 0:
+        they still fill the list, lowest keys first, so every list holds ``k`` items (the fused protocol fills to K).
+        """
         import bm25s
 
-        tokens = bm25s.tokenize(list(texts), stopwords=BM25_PARAMS["stopwords"], show_progress=False)
-        k = min(k, int(self.model.scores["num_docs"]))
-        keys, scores = self.model.retrieve(tokens, k=k, show_progress=False, n_threads=0)
-        if tick is not None:
-            tick.advance(len(texts))
-        return keys.astype(np.int64), scores.astype(np.float32)
+        tokenized = bm25s.tokenize(list(texts), stopwords=BM25_PARAMS["stopwords"], show_progress=False)
+        vocab = self.model.vocab_dict  # tokens the catalog never uses are dropped, as BM25.get_tokens_ids does
+        to_index = {own: vocab[token] for token, own in tokenized.vocab.items() if token in vocab}
+        count = int(self.model.scores["num_docs"])
+        k = min(k, count)
+        keys = np.empty((len(texts), k), dtype=np.int64)
+        scores = np.empty((len(texts), k), dtype=np.float32)
+        rows = max(1, BM25_BLOCK // count)
+        for start in range(0, len(texts), rows):
+            ids = tokenized.ids[start : start + rows]
+            block = np.empty((len(ids), count), dtype=np.float32)
+            for row, query in enumerate(ids):
+                block[row] = self.model.get_scores_from_ids([to_index[t] for t in query if t in to_index])
+            keys[start : start + len(ids)], scores[start : start + len(ids)] = top_k(block, k)
+            if tick is not None:
+                tick.advance(len(ids))
+        return keys, scores
 
 
 # -- dense --------------------------------------------------------------------------------------------------
@@ -168,9 +212,8 @@ class DenseRetriever:
             return fresh
         return self.cache.vectors[[self.cache.row_of[key] for key in keys]]
 
-    def search(
-        self, texts: Sequence[str], k: int, *, tick: Tick | None = None
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    def search(self, texts: Sequence[str], k: int, *, tick: Tick | None = None) -> Hits:
+        """Each text's top ``k`` items by cosine, then key (:meth:`DenseIndex.search`)."""
         row_of = {text: row for row, text in enumerate(dict.fromkeys(texts))}  # each distinct query encoded once:
         vectors = self._encode(list(row_of), tick)  # beams and popular titles repeat
         if tick is not None:
@@ -183,26 +226,28 @@ class DenseRetriever:
 @dataclass
 class HybridRetriever:
     """Two retrievers' lists fused per query: each part retrieves its top ``k``; an item scores ``sum 1 / (c +
-    rank)`` over the lists it is in (rank from 1); the top ``k`` by that score, ties in the first part's order."""
+    rank)`` over the lists it is in (rank from 1); the top ``k`` by that score. Equal scores go to the item found
+    first: the first part's before the second's, then the better rank. No two items are found at the same place, so
+    that order is total; each part's own ties were already decided by key."""
 
     parts: tuple[Retriever, Retriever]
     name: str
     description: str
     c: float = HYBRID_RRF_K
 
-    def search(
-        self, texts: Sequence[str], k: int, *, tick: Tick | None = None
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    def search(self, texts: Sequence[str], k: int, *, tick: Tick | None = None) -> Hits:
         lists = [part.search(texts, k)[0] for part in self.parts]
         keys = np.full((len(texts), k), -1, dtype=np.int64)
         scores = np.zeros((len(texts), k), dtype=np.float32)
         for row in range(len(texts)):
             fused: dict[int, float] = {}
-            for found in lists:
+            first: dict[int, tuple[int, int]] = {}  # (part, rank) where the item was first found
+            for part, found in enumerate(lists):
                 for rank, key in enumerate(found[row].tolist()):
                     if key >= 0:
                         fused[key] = fused.get(key, 0.0) + 1.0 / (self.c + rank + 1)
-            best = sorted(fused, key=fused.__getitem__, reverse=True)[:k]  # stable: first-seen order breaks ties
+                        first.setdefault(key, (part, rank))
+            best = sorted(fused, key=lambda item: (-fused[item], first[item]))[:k]
             keys[row, : len(best)] = best
             scores[row, : len(best)] = [fused[key] for key in best]
         if tick is not None:

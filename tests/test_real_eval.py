@@ -20,9 +20,12 @@ def test_lis_bm25_paper_protocol_reproduces_glosss_numbers(shared_data: Path) ->
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["users"] == 22_363
-    # GLoSS's published per-user LIS results average to 0.0438 / 0.0235
+    # GLoSS's published per-user LIS results average to 0.0438 / 0.0235 (their ties in bm25s's internal order) ...
     assert doc["metrics"]["recall@5"] == pytest.approx(0.0438, abs=0.001)
     assert doc["metrics"]["ndcg@5"] == pytest.approx(0.0235, abs=0.001)
+    # ... and gloss's, ties broken by item id (README, docs/RESULTS.md), on every machine with the lock
+    assert doc["metrics"]["recall@5"] == pytest.approx(0.0431, abs=0.0001)
+    assert doc["metrics"]["ndcg@5"] == pytest.approx(0.0230, abs=0.0001)
     seg = json.loads(runner.invoke(app, ["segments", "-p", "b", "--json"]).stdout)
     assert [r["users"] for r in seg["segments"]] == [7_180, 12_996, 2_187]  # the paper's Beauty segments
 
@@ -38,4 +41,5 @@ def test_transitions_baseline_on_beauty(shared_data: Path) -> None:
     assert alone["metrics"]["ndcg@5"] == pytest.approx(0.0503, abs=0.0001)
     args = ["eval", "--baseline", "lis", "--with-transitions", "--protocol", "fused", "--exclude-seen"]
     with_lis = json.loads(runner.invoke(app, [*args, "-p", "b", "--json", "-q"]).stdout)
-    assert with_lis["metrics"]["recall@5"] == pytest.approx(0.0732, abs=0.0001)
+    assert with_lis["metrics"]["recall@5"] == pytest.approx(0.0729, abs=0.0001)
+    assert with_lis["metrics"]["ndcg@5"] == pytest.approx(0.0528, abs=0.0001)

@@ -1,10 +1,12 @@
 """The dense index: catalog vectors saved as ``vectors.npy`` + a usearch ``index.usearch``, searched by cosine.
 
 Exact search (the default) is a chunked matrix product in numpy: for the Beauty sizes (22,363 queries x 12,094 items
-x 384 dims) BLAS does it several times faster than usearch's own exact mode, and it breaks score ties by row number,
-so results never depend on thread timing. ``ann=True`` searches the HNSW graph of ``index.usearch`` instead, for
-catalogs where a full scan is too slow. ``index.usearch`` is always written, so other tools can open the index
-with usearch directly; ``dense.json`` records how it was built.
+x 384 dims) BLAS does it several times faster than usearch's own exact mode, and gloss selects each query's top k
+itself (``gloss_cli.retrieval.top_k``: score descending, then row number), so equal vectors (duplicate titles) rank
+the same whatever the library versions or thread timing. ``ann=True`` searches the HNSW graph of ``index.usearch``
+instead, for catalogs where a full scan is too slow: which items it finds is usearch's, their order is gloss's.
+``index.usearch`` is always written, so other tools can open the index with usearch directly; ``dense.json`` records
+how it was built.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gloss_cli.errors import GlossError
+from gloss_cli.retrieval import Hits, top_k
 
 INDEX_FILE = "index.usearch"
 VECTORS_FILE = "vectors.npy"
@@ -29,8 +32,6 @@ EXPANSION_ADD = 128
 EXPANSION_SEARCH = 128
 # Exact search scores this many (query, item) pairs at a time: 64 MB of scores, ~200 MB at peak with argpartition.
 SCORE_BLOCK = 1 << 24
-
-Hits = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]  # (keys, scores), both (n_queries, k)
 
 
 def _metric_kind(metric: str) -> Any:
@@ -120,10 +121,12 @@ class DenseIndex:
         return cls(np.ascontiguousarray(vectors, dtype=np.float32), info, hnsw)
 
     def search(self, queries: npt.ArrayLike, k: int) -> Hits:
-        """(keys int64 (n, k), scores float32 (n, k)): row numbers and cosine similarities, best first.
+        """(keys int64 (n, k), scores float32 (n, k)): row numbers and cosine similarities, best first, equal
+        scores by row number (the lowest first; exact search also lets the lowest in at the k-th place).
 
-        ``k`` larger than the catalog is cut to its size. An approximate search that finds fewer than ``k`` rows
-        pads with key -1 and score -inf.
+        ``k`` larger than the catalog is cut to its size. The approximate (HNSW) search returns the rows usearch
+        found, which may leave out some of the exact top k or some rows tied with the k-th; fewer than ``k`` are
+        padded with key -1 and score -inf.
         """
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim == 1:
@@ -147,14 +150,7 @@ class DenseIndex:
         rows = max(1, SCORE_BLOCK // self.count)
         for start in range(0, len(q), rows):
             block = q[start : start + rows] @ self.vectors.T
-            if k < self.count:
-                top = np.argpartition(block, self.count - k, axis=1)[:, self.count - k :]
-            else:
-                top = np.broadcast_to(np.arange(self.count), block.shape)
-            top_scores = np.take_along_axis(block, top, axis=1)
-            order = np.lexsort((top, -top_scores), axis=1)  # by score descending, then row number
-            keys[start : start + rows] = np.take_along_axis(top, order, axis=1)
-            scores[start : start + rows] = np.take_along_axis(top_scores, order, axis=1)
+            keys[start : start + rows], scores[start : start + rows] = top_k(block, k)
         return keys, scores
 
     def _search_hnsw(self, q: npt.NDArray[np.float32], k: int) -> Hits:
@@ -168,4 +164,7 @@ class DenseIndex:
         found = np.asarray(counts).reshape(len(q), 1) > np.arange(k)
         # usearch distances are 1 - cosine under both metrics ("ip" is only used for unit-length rows).
         scores = np.where(found, 1.0 - distances.reshape(len(q), k), -np.inf).astype(np.float32)
-        return np.where(found, keys.reshape(len(q), k), -1), scores
+        keys = np.where(found, keys.reshape(len(q), k), -1)
+        # usearch's order among equal distances is its own: re-sorted by score, then row number (padding last).
+        order = np.lexsort((keys, -scores), axis=1)
+        return np.take_along_axis(keys, order, axis=1), np.take_along_axis(scores, order, axis=1)
