@@ -7,7 +7,7 @@ stay instant.
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from typer.core import TyperGroup
@@ -16,23 +16,52 @@ from gloss_cli import __version__
 from gloss_cli.console import print_error
 from gloss_cli.errors import GlossError
 
+try:  # newer typer carries its own copy of click, whose exceptions are not click's
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import UsageError  # type: ignore[assignment]
+
+
+def _usage_error(exc: UsageError, ctx: Any = None) -> NoReturn:
+    """A usage error (unknown option or command, bad or missing value) in gloss's own form, with exit code 1
+    (click's is 2): one ``error:`` line and a hint to read the command's help, instead of click's usage box."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # a bare 'gloss': click prints the help
+        raise exc
+    where = "gloss"
+    if exc.ctx is not None:
+        where = exc.ctx.command_path
+    elif ctx is not None:  # the parser's errors carry no context: the subcommand being parsed is the group's
+        where = " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand)))
+    print_error(" ".join(exc.format_message().split()), f"Run '{where} --help'.")
+    raise typer.Exit(1) from None
+
 
 class GlossGroup(TyperGroup):
-    """Turns a GlossError into one error line + a hint and exit code 1 (GLOSS_DEBUG=1 keeps the traceback)."""
+    """Turns a GlossError into one error line + a hint and exit code 1 (GLOSS_DEBUG=1 keeps the traceback), and
+    click's usage errors into the same form."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        # The group's own options and arguments are parsed here, outside invoke.
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as exc:
+            _usage_error(exc)
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
+        except UsageError as exc:  # a subcommand's options are parsed inside the group's invoke
+            _usage_error(exc, ctx)
         except GlossError as exc:
             if os.environ.get("GLOSS_DEBUG"):
                 raise
             print_error(exc.message, exc.hint)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP turned into project.Interrupted
             if os.environ.get("GLOSS_DEBUG"):
                 raise
             print_error("Interrupted; nothing was half-written.", "Run the same command again to redo the stage.")
-            raise typer.Exit(130) from None
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
 
 
 app = typer.Typer(

@@ -85,6 +85,11 @@ def build_tables(
     if train_examples not in TRAIN_EXAMPLES:
         raise GlossError(f"Unknown --train-examples '{train_examples}'.", f"Use one of: {', '.join(TRAIN_EXAMPLES)}.")
     items = clean_titles(raw_items, items_path)
+    if items.height == 0:
+        raise GlossError(
+            f"{items_path}: no item has a title ({raw_items.height:,} rows, every title empty).",
+            "Items without a title are dropped, as GLoSS does: the items file needs item_id,title rows with titles.",
+        )
     key = ["user_id", "item_id", "timestamp"]
     inter = interactions.select(key).with_row_index("_order").join(items.select("item_id"), on="item_id", how="semi")
     if dedup:
@@ -103,6 +108,12 @@ def build_tables(
         .join(n_dedup, on="user_id", how="left")
         .with_columns(is_validation=pl.col("user_id").is_in(list(validation_users)))
     )
+    if sequences.height == 0:
+        raise GlossError(
+            f"No user has {MIN_INTERACTIONS} or more interactions with titled items "
+            f"({interactions.height:,} interactions, {items.height:,} titled items).",
+            "Check that the interactions' item_id values are the items file's.",
+        )
     items_seq, n = pl.col("item_ids"), pl.col("n")
     splits = {
         "test": sequences.select("user_id", history=items_seq.list.slice(0, n - 1), target=items_seq.list.last()),

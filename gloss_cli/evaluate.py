@@ -37,14 +37,17 @@ from gloss_cli.data import load_items, load_split
 from gloss_cli.errors import GlossError
 from gloss_cli.index import open_index
 from gloss_cli.metrics import bootstrap_ci, per_user, target_ranks
-from gloss_cli.project import Project, StageRun
-from gloss_cli.queries import QuerySet, lis_queries, load_generated, load_gloss_json, query_text
+from gloss_cli.project import Project, StageRun, sha256_file
+from gloss_cli.queries import QuerySet, lis_queries, load_generated, load_gloss_json, query_text, read_generated
 from gloss_cli.retrieval import Retriever, hybrid_parts
 from gloss_cli.transitions import DECAY, RECENT, WINDOW
 
 PROTOCOLS = ("paper", "fused")
 BASELINES = ("lis", "transitions")
 RERANKS = ("lm", "fused")
+# How equal scores are ordered (gloss_cli.retrieval.top_k and the merges below), named in every description: a
+# retriever's ties go by item id, a fusion's to the item found first (the earlier list or query).
+TIE_ORDER = "equal scores: retrieval by item id, fusion by the list that found the item first"
 RRF_K = 1.0  # rank offset c in w / (c + rank): small, so a query's top items dominate its tail
 MAX_SEEN_EXTRA = 100  # extra depth retrieved per query so that excluded history items can be replaced
 TRANSITIONS_PARAMS = {"window": WINDOW, "recent": RECENT, "decay": DECAY, "counted_from": "train split"}
@@ -80,12 +83,12 @@ class EvalResult:
             return (
                 f"rerank {self.rerank['how']}: each user's top-{self.rerank['candidates']} pool ({lead}the last item's "
                 f"title then {self.rerank['num_queries']} generated queries, top-K each, fused), ordered by {order}; "
-                f"history items excluded; split {self.split}; {self.users:,} users; mean over users, one held-out "
-                "item each; 95% CI: bootstrap over users"
+                f"history items excluded; {TIE_ORDER}; split {self.split}; {self.users:,} users; mean over users, "
+                "one held-out item each; 95% CI: bootstrap over users"
             )
         seen = "history items excluded" if self.exclude_seen else "history items kept (may be recommended)"
         tail = (
-            f"{seen}; split {self.split}; {self.users:,} users; mean over users, one held-out item each; "
+            f"{seen}; {TIE_ORDER}; split {self.split}; {self.users:,} users; mean over users, one held-out item each; "
             "95% CI: bootstrap over users"
         )
         if self.source == "transitions":
@@ -110,10 +113,13 @@ def merge_user(
 ) -> list[tuple[int, float, int]]:
     """One user's merged list: (item key, value, index of the first query that found it), best first.
 
-    keys/scores: (queries, retrieved), each query's results best first.
+    keys/scores: (queries, retrieved), each query's results best first (equal scores by key, as retrievers return
+    them). Equal values go to the item found first: by the earlier query, then at the better rank in it (GLoSS's own
+    merge keeps that order: a stable sort of the items as found). No two items are found at the same place, so the
+    order is total.
     """
     best: dict[int, float] = {}
-    found_by: dict[int, int] = {}
+    found_at: dict[int, tuple[int, int]] = {}  # (query, rank among its kept items)
     for q in range(keys.shape[0]):
         taken = 0
         for key, score in zip(keys[q].tolist(), scores[q].tolist(), strict=True):
@@ -122,14 +128,13 @@ def merge_user(
             if key < 0 or key in seen:
                 continue
             taken += 1
-            found_by.setdefault(key, q)
+            found_at.setdefault(key, (q, taken))
             if protocol == "paper":  # keep the highest retrieval score
                 best[key] = max(best.get(key, score), score)
             else:  # add beam-weighted reciprocal ranks
                 best[key] = best.get(key, 0.0) + (1.0 / (q + 1)) / (RRF_K + taken)
-    # Sorted by value, ties in first-found order (dicts keep insertion order; the sort is stable).
-    order = sorted(best, key=best.__getitem__, reverse=True)
-    return [(key, best[key], found_by[key]) for key in order]
+    order = sorted(best, key=lambda key: (-best[key], found_at[key]))
+    return [(key, best[key], found_at[key][0]) for key in order]
 
 
 def rank_items(
@@ -211,13 +216,17 @@ def transitions_lists(
 def reranked(
     frame: pl.DataFrame, users: list[str], key_of: dict[str, int], *, how: str, k: int
 ) -> npt.NDArray[np.int64]:
-    """Per user (in ``users`` order), the top-``k`` item keys of its reranked pool, -1 padded."""
-    per_token = pl.col("logprob") / pl.col("tokens")
-    lm_rank = per_token.rank(method="ordinal", descending=True).over("user_id")
-    fused = 1.0 / (RRF_K + pl.col("pool_rank")) + 1.0 / (RRF_K + lm_rank)
-    value = per_token if how == "lm" else fused
+    """Per user (in ``users`` order), the top-``k`` item keys of its reranked pool, -1 padded.
+
+    Equal values, in the model's order (``lm_rank``) as in the final one, go to the better pool rank (unique per
+    user), so the order is total and never depends on the frame's row order.
+    """
+    fused = 1.0 / (RRF_K + pl.col("pool_rank")) + 1.0 / (RRF_K + pl.col("lm_rank"))
     top = (
-        frame.with_columns(value=value)
+        frame.with_columns(per_token=pl.col("logprob") / pl.col("tokens"))
+        .sort(["user_id", "per_token", "pool_rank"], descending=[False, True, False])
+        .with_columns(lm_rank=pl.int_range(1, pl.len() + 1).over("user_id"))
+        .with_columns(value=pl.col("per_token") if how == "lm" else fused)
         .sort(["user_id", "value", "pool_rank"], descending=[False, True, False])
         .group_by("user_id", maintain_order=True)
         .head(k)
@@ -281,13 +290,10 @@ def generated_users(project: Project, split: str, queries_file: Path | None = No
         stage = f"generate/{split}"
         project.require(stage, f"gloss generate --split {split}")
         path = project.path(f"{stage}/queries.jsonl")
-    try:
-        with path.open(encoding="utf-8") as fh:
-            return [json.loads(line)["user_id"] for line in fh if line.strip()]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise GlossError(
-            f"Cannot read the users of {path} ({exc}).", "Pass a 'gloss generate' queries.jsonl."
-        ) from None
+    try:  # the file's schema: a user_id that is a list or null is an error, not a user
+        return [entry.user_id for _, entry in read_generated(path)]
+    except GlossError as exc:
+        raise GlossError(f"Cannot read the users of {path}: {exc.message}", exc.hint) from None
 
 
 def write_outputs(
@@ -375,6 +381,10 @@ def run(
             raise GlossError("--with-lis adds the LIS query to generated ones.", f"Drop --baseline {baseline}.")
         qs = with_lis_query(qs, titles)
     subset = f"-{len(qs.users)}u" if len(qs.users) < split_users else ""  # never mix subset and full-split names
+    # A run that read a --queries file (its queries, or its users) carries a short hash of the file's content: two
+    # files never share a run name, so the second never overwrites the first.
+    if queries_file is not None and (baseline is None or (match_generated and is_generated_file(queries_file))):
+        subset += f"-{sha256_file(queries_file)[:8]}"
     key_of = {item: i for i, item in enumerate(item_ids)}
     if qs.source == "transitions":
         return _run_transitions(

@@ -56,3 +56,18 @@ EncoderOpt = Annotated[
     str | None,
     typer.Option(help="Encoder for --retriever dense (default minilm: all-MiniLM-L6-v2, offline from PyPI)."),
 ]
+
+# Upper bounds of numeric options: far past any sensible value, yet within what every library's integers hold (a
+# value past them is a typo, refused by the option itself rather than by an overflow deep in a stage).
+MAX_QUERIES = 100  # generated titles (beams) per user
+MAX_COUNT = 1_000_000_000  # users, steps, epochs
+MAX_BATCH = 1_048_576  # examples or users per batch
+MAX_TOKENS = 1_048_576  # tokens per example or per generated title
+MAX_SEED = 2**32 - 1  # numpy's seeds
+
+
+def positive(value: float | None) -> float | None:
+    """Option callback for a value that must be > 0 (typer's ``min`` is inclusive)."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value} is not greater than 0.")
+    return value

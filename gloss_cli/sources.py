@@ -18,6 +18,7 @@ import gzip
 import io
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 import zlib
@@ -208,48 +209,89 @@ def read_gz(path: Path) -> bytes:
     return data
 
 
+@dataclass(frozen=True)
+class CsvSchema:
+    """A compact-format CSV file: its columns and their polars types. Ids must be non-empty and carry no surrounding
+    spaces (" U1" is not "U1"); ``optional`` columns may be empty; an Int64 column holds base-10 integers that fit
+    in 64 bits. Other columns are ignored; a UTF-8 byte-order mark is accepted."""
+
+    name: str
+    columns: dict[str, Any]
+    optional: tuple[str, ...] = ()
+
+
+INTERACTIONS_CSV = CsvSchema("interactions", {"user_id": pl.String, "item_id": pl.String, "timestamp": pl.Int64})
+ITEMS_CSV = CsvSchema("items", {"item_id": pl.String, "title": pl.String}, optional=("title",))
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")  # what polars parses as Int64 (ASCII digits only)
+_BOM = b"\xef\xbb\xbf"
+
+
 def _csv_rows(data: bytes) -> Iterator[tuple[int, list[str]]]:
     reader = csv.reader(io.StringIO(data.decode("utf-8")))
     for row in reader:
         yield reader.line_num, row
 
 
-def read_csv(path: Path, schema: dict[str, Any]) -> pl.DataFrame:
+def _cell_problem(value: str, column: str, schema: CsvSchema) -> str | None:
+    """What is wrong with one cell, or None."""
+    if column in schema.optional:
+        return None
+    if not value.strip():
+        return f"empty {column}"
+    if schema.columns[column] == pl.Int64:
+        if not _INTEGER.fullmatch(value) or not -(2**63) <= int(value) < 2**63:
+            return f"{column} '{value[:40]}' is not an integer" + (" of 64 bits" if _INTEGER.fullmatch(value) else "")
+    elif value != value.strip():
+        return f"{column} '{value[:40]}' has leading or trailing spaces"
+    return None
+
+
+def _first_bad_line(path: Path, data: bytes, header: list[str], schema: CsvSchema) -> None:
+    """Raise for the first line that breaks the schema (slow, but only run on files that do)."""
+    positions = {col: header.index(col) for col in schema.columns}
+    for line, row in _csv_rows(data):
+        if line == 1:
+            continue
+        if len(row) != len(header):
+            raise GlossError(
+                f"{path}, line {line}: expected {len(header)} fields, found {len(row)}.",
+                "Fix or remove that line (titles with commas must be quoted).",
+            )
+        for col, i in positions.items():
+            if problem := _cell_problem(row[i], col, schema):
+                raise GlossError(f"{path}, line {line}: {problem}.", "Fix or remove that line.")
+
+
+def read_csv(path: Path, schema: CsvSchema) -> pl.DataFrame:
+    """The file's schema columns, parsed with strict casts; a broken line is named in one GlossError."""
     data = read_gz(path)
+    data = data.removeprefix(_BOM)  # Excel and some editors write one; it is not part of the first column's name
     header = next(csv.reader(io.StringIO(data[: data.find(b"\n")].decode("utf-8"))), [])
-    missing = [col for col in schema if col not in header]
+    missing = [col for col in schema.columns if col not in header]
     if missing:
         raise GlossError(
             f"{path} lacks column(s) {', '.join(missing)} (header: {','.join(header)}).",
-            f"The file needs a header line with {','.join(schema)}.",
+            f"The file needs a header line with {','.join(schema.columns)}.",
         )
     try:
-        frame = pl.read_csv(io.BytesIO(data), schema_overrides=schema, columns=list(schema), infer_schema=False)
+        frame = pl.read_csv(
+            io.BytesIO(data), schema_overrides=schema.columns, columns=list(schema.columns), infer_schema=False
+        )
     except pl.exceptions.PolarsError as exc:
-        frame = None
-        error = str(exc).splitlines()[0]
-    required = [col for col in schema if col != "title"]  # an empty title is allowed (the item is dropped)
-    if frame is None or frame.select(required).null_count().sum_horizontal().item():
-        # Rare path: find the first bad line for the message (slow, but only on broken files).
-        positions = [header.index(col) for col in schema]
-        for line, row in _csv_rows(data):
-            if line == 1:
-                continue
-            if len(row) != len(header):
-                raise GlossError(
-                    f"{path}, line {line}: expected {len(header)} fields, found {len(row)}.",
-                    "Fix or remove that line (titles with commas must be quoted).",
-                )
-            for col, i in zip(schema, positions, strict=True):
-                if col in required and not row[i]:
-                    raise GlossError(f"{path}, line {line}: empty {col}.", "Fix or remove that line.")
-                if schema[col] == pl.Int64 and not row[i].lstrip("-").isdigit():
-                    raise GlossError(
-                        f"{path}, line {line}: {col} '{row[i][:40]}' is not an integer.",
-                        "Fix or remove that line.",
-                    )
-        if frame is None:
-            raise GlossError(f"{path}: cannot be parsed as CSV ({error}).", "Check the file's quoting.")
+        _first_bad_line(path, data, header, schema)
+        raise GlossError(
+            f"{path}: cannot be parsed as CSV ({str(exc).splitlines()[0]}).", "Check the file's quoting."
+        ) from None
+    if frame.height == 0:
+        raise GlossError(f"{path} has a header but no rows.", f"Each line after the header is one {schema.name} row.")
+    ids = [col for col, kind in schema.columns.items() if kind == pl.String and col not in schema.optional]
+    blank = pl.any_horizontal(
+        *(pl.col(col).is_null() | (pl.col(col) != pl.col(col).str.strip_chars()) | (pl.col(col) == "") for col in ids)
+    )
+    required = [col for col in schema.columns if col not in schema.optional]
+    if frame.select(required).null_count().sum_horizontal().item() or frame.select(blank.any()).item():
+        _first_bad_line(path, data, header, schema)
+        raise GlossError(f"{path}: empty or malformed {', '.join(required)} values.", "Fix the file.")
     return frame
 
 
@@ -294,10 +336,8 @@ def read_meta(path: Path) -> pl.DataFrame:
 def read_source(source: Source) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(interactions[user_id, item_id, timestamp], items[item_id, title]) in source-file order."""
     if source.kind == "compact":
-        interactions = read_csv(
-            source.interactions, {"user_id": pl.String, "item_id": pl.String, "timestamp": pl.Int64}
-        )
-        items = read_csv(source.items, {"item_id": pl.String, "title": pl.String})
+        interactions = read_csv(source.interactions, INTERACTIONS_CSV)
+        items = read_csv(source.items, ITEMS_CSV)
     else:
         reviews = read_json_lines(
             source.interactions, {"reviewerID": pl.String, "asin": pl.String, "unixReviewTime": pl.Int64}

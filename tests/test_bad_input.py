@@ -1,120 +1,429 @@
-"""Every bad input: one error line + a hint, exit 1, no traceback, no partial output, manifest unchanged."""
+"""Every bad input: one error line + a hint, exit 1, no traceback, nothing written (issue 26: never a wrong number with
+exit 0).
+
+One table row per case: how the world is broken, the command, and what the first line of stderr says. Each row starts
+from a copy of one prepared world: a compact-format source folder (src/), a project with data and a BM25 index (proj/),
+a good GLoSS queries file (q.json) and a good 'gloss generate' queries file (queries.jsonl).
+"""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import polars as pl
 import pytest
 from typer.testing import CliRunner
 
 from gloss_cli.cli import app
-from tests.conftest import write_gz_csv
+from tests.conftest import synthetic_rows, write_gz_csv
 
 runner = CliRunner()
+Setup = Callable[[pytest.MonkeyPatch], None]
 
 
-def _good_run(source: Path) -> str:
-    result = runner.invoke(app, ["data", "--source", str(source), "-p", "proj", "-q"])
-    assert result.exit_code == 0, result.output
-    return Path("proj/manifest.json").read_text()
+# -- the prepared world ---------------------------------------------------------------------------------------
+def _gloss_rows(project: Path) -> list[dict[str, Any]]:
+    """A GLoSS queries file for the test split: the target's title first (a perfect model), then history titles."""
+    titles = dict(pl.read_parquet(project / "data/items.parquet").iter_rows())
+    rows = []
+    for r in pl.read_parquet(project / "data/test.parquet").iter_rows(named=True):
+        queries = [titles[r["target"]], *(titles[h] for h in reversed(r["history"]))][:5]
+        queries += ["no such thing"] * (5 - len(queries))
+        rows.append(
+            {
+                "reviewer_id": r["user_id"],
+                "asin": r["target"],
+                "seen_asins": r["history"],
+                "generated_sequences": [f"Title: {q}" for q in queries],
+            }
+        )
+    return rows
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+def _as_jsonl(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in rows:
+        queries = [q.removeprefix("Title: ") for q in r["generated_sequences"]]
+        entry = {"user_id": r["reviewer_id"], "target": r["asin"], "history": r["seen_asins"], "queries": queries}
+        lines.append(json.dumps(entry | {"scores": [-1.0] * len(queries)}))
+    return "\n".join(lines) + "\n"
 
 
-def _truncate(src: Path) -> None:
-    data = (src / "interactions.csv.gz").read_bytes()
-    (src / "interactions.csv.gz").write_bytes(data[: len(data) // 2])
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GLOSS_HOME", str(root / "home"))
+        for var in ("GLOSS_PROJECT", "GLOSS_DATA_DIR", "GLOSS_DEBUG"):
+            mp.delenv(var, raising=False)
+        mp.chdir(root)
+        inter, items = synthetic_rows()
+        write_gz_csv(root / "src/interactions.csv.gz", ["user_id", "item_id", "timestamp"], inter)
+        write_gz_csv(root / "src/items.csv.gz", ["item_id", "title"], items)
+        for args in (["data", "--source", "src", "-p", "proj", "-q"], ["index", "-p", "proj", "-q"]):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 0, result.output
+        rows = _gloss_rows(root / "proj")
+        (root / "q.json").write_text(json.dumps(rows))
+        (root / "queries.jsonl").write_text(_as_jsonl(rows))
+    return root
 
 
-def _malformed(src: Path) -> None:
-    lines = gzip.decompress((src / "interactions.csv.gz").read_bytes()).decode().splitlines()
-    lines[4] = "U001,I001,12,extra,fields"
-    (src / "interactions.csv.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+@pytest.fixture
+def world(template: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the prepared world in the test's working folder."""
+    for name in ("src", "proj", "q.json", "queries.jsonl"):
+        source = template / name
+        if source.is_dir():
+            shutil.copytree(source, tmp_path / name)
+        else:
+            shutil.copy2(source, tmp_path / name)
+    return tmp_path
 
 
-def _bad_timestamp(src: Path) -> None:
-    lines = gzip.decompress((src / "interactions.csv.gz").read_bytes()).decode().splitlines()
-    lines[6] = "U001,I001,yesterday"
-    (src / "interactions.csv.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
-def _missing_column(src: Path) -> None:
-    write_gz_csv(src / "interactions.csv.gz", ["user_id", "item_id"], [["U1", "I001"]])
+# -- ways to break it -----------------------------------------------------------------------------------------
+def _lines(name: str) -> list[str]:
+    return gzip.decompress(Path("src", name).read_bytes()).decode().splitlines()
 
 
-def _empty(src: Path) -> None:
-    (src / "items.csv.gz").write_bytes(gzip.compress(b""))
+def _write_lines(name: str, lines: list[str]) -> None:
+    Path("src", name).write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
 
 
-def _not_utf8(src: Path) -> None:
-    data = gzip.decompress((src / "items.csv.gz").read_bytes())
-    lines = data.split(b"\n")
+def _set_line(name: str, index: int, text: str) -> Setup:
+    def setup(_: pytest.MonkeyPatch) -> None:
+        lines = _lines(name)
+        lines[index] = text
+        _write_lines(name, lines)
+
+    return setup
+
+
+def _truncate(_: pytest.MonkeyPatch) -> None:
+    data = Path("src/interactions.csv.gz").read_bytes()
+    Path("src/interactions.csv.gz").write_bytes(data[: len(data) // 2])
+
+
+def _header_only(name: str) -> Setup:
+    return lambda _: _write_lines(name, _lines(name)[:1])
+
+
+def _no_titles(_: pytest.MonkeyPatch) -> None:
+    _write_lines("items.csv.gz", ["item_id,title", *(f"{line.split(',')[0]}," for line in _lines("items.csv.gz")[1:])])
+
+
+def _other_items(_: pytest.MonkeyPatch) -> None:
+    write_gz_csv(Path("src/items.csv.gz"), ["item_id", "title"], [["X1", "a thing"], ["X2", "another thing"]])
+
+
+def _not_utf8(_: pytest.MonkeyPatch) -> None:
+    lines = gzip.decompress(Path("src/items.csv.gz").read_bytes()).split(b"\n")
     lines[3] = b"I777,Caf\xe9 cr\xe8me"  # latin-1 bytes
-    (src / "items.csv.gz").write_bytes(gzip.compress(b"\n".join(lines)))
+    Path("src/items.csv.gz").write_bytes(gzip.compress(b"\n".join(lines)))
 
 
-def _huge_title(src: Path) -> None:
-    write_gz_csv(src / "items.csv.gz", ["item_id", "title"], [["I000", "ok"], ["I001", " ".join(["word"] * 10_000)]])
+def _gloss_json(mutate: Callable[[list[dict[str, Any]]], Any]) -> Setup:
+    """bad.json: the good GLoSS file's entries, mutated (a str result is written as it is)."""
+
+    def setup(_: pytest.MonkeyPatch) -> None:
+        bad = mutate(json.loads(Path("q.json").read_text()))
+        Path("bad.json").write_text(bad if isinstance(bad, str) else json.dumps(bad))
+
+    return setup
 
 
-CASES: dict[str, tuple[Callable[[Path], None], str]] = {
-    "truncated gz": (_truncate, "not a complete gzip file"),
-    "malformed line": (_malformed, "interactions.csv.gz, line 5: expected 3 fields, found 5"),
-    "bad integer": (_bad_timestamp, "line 7: timestamp 'yesterday' is not an integer"),
-    "missing column": (_missing_column, "lacks column(s) timestamp"),
-    "empty file": (_empty, "items.csv.gz is empty"),
-    "non-utf8": (_not_utf8, "items.csv.gz, line 4: bytes that are not UTF-8"),
-    "10,000-word title": (_huge_title, "title of 10,000 words"),
+def _jsonl(mutate: Callable[[list[str]], list[str]]) -> Setup:
+    """bad.jsonl: the good queries.jsonl's lines, mutated."""
+
+    def setup(_: pytest.MonkeyPatch) -> None:
+        Path("bad.jsonl").write_text("\n".join(mutate(Path("queries.jsonl").read_text().splitlines())) + "\n")
+
+    return setup
+
+
+def _first(rows: list[dict[str, Any]], **changes: Any) -> list[dict[str, Any]]:
+    return [rows[0] | changes, *rows[1:]]
+
+
+def _other_history(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    catalog = {item for r in rows for item in [r["asin"], *r["seen_asins"]]}
+    other = next(item for item in sorted(catalog) if item not in rows[0]["seen_asins"])
+    return _first(rows, seen_asins=[*rows[0]["seen_asins"][:-1], other])
+
+
+def _other_target(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return _first(rows, asin=next(r["asin"] for r in rows if r["asin"] != rows[0]["asin"]))
+
+
+def _jsonl_field(**changes: Any) -> Callable[[list[str]], list[str]]:
+    return lambda lines: [json.dumps(json.loads(lines[0]) | changes), *lines[1:]]
+
+
+def _little_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gloss_cli.limits.available_memory", lambda: 1000)
+
+
+# -- the table ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    setup: Setup | None
+    args: list[str]
+    message: str  # in stderr's first line, after "error: "
+
+
+DATA = ["data", "--source", "src", "-p", "proj", "-q"]
+EVAL_JSON = ["eval", "--queries", "bad.json", "-p", "proj", "-q"]
+EVAL_JSONL = ["eval", "--queries", "bad.jsonl", "-p", "proj", "-q"]
+INTER, ITEMS = "interactions.csv.gz", "items.csv.gz"
+
+CASES: dict[str, Case] = {
+    # compact CSV pair (gloss data)
+    "truncated gz": Case(_truncate, DATA, "not a complete gzip file"),
+    "malformed line": Case(
+        _set_line(INTER, 4, "U001,I001,12,extra,fields"), DATA, f"{INTER}, line 5: expected 3 fields"
+    ),
+    "timestamp not an integer": Case(
+        _set_line(INTER, 6, "U001,I001,yesterday"), DATA, "line 7: timestamp 'yesterday' is not an integer"
+    ),
+    "timestamp past int64": Case(
+        _set_line(INTER, 6, "U001,I001,99999999999999999999"), DATA, "is not an integer of 64 bits"
+    ),
+    "timestamp in Arabic digits": Case(_set_line(INTER, 6, "U001,I001,١٢٣"), DATA, "timestamp '١٢٣' is not an integer"),
+    "timestamp a decimal": Case(
+        _set_line(INTER, 2, "U001,I001,1.5"), DATA, "line 3: timestamp '1.5' is not an integer"
+    ),
+    "empty user_id": Case(_set_line(INTER, 3, ",I001,1400000000"), DATA, f"{INTER}, line 4: empty user_id"),
+    "item_id with spaces": Case(
+        _set_line(INTER, 3, "U001, I001,1400000000"), DATA, "item_id ' I001' has leading or trailing spaces"
+    ),
+    "missing column": Case(_set_line(INTER, 0, "user_id,item_id,time"), DATA, "lacks column(s) timestamp"),
+    "empty file": Case(lambda _: Path("src", ITEMS).write_bytes(gzip.compress(b"")), DATA, f"{ITEMS} is empty"),
+    "non-utf8": Case(_not_utf8, DATA, f"{ITEMS}, line 4: bytes that are not UTF-8"),
+    "10,000-word title": Case(
+        _set_line(ITEMS, 2, "I001," + " ".join(["word"] * 10_000)), DATA, "title of 10,000 words"
+    ),
+    "items: header only": Case(_header_only(ITEMS), DATA, f"{ITEMS} has a header but no rows"),
+    "interactions: header only": Case(_header_only(INTER), DATA, f"{INTER} has a header but no rows"),
+    "items: every title empty": Case(_no_titles, DATA, "no item has a title"),
+    "items of another catalog": Case(_other_items, DATA, "No user has 3 or more interactions with titled items"),
+    "source without data": Case(
+        lambda _: Path("empty").mkdir(), ["data", "--source", "empty", "-p", "proj"], "holds no beauty data"
+    ),
+    "unknown dataset": Case(None, ["data", "--dataset", "garden", "-p", "proj"], "Unknown dataset 'garden'"),
+    "unknown --train-examples": Case(None, [*DATA, "--train-examples", "some"], "Unknown --train-examples 'some'"),
+    # GLoSS queries JSON (gloss eval --queries)
+    "json: not JSON": Case(_gloss_json(lambda rows: "{broken"), EVAL_JSON, "is not JSON"),
+    "json: an object": Case(_gloss_json(lambda rows: rows[0]), EVAL_JSON, "is not a non-empty JSON list"),
+    "json: empty list": Case(_gloss_json(lambda rows: []), EVAL_JSON, "is not a non-empty JSON list"),
+    "json: entry a number": Case(_gloss_json(lambda rows: [7, *rows]), EVAL_JSON, "entry 1: a number, not an object"),
+    "json: missing field": Case(
+        _gloss_json(lambda rows: [{k: v for k, v in rows[0].items() if k != "seen_asins"}]),
+        EVAL_JSON,
+        "no field seen_asins",
+    ),
+    "json: generated_sequences a string": Case(
+        _gloss_json(lambda rows: _first(rows, generated_sequences="abcde")),
+        EVAL_JSON,
+        "generated_sequences: Input should be a valid list (got a string)",
+    ),
+    "json: a sequence a number": Case(
+        _gloss_json(lambda rows: _first(rows, generated_sequences=["Title: a", "b", 3, "c", "d"])),
+        EVAL_JSON,
+        "generated_sequences[2]: Input should be a valid string (got a number)",
+    ),
+    "json: reviewer_id a list": Case(
+        _gloss_json(lambda rows: _first(rows, reviewer_id=["U1"])),
+        EVAL_JSON,
+        "entry 1: reviewer_id: Input should be a valid string (got a list)",
+    ),
+    "json: seen_asins null": Case(
+        _gloss_json(lambda rows: _first(rows, seen_asins=None)),
+        EVAL_JSON,
+        "seen_asins: Input should be a valid list (got null)",
+    ),
+    "json: asin empty": Case(
+        _gloss_json(lambda rows: _first(rows, asin="")), EVAL_JSON, "asin: String should have at least 1 character"
+    ),
+    "json: unknown user": Case(_gloss_json(lambda rows: _first(rows, reviewer_id="NOBODY")), EVAL_JSON, "unknown user"),
+    "json: a user id like rich markup": Case(
+        _gloss_json(lambda rows: _first(rows, reviewer_id="[/x]")), EVAL_JSON, "entry 1 (user [/x]): unknown user"
+    ),
+    "json: unknown item in history": Case(
+        _gloss_json(lambda rows: _first(rows, seen_asins=["B0NOTREAL"])), EVAL_JSON, "unknown item B0NOTREAL"
+    ),
+    "json: asin edited to an unknown id": Case(
+        _gloss_json(lambda rows: _first(rows, asin="B0NOTREAL")), EVAL_JSON, "unknown item B0NOTREAL"
+    ),
+    "json: asin of another user": Case(_gloss_json(_other_target), EVAL_JSON, "differs from the split's"),
+    "json: history not the split's": Case(_gloss_json(_other_history), EVAL_JSON, "the history of 1 of"),
+    "json: three sequences": Case(
+        _gloss_json(lambda rows: _first(rows, generated_sequences=rows[0]["generated_sequences"][:3])),
+        EVAL_JSON,
+        "3 generated sequences, expected 5",
+    ),
+    "json: a user twice, differently": Case(
+        _gloss_json(lambda rows: [*rows, rows[0] | {"generated_sequences": ["Title: x"] * 5}]),
+        EVAL_JSON,
+        "a second, different entry for this user",
+    ),
+    "json: no such file": Case(None, ["eval", "--queries", "none.json", "-p", "proj"], "does not exist"),
+    # gloss generate's queries.jsonl (gloss eval --queries)
+    "jsonl: a line not JSON": Case(
+        _jsonl(lambda lines: [lines[0], "{oops", *lines[1:]]), EVAL_JSONL, "line 2: not JSON"
+    ),
+    "jsonl: a line a list": Case(_jsonl(lambda lines: ["[1, 2]", *lines]), EVAL_JSONL, "line 1: a list, not an object"),
+    "jsonl: queries a string": Case(
+        _jsonl(_jsonl_field(queries="abcde")), EVAL_JSONL, "queries: Input should be a valid list (got a string)"
+    ),
+    "jsonl: user_id a number": Case(
+        _jsonl(_jsonl_field(user_id=12)), EVAL_JSONL, "line 1: user_id: Input should be a valid string (got a number)"
+    ),
+    "jsonl: history null": Case(
+        _jsonl(_jsonl_field(history=None)), EVAL_JSONL, "history: Input should be a valid list (got null)"
+    ),
+    "jsonl: no target": Case(
+        _jsonl(lambda lines: [json.dumps({k: v for k, v in json.loads(lines[0]).items() if k != "target"})]),
+        EVAL_JSONL,
+        "no field target",
+    ),
+    "jsonl users: user_id a list": Case(
+        _jsonl(_jsonl_field(user_id=["U000"])),
+        ["eval", "--baseline", "lis", "--match-generated", "--queries", "bad.jsonl", "-p", "proj", "-q"],
+        "Cannot read the users of",
+    ),
+    "jsonl users: user_id null": Case(
+        _jsonl(_jsonl_field(user_id=None)),
+        ["eval", "--baseline", "lis", "--match-generated", "--queries", "bad.jsonl", "-p", "proj", "-q"],
+        "user_id: Input should be a valid string (got null)",
+    ),
+    # numeric bounds, checked before any work
+    "--num-queries 0": Case(
+        None, ["eval", "--queries", "q.json", "--num-queries", "0", "-p", "proj"], "'--num-queries'"
+    ),
+    "--num-queries -1": Case(
+        None, ["eval", "--queries", "q.json", "--num-queries", "-1", "-p", "proj"], "greater than"
+    ),
+    "-k 0": Case(None, ["eval", "--baseline", "lis", "-k", "0", "-p", "proj"], "Invalid value for '--k' / '-k'"),
+    "-k past the catalog": Case(
+        None, ["eval", "--baseline", "lis", "-k", "100000", "-p", "proj"], "-k 100,000 is more than the catalog's"
+    ),
+    "eval that would not fit in memory": Case(
+        _little_memory, ["eval", "--baseline", "lis", "-k", "20", "-p", "proj"], "of memory; 1,000 B is available"
+    ),
+    "train --lr 0": Case(None, ["train", "--lr", "0", "-p", "proj"], "Invalid value for '--lr': 0.0 is not greater"),
+    "train --epochs 0": Case(None, ["train", "--epochs", "0", "-p", "proj"], "Invalid value for '--epochs'"),
+    "train --batch-size -3": Case(None, ["train", "--batch-size", "-3", "-p", "proj"], "'--batch-size'"),
+    "generate --beams 0": Case(None, ["generate", "--beams", "0", "-p", "proj"], "Invalid value for '--beams'"),
+    "rerank --candidates 0": Case(None, ["rerank", "--candidates", "0", "-p", "proj"], "'--candidates'"),
+    "rerank --candidates past the catalog": Case(
+        None, ["rerank", "--candidates", "5000", "-p", "proj"], "--candidates 5,000 is more than the catalog's 37 items"
+    ),
+    "rerank that would not fit in memory": Case(
+        _little_memory, ["rerank", "--split", "test", "-p", "proj"], "users x 3 queries needs about"
+    ),
+    "recommend -k 0": Case(None, ["recommend", "--user", "U001", "-k", "0", "-p", "proj"], "Invalid value for '--k'"),
+    "recommend -k past the catalog": Case(
+        None, ["recommend", "--user", "U001", "-k", "5000", "-p", "proj"], "is more than the catalog's"
+    ),
+    "segments -k 0": Case(None, ["segments", "-k", "0", "-p", "proj"], "Invalid value for '--k' / '-k'"),
+    # click's usage errors, in gloss's form
+    "unknown option": Case(None, ["eval", "--frobnicate", "-p", "proj"], "No such option: --frobnicate"),
+    "unknown command": Case(None, ["frobnicate", "-p", "proj"], "No such command 'frobnicate'"),
+    "option without its value": Case(None, ["eval", "-p", "proj", "--split"], "Option '--split' requires an argument"),
+    "not an integer": Case(None, ["eval", "-k", "abc", "-p", "proj"], "Invalid value for '--k' / '-k'"),
+    "extra argument": Case(None, ["status", "extra", "-p", "proj"], "unexpected extra argument"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_source_file(case: str, synthetic: Path) -> None:
-    before_manifest = _good_run(synthetic)
-    before = _snapshot(Path("proj"))
-    breaker, message = CASES[case]
-    breaker(synthetic)
-    result = runner.invoke(app, ["data", "--source", str(synthetic), "-p", "proj"])
-    assert result.exit_code == 1
-    lines = result.stderr.strip().splitlines()[-2:]  # progress messages may come before
-    assert lines[0].startswith("error: ") and lines[1].startswith("hint: "), lines
-    assert sum(line.startswith("error: ") for line in result.stderr.splitlines()) == 1
-    assert message in lines[0]
-    assert "Traceback" not in result.output
-    assert Path("proj/manifest.json").read_text() == before_manifest
-    assert _snapshot(Path("proj")) == before  # no partial output, no temp folder, no lock left behind
+def test_bad_input(case: str, world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    row = CASES[case]
+    if row.setup is not None:
+        row.setup(monkeypatch)
+    before = _snapshot(world / "proj")
+    result = runner.invoke(app, row.args)
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("error: ") and row.message in lines[0], lines
+    assert lines[1].startswith("hint: "), lines
+    assert sum(line.startswith("error: ") for line in lines) == 1 and "Traceback" not in result.output
+    assert _snapshot(world / "proj") == before  # no partial output
+    assert not list((world / "proj").glob(".gloss.lock")) and not list((world / "proj").rglob(".tmp-*"))
 
 
-def test_unknown_dataset_is_one_line_and_exit_1() -> None:
-    result = runner.invoke(app, ["data", "--dataset", "garden"])
-    assert result.exit_code == 1
-    assert result.stderr.splitlines()[0] == "error: Unknown dataset 'garden'."
-    assert not Path("gloss-project").exists()
+def test_the_table_covers_every_format() -> None:
+    assert len(CASES) >= 25
+    assert {c.args[0] for c in CASES.values()} >= {"data", "eval", "train", "generate", "rerank", "recommend"}
 
 
-def test_source_without_data_files(tmp_path: Path) -> None:
-    (tmp_path / "empty").mkdir()
-    result = runner.invoke(app, ["data", "--source", str(tmp_path / "empty")])
-    assert result.exit_code == 1 and "holds no beauty data" in result.stderr
+def test_usage_errors_hint_at_the_command_help(world: Path) -> None:
+    for args, hint in (
+        (["eval", "--frobnicate"], "hint: Run 'gloss eval --help'."),
+        (["eval", "--split"], "hint: Run 'gloss eval --help'."),
+        (["--frobnicate"], "hint: Run 'gloss --help'."),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and result.stderr.splitlines()[1] == hint, result.stderr
 
 
-def test_bad_train_examples_value(synthetic: Path) -> None:
-    result = runner.invoke(app, ["data", "--source", str(synthetic), "--train-examples", "some"])
-    assert result.exit_code == 1 and "Unknown --train-examples 'some'" in result.stderr
+def test_a_byte_order_mark_is_accepted(world: Path) -> None:
+    clean = runner.invoke(app, ["data", "--source", "src", "-p", "clean", "--json", "-q"])
+    for name in (INTER, ITEMS):
+        data = gzip.decompress((world / "src" / name).read_bytes())
+        (world / "src" / name).write_bytes(gzip.compress(b"\xef\xbb\xbf" + data))
+    with_bom = runner.invoke(app, ["data", "--source", "src", "-p", "bom", "--json", "-q"])
+    assert clean.exit_code == with_bom.exit_code == 0, with_bom.output
+    assert json.loads(clean.stdout)["stats"] == json.loads(with_bom.stdout)["stats"]
+    for name in ("items", "test", "train", "validation"):
+        assert pl.read_parquet(f"clean/data/{name}.parquet").equals(pl.read_parquet(f"bom/data/{name}.parquet"))
 
 
-def test_corrupt_manifest_is_reported_not_overwritten(synthetic: Path) -> None:
-    Path("proj").mkdir()
+def test_queries_files_with_as_many_users_never_share_a_run(world: Path) -> None:
+    rows = json.loads((world / "q.json").read_text())
+    (world / "other.json").write_text(json.dumps([r | {"generated_sequences": ["Title: x"] * 5} for r in rows]))
+    runs = []
+    for path in ("q.json", "other.json"):
+        result = runner.invoke(app, ["eval", "--queries", path, "-p", "proj", "--json", "-q"])
+        assert result.exit_code == 0, result.output
+        runs.append(json.loads(result.stdout))
+    assert runs[0]["run"] != runs[1]["run"] and runs[0]["metrics"] != runs[1]["metrics"]
+    for doc in runs:  # each run's files are its own: the second did not overwrite the first
+        metrics = json.loads(Path(doc["folder"], "metrics.json").read_text())["metrics"]
+        assert metrics == doc["metrics"]
+
+
+def test_exact_repeats_and_unknown_fields_change_nothing(world: Path) -> None:
+    rows = json.loads((world / "q.json").read_text())
+    (world / "same.json").write_text(json.dumps([*(r | {"note": "extra"} for r in rows), rows[0]]))
+    docs = []
+    for path in ("q.json", "same.json"):
+        result = runner.invoke(app, ["eval", "--queries", path, "-p", "proj", "--json", "-q"])
+        assert result.exit_code == 0, result.output
+        docs.append(json.loads(result.stdout))
+    assert docs[0]["metrics"] == docs[1]["metrics"] and docs[0]["users"] == docs[1]["users"]
+
+
+def test_corrupt_manifest_is_reported_not_overwritten(world: Path) -> None:
     Path("proj/manifest.json").write_text("{not json")
-    result = runner.invoke(app, ["data", "--source", str(synthetic), "-p", "proj"])
+    result = runner.invoke(app, DATA)
     assert result.exit_code == 1 and "is not valid JSON" in result.stderr
     assert Path("proj/manifest.json").read_text() == "{not json"
-    assert not Path("proj/data").exists()
 
 
 def test_debug_env_shows_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,8 +432,7 @@ def test_debug_env_shows_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.exit_code != 0 and type(result.exception).__name__ == "GlossError"
 
 
-def test_newer_manifest_schema_is_refused(synthetic: Path) -> None:
-    _good_run(synthetic)
+def test_newer_manifest_schema_is_refused(world: Path) -> None:
     doc = json.loads(Path("proj/manifest.json").read_text())
     doc["schema_version"] = 99
     Path("proj/manifest.json").write_text(json.dumps(doc))

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from gloss_cli.cli import app
 from gloss_cli.evaluate import rank_items
+from gloss_cli.project import sha256_file
 
 runner = CliRunner()
 
@@ -107,7 +108,8 @@ def test_gloss_json_queries_file(synthetic: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     # the first query is the target's exact title: BM25 finds it (or a same-titled item) at the top
-    assert doc["metrics"]["recall@5"] > 0.8 and doc["run"] == "file-bm25-paper-test"
+    digest = sha256_file(tmp_path / "q.json")[:8]  # a run read from a file names it by content: no collisions
+    assert doc["metrics"]["recall@5"] > 0.8 and doc["run"] == f"file-bm25-paper-test-{digest}"
 
 
 def test_gloss_jsonl_queries_file_and_lis_on_its_users(synthetic: Path, tmp_path: Path) -> None:
@@ -124,10 +126,11 @@ def test_gloss_jsonl_queries_file_and_lis_on_its_users(synthetic: Path, tmp_path
     model = json.loads(runner.invoke(app, args).stdout)
     lis = json.loads(runner.invoke(app, [*args, "--baseline", "lis", "--match-generated"]).stdout)
     assert model["users"] == lis["users"] == 7 and model["metrics"]["recall@5"] > 0.8
-    assert model["run"] == "file-bm25-paper-test-7u" and lis["run"] == "lis-bm25-paper-test-7u"
+    digest = sha256_file(tmp_path / "queries.jsonl")[:8]
+    assert model["run"] == f"file-bm25-paper-test-7u-{digest}" and lis["run"] == f"lis-bm25-paper-test-7u-{digest}"
     _assert_refused(["eval", "--queries", str(tmp_path / "none.jsonl"), "-p", "p"], "does not exist", project)
     fused = json.loads(runner.invoke(app, [*args, "--with-lis", "--protocol", "fused", "--num-queries", "2"]).stdout)
-    assert fused["run"] == "file+lis-bm25-fused-test-7u" and fused["source"] == "file+lis"
+    assert fused["run"] == f"file+lis-bm25-fused-test-7u-{digest}" and fused["source"] == "file+lis"
     params = json.loads(Path(fused["folder"], "metrics.json").read_text())
     assert params["queries_per_user"] == 3 and params["with_lis"]
     assert "lists in order: the last item's title, then the generated queries" in fused["protocol_description"]
@@ -179,7 +182,8 @@ def test_hybrid_retriever_eval(synthetic: Path, tmp_path: Path) -> None:
     _gloss_file(project, tmp_path / "q.json")
     args = ["eval", "--queries", str(tmp_path / "q.json"), "-p", "p", "--json", "-q", "--protocol", "fused"]
     hybrid = json.loads(runner.invoke(app, [*args, "--retriever", "bm25+minilm"]).stdout)
-    assert hybrid["run"] == "file-bm25+minilm-fused-test" and hybrid["metrics"]["recall@5"] > 0.8
+    digest = sha256_file(tmp_path / "q.json")[:8]
+    assert hybrid["run"] == f"file-bm25+minilm-fused-test-{digest}" and hybrid["metrics"]["recall@5"] > 0.8
     record = json.loads((project / "manifest.json").read_text())["stages"]["eval/" + hybrid["run"]]
     assert set(record["upstream"]) == {"data", "index/bm25", "index/minilm"}  # both parts built on the fly
     summary = json.loads(Path(hybrid["folder"], "metrics.json").read_text())

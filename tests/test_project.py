@@ -33,13 +33,13 @@ def test_status_of_a_new_project_names_the_first_command() -> None:
     assert not Path("fresh").exists()  # status only reads
 
 
-def test_changed_output_makes_the_stage_stale(synthetic: Path) -> None:
+def test_changed_output_makes_the_stage_modified(synthetic: Path) -> None:
     assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "p", "-q"]).exit_code == 0
     Path("p/data/test.parquet").write_bytes(b"garbage")
     states = Project("p").status()
-    assert states[0].state == "stale" and "changed on disk" in states[0].reason
+    assert states[0].state == "modified" and "changed on disk" in states[0].reason
     table = runner.invoke(app, ["status", "-p", "p"])
-    assert "stale" in table.stdout and "next: gloss data --dataset beauty --project p" in table.stdout
+    assert "modified" in table.stdout and f"next: gloss data --source {synthetic} --project p" in table.stdout
 
 
 def test_changed_source_makes_the_stage_stale(synthetic: Path) -> None:
@@ -59,7 +59,7 @@ def test_rerun_replaces_outputs_and_fingerprint_follows_params(synthetic: Path) 
     second = Project("p").stage("data")
     assert first and second and first["fingerprint"] != second["fingerprint"]
     assert second["params"]["train_examples"] == "all-prefixes"
-    assert sorted(p.name for p in Path("p").iterdir()) == ["data", "manifest.json"]
+    assert sorted(p.name for p in Path("p").iterdir()) == [".gloss.flock", "data", "manifest.json"]
 
 
 def test_lock_refuses_a_second_writer_with_who_and_since(synthetic: Path) -> None:
@@ -104,7 +104,7 @@ def test_failed_stage_leaves_old_outputs_and_manifest(synthetic: Path) -> None:
         raise RuntimeError("boom")
     assert project.manifest_path.read_text() == before
     assert Path("p/data/x.txt").read_text() == "one"
-    assert sorted(p.name for p in Path("p").iterdir()) == ["data", "manifest.json"]
+    assert sorted(p.name for p in Path("p").iterdir()) == [".gloss.flock", "data", "manifest.json"]
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:

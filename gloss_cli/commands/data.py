@@ -56,7 +56,7 @@ def data(
     command = f"gloss data --dataset {info.name}" + (" --dedup" if dedup else "")
     if train_examples != "last":
         command += f" --train-examples {train_examples}"
-    with proj.lock(command):
+    with proj.lock(command, reporter):
         stats = run_data(
             proj, info, source, dedup=dedup, train_examples=train_examples, command=command, reporter=reporter
         )

@@ -8,14 +8,32 @@ from typing import Annotated
 import typer
 
 from gloss_cli.console import RichReporter, print_json
-from gloss_cli.options import DEFAULT_PROJECT_PATH, EncoderOpt, JsonOpt, ProjectOpt, QuietOpt, RetrieverOpt
+from gloss_cli.options import (
+    DEFAULT_PROJECT_PATH,
+    MAX_COUNT,
+    MAX_QUERIES,
+    EncoderOpt,
+    JsonOpt,
+    ProjectOpt,
+    QuietOpt,
+    RetrieverOpt,
+)
 
 
 def evaluate(
     retriever: RetrieverOpt = "bm25",
     encoder: EncoderOpt = None,
     split: Annotated[str, typer.Option(help="test or validation.")] = "test",
-    k: Annotated[list[int] | None, typer.Option("--k", "-k", help="Cut-off; repeat for several (default 5).")] = None,
+    k: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--k",
+            "-k",
+            min=1,
+            max=MAX_COUNT,
+            help="Cut-off; repeat for several (default 5); at most the catalog's size.",
+        ),
+    ] = None,
     protocol: Annotated[
         str, typer.Option(help="paper: top-1 per generated query, as GLoSS; fused: top-K per query, rank fusion.")
     ] = "paper",
@@ -33,10 +51,15 @@ def evaluate(
         Path | None,
         typer.Option(
             help="Queries file: GLoSS JSON (reviewer_id, asin, seen_asins, generated_sequences), or a "
-            "'gloss generate' queries.jsonl (its users; with --baseline and --match-generated: the baseline on them)."
+            "'gloss generate' queries.jsonl (its users; with --baseline and --match-generated: the baseline on them). "
+            "Each entry's target and history must be the split's (a file made from other data is refused); "
+            "the run's name ends with a hash of the file."
         ),
     ] = None,
-    num_queries: Annotated[int, typer.Option(help="Generated queries used per user.")] = 5,
+    num_queries: Annotated[
+        int,
+        typer.Option(min=1, max=MAX_QUERIES, help="Generated queries used per user (the first ones, best beam first)."),
+    ] = 5,
     match_generated: Annotated[
         bool,
         typer.Option(
@@ -97,6 +120,19 @@ def evaluate(
 
     reporter = RichReporter(quiet)
     proj = Project(project)
+    if not rerank:  # the cut-off within the catalog, the retrieval within the free memory, before any work
+        from gloss_cli.evaluate import MAX_SEEN_EXTRA
+        from gloss_cli.limits import check_retrieval
+
+        depth = max(k or [5]) if protocol == "fused" or baseline == "lis" else 1  # paper: each query's top 1
+        check_retrieval(
+            proj.root,
+            split,
+            max(k or [5]),
+            queries=1 if baseline == "lis" else num_queries + with_lis,
+            depth=None if baseline == "transitions" else depth + (MAX_SEEN_EXTRA if exclude_seen else 0),
+            option="-k",
+        )
     command = f"gloss eval --retriever {retriever} --split {split} --protocol {protocol}"
     command += (" --exclude-seen" if exclude_seen else "") + (f" --baseline {baseline}" if baseline else "")
     command += f" --queries {queries}" if queries else ""
@@ -105,7 +141,7 @@ def evaluate(
     if rerank:
         command = f"gloss eval --split {split} --rerank {rerank} --retriever {retriever}"
         command += " --with-transitions" if with_transitions else ""
-    with proj.lock(command):
+    with proj.lock(command, reporter):
         result = run(
             proj,
             split=split,

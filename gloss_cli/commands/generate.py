@@ -7,7 +7,17 @@ from typing import Annotated
 import typer
 
 from gloss_cli.console import RichReporter, print_json
-from gloss_cli.options import DEFAULT_PROJECT_PATH, JsonOpt, ProjectOpt, QuietOpt, complete_split
+from gloss_cli.options import (
+    DEFAULT_PROJECT_PATH,
+    MAX_BATCH,
+    MAX_COUNT,
+    MAX_QUERIES,
+    MAX_TOKENS,
+    JsonOpt,
+    ProjectOpt,
+    QuietOpt,
+    complete_split,
+)
 from gloss_cli.project import Project
 
 
@@ -19,14 +29,20 @@ def generate(
         list[str] | None,
         typer.Option("--users", help="Only these user ids (repeat the option, or separate ids with commas)."),
     ] = None,
-    limit: Annotated[int, typer.Option(help="Only the first N users of the split (0: all).")] = 0,
+    limit: Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="Only the first N users of the split (0: all).")] = 0,
     backend: Annotated[str, typer.Option(help="hf (transformers) or llama-cpp.")] = "hf",
-    beams: Annotated[int, typer.Option(help="Beam width (the paper: 5).")] = 5,
-    num_return: Annotated[int, typer.Option(help="Titles kept per user, best beam first (<= --beams).")] = 5,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per generated title.")] = 50,
+    beams: Annotated[int, typer.Option(min=1, max=MAX_QUERIES, help="Beam width (the paper: 5).")] = 5,
+    num_return: Annotated[
+        int, typer.Option(min=1, max=MAX_QUERIES, help="Titles kept per user, best beam first (<= --beams).")
+    ] = 5,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=MAX_TOKENS, help="Most tokens per generated title.")] = 50,
     batch_size: Annotated[
         int,
-        typer.Option(help="Users per generate call (0: auto; hf: 256 on CUDA, 64 with --search hf, 8 on CPU)."),
+        typer.Option(
+            min=0,
+            max=MAX_BATCH,
+            help="Users per generate call (0: auto; hf: 256 on CUDA, 64 with --search hf, 8 on CPU).",
+        ),
     ] = 0,
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.")] = "auto",
     search: Annotated[
@@ -82,7 +98,7 @@ def generate(
     command += " --catalog-only" if catalog_only else ""
     command += f" --limit {limit}" if limit else ""
     command += f" --users {','.join(users)}" if users else ""
-    with proj.lock(command):
+    with proj.lock(command, reporter):
         result = run_generate(
             proj, split, options, users=users, limit=limit, overwrite=overwrite, command=command, reporter=reporter
         )

@@ -43,7 +43,7 @@ def index(
         + (f" --encoder {encoder}" if encoder else "")
         + (" --ann" if ann else "")
     )
-    with proj.lock(command):
+    with proj.lock(command, reporter):
         meta = run(proj, retriever, encoder=encoder, ann=ann, command=command, reporter=reporter)
     if json_:
         print_json({"project": str(proj.root), **meta})

@@ -9,7 +9,15 @@ import typer
 
 from gloss_cli.console import RichReporter, print_json
 from gloss_cli.errors import GlossError
-from gloss_cli.options import DEFAULT_PROJECT_PATH, EncoderOpt, JsonOpt, ProjectOpt, QuietOpt, RetrieverOpt
+from gloss_cli.options import (
+    DEFAULT_PROJECT_PATH,
+    MAX_COUNT,
+    EncoderOpt,
+    JsonOpt,
+    ProjectOpt,
+    QuietOpt,
+    RetrieverOpt,
+)
 
 
 def _lines(path: Path, what: str) -> list[str]:
@@ -31,7 +39,9 @@ def recommend(
         list[str] | None, typer.Option("--history", help="An item title, oldest first; repeat (for new people).")
     ] = None,
     history_file: Annotated[Path | None, typer.Option(help="File with one item title per line, oldest first.")] = None,
-    k: Annotated[int, typer.Option("--k", "-k", help="How many items.")] = 10,
+    k: Annotated[
+        int, typer.Option("--k", "-k", min=1, max=MAX_COUNT, help="How many items (at most the catalog's size).")
+    ] = 10,
     retriever: RetrieverOpt = "bm25",
     encoder: EncoderOpt = None,
     protocol: Annotated[str, typer.Option(help="fused (default) or paper: how the queries' results merge.")] = "fused",
@@ -78,7 +88,12 @@ def recommend(
             "Pass either --user / --users-file or --history / --history-file.", "E.g. gloss recommend --user ID"
         )
     reporter = RichReporter(quiet)
+    from gloss_cli.limits import data_stats, require_k_within_catalog
     from gloss_cli.project import Project
+
+    stats = data_stats(Project(project).root)
+    if stats is not None and isinstance(stats.get("items"), int):
+        require_k_within_catalog([k], stats["items"])
 
     recommender = Recommender(
         Project(project),

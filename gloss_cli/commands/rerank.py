@@ -7,7 +7,17 @@ from typing import Annotated
 import typer
 
 from gloss_cli.console import RichReporter, print_json
-from gloss_cli.options import DEFAULT_PROJECT_PATH, JsonOpt, ProjectOpt, QuietOpt, RetrieverOpt, complete_split
+from gloss_cli.options import (
+    DEFAULT_PROJECT_PATH,
+    MAX_BATCH,
+    MAX_COUNT,
+    MAX_QUERIES,
+    JsonOpt,
+    ProjectOpt,
+    QuietOpt,
+    RetrieverOpt,
+    complete_split,
+)
 
 
 def rerank(
@@ -16,9 +26,16 @@ def rerank(
     ] = "validation",
     retriever: RetrieverOpt = "bm25",
     num_queries: Annotated[
-        int, typer.Option(help="Generated queries after the last item's title in the pool (0: that title alone).")
+        int,
+        typer.Option(
+            min=0,
+            max=MAX_QUERIES,
+            help="Generated queries after the last item's title in the pool (0: that title alone).",
+        ),
     ] = 2,
-    candidates: Annotated[int, typer.Option(help="Pool size per user (top-K of each query, fused).")] = 20,
+    candidates: Annotated[
+        int, typer.Option(min=1, max=MAX_COUNT, help="Pool size per user (top-K of each query, fused).")
+    ] = 20,
     with_transitions: Annotated[
         bool,
         typer.Option(
@@ -27,7 +44,9 @@ def rerank(
             "first into the pool.",
         ),
     ] = False,
-    batch_size: Annotated[int, typer.Option(help="Users per scoring batch (0: 64 on CUDA, 4 on CPU).")] = 0,
+    batch_size: Annotated[
+        int, typer.Option(min=0, max=MAX_BATCH, help="Users per scoring batch (0: 64 on CUDA, 4 on CPU).")
+    ] = 0,
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.")] = "auto",
     project: ProjectOpt = DEFAULT_PROJECT_PATH,
     json_: JsonOpt = False,
@@ -51,9 +70,16 @@ def rerank(
 
     reporter = RichReporter(quiet)
     proj = Project(project)
+    from gloss_cli.evaluate import MAX_SEEN_EXTRA
+    from gloss_cli.limits import check_retrieval
+
+    # The pool is a fused retrieval of the last item's title and the queries, history excluded: bounded before work.
+    check_retrieval(
+        proj.root, split, candidates, queries=num_queries + 1, depth=candidates + MAX_SEEN_EXTRA, option="--candidates"
+    )
     command = f"gloss rerank --split {split} --retriever {retriever} --num-queries {num_queries}"
     command += f" --candidates {candidates}" + (" --with-transitions" if with_transitions else "")
-    with proj.lock(command):
+    with proj.lock(command, reporter):
         result = run(
             proj,
             split,

