@@ -107,6 +107,7 @@ def open_index(
         if not build_missing:
             raise GlossError(f"No index '{key}' in {project.root}.", f"Run 'gloss index --retriever {retriever}'.")
         run(project, retriever, encoder=encoder, command=f"gloss index --retriever {retriever}", reporter=reporter)
+    project.require(f"index/{key}")  # its files as the stage wrote them, before any library reads them
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     check_catalog(project, folder, meta, key)
     cache = project.path(f"cache/query-vectors/{key}.npz") if query_cache else None

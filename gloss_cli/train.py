@@ -115,8 +115,14 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     for key in _POSITIVE:
         if getattr(config, key) < 1:
             raise GlossError(f"{key.replace('_', '-')} must be at least 1.", "Fix the flag or the config file.")
-    if config.lr <= 0 or min(config.max_steps, config.limit_users, config.micro_batch_tokens) < 0:
-        raise GlossError("lr must be > 0; max-steps, limit-users, micro-batch-tokens >= 0.", "Fix the settings.")
+    if (
+        not math.isfinite(config.lr)
+        or config.lr <= 0
+        or min(config.max_steps, config.limit_users, config.micro_batch_tokens) < 0
+    ):
+        raise GlossError(
+            "lr must be a finite number > 0; max-steps, limit-users, micro-batch-tokens >= 0.", "Fix the settings."
+        )
     return config
 
 

@@ -178,6 +178,15 @@ def _little_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("gloss_cli.limits.available_memory", lambda: 1000)
 
 
+def _nan_lr(_: pytest.MonkeyPatch) -> None:
+    Path("train.toml").write_text("[train]\nlr = nan\n")
+
+
+def _index_file_changed(_: pytest.MonkeyPatch) -> None:
+    target = next(p for p in sorted(Path("proj/index/bm25").iterdir()) if p.name != "meta.json")
+    target.write_bytes(target.read_bytes() + b" ")
+
+
 # -- the table ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
@@ -328,6 +337,10 @@ CASES: dict[str, Case] = {
     "train --lr 0": Case(None, ["train", "--lr", "0", "-p", "proj"], "Invalid value for '--lr': 0.0 is not greater"),
     "train --epochs 0": Case(None, ["train", "--epochs", "0", "-p", "proj"], "Invalid value for '--epochs'"),
     "train --batch-size -3": Case(None, ["train", "--batch-size", "-3", "-p", "proj"], "'--batch-size'"),
+    "train config: lr nan": Case(_nan_lr, ["train", "--config", "train.toml", "-p", "proj"], "lr must be a finite"),
+    "an index file changed on disk": Case(
+        _index_file_changed, ["eval", "--baseline", "lis", "-p", "proj"], "changed since stage 'index/bm25'"
+    ),
     "generate --beams 0": Case(None, ["generate", "--beams", "0", "-p", "proj"], "Invalid value for '--beams'"),
     "rerank --candidates 0": Case(None, ["rerank", "--candidates", "0", "-p", "proj"], "'--candidates'"),
     "rerank --candidates past the catalog": Case(
