@@ -4,17 +4,24 @@ Processing equals GLoSS's, so that numbers are comparable with the paper:
 
 * titles: whitespace collapsed (Python ``str.split`` semantics), first 25 words; untitled items dropped;
   interactions inner-joined with titled items; duplicate reviews kept unless ``dedup``;
-* per user, chronological order with ties in source-file order; users with < 3 interactions dropped;
+* per user, chronological order with ties in source-file order (``ties="file"``; ``"shuffle"``: in a seeded random
+  order, see :func:`order_ties`); users with < 3 interactions dropped;
 * test = each user's last item; validation = second-to-last item for a 5 % sample of users
   (``random.seed(42); random.sample(sorted(users), int(0.05 * n))``, then those with >= 3 interactions);
 * train = third-to-last item for validation users, second-to-last for the others (or every prefix with
   ``train_examples="all-prefixes"``).
 
-Everything is columnar polars; the only Python-level step is the seeded sample over the sorted user ids.
+Everything is columnar polars; the only Python-level steps are the seeded sample over the sorted user ids and, with
+``ties="shuffle"``, the hash of each tied row.
+
+Same-day ties are measured (:func:`tie_stats`): Amazon 2014 review times are days, and reviews of one day keep the
+original file's order, which is sorted by ASIN, so a target that shares the previous item's day is, far more often
+than by chance, the one with the higher ASIN.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -36,6 +43,15 @@ TRAIN_EXAMPLES = ("last", "all-prefixes")
 # Python's str.split() whitespace: Unicode White_Space plus the ASCII separators \x1c-\x1f.
 _WHITESPACE = r"[\s\x1c-\x1f]+"
 SPLITS = ("train", "validation", "test")
+TIE_POLICIES = ("file", "shuffle")
+# Same-day neighbour pairs in one item-id order beyond this share (of at least ID_SORT_MIN_PAIRS pairs) mean the order
+# inside a day is an id sort: in time order each direction would hold about half.
+ID_SORT_SHARE = 0.9
+ID_SORT_MIN_PAIRS = 100
+ORDER_INDEX_WHY = (
+    "timestamps are 0-based order indices (every user's are exactly 0..n-1), not times: which items share a day "
+    "is unknown"
+)
 
 
 @dataclass
@@ -80,10 +96,17 @@ def build_tables(
     *,
     dedup: bool = False,
     train_examples: str = "last",
+    ties: str = "file",
+    seed: int = 0,
     items_path: Path | str = "items",
 ) -> DataTables:
-    if train_examples not in TRAIN_EXAMPLES:
-        raise GlossError(f"Unknown --train-examples '{train_examples}'.", f"Use one of: {', '.join(TRAIN_EXAMPLES)}.")
+    check_options(train_examples, ties)
+    measurable = not order_index_timestamps(interactions)
+    if ties == "shuffle" and not measurable:
+        raise GlossError(
+            f"Cannot shuffle same-day ties: the {ORDER_INDEX_WHY}.",
+            "Use --ties file (the file's order is the only order these data have).",
+        )
     items = clean_titles(raw_items, items_path)
     if items.height == 0:
         raise GlossError(
@@ -94,7 +117,7 @@ def build_tables(
     inter = interactions.select(key).with_row_index("_order").join(items.select("item_id"), on="item_id", how="semi")
     if dedup:
         inter = inter.unique(key, keep="first", maintain_order=True)
-    inter = inter.sort("user_id", "timestamp", "_order")
+    inter = order_ties(inter, ties, seed)
     titled_users = inter.get_column("user_id").unique().to_list()
     validation_users = sample_validation_users(titled_users)
 
@@ -114,6 +137,35 @@ def build_tables(
             f"({interactions.height:,} interactions, {items.height:,} titled items).",
             "Check that the interactions' item_id values are the items file's.",
         )
+    splits = leave_one_out(sequences, train_examples)
+    measured = tie_stats(sequences) if measurable else {"measurable": False, "why": ORDER_INDEX_WHY}
+    kept = sequences.get_column("n")
+    stats = {
+        "users": sequences.height,
+        "items": items.height,
+        "interactions": int(kept.sum()),
+        "seq_len_mean": round(float(kept.mean()), 4),  # type: ignore[arg-type]
+        "seq_len_std": round(float(kept.std()), 4),  # type: ignore[arg-type]
+        "seq_len_max": int(kept.max()),  # type: ignore[arg-type]
+        "train_examples": splits["train"].height,
+        "validation_users": splits["validation"].height,
+        "test_users": splits["test"].height,
+        "dropped_untitled_items": raw_items.get_column("item_id").n_unique() - items.height,
+        "dropped_interactions": interactions.height - int(kept.sum()),
+        "ties": measured | {"policy": ties, "seed": seed if ties == "shuffle" else None},
+    }
+    return DataTables(items, sequences.drop("is_validation"), splits, stats)
+
+
+def check_options(train_examples: str, ties: str) -> None:
+    if train_examples not in TRAIN_EXAMPLES:
+        raise GlossError(f"Unknown --train-examples '{train_examples}'.", f"Use one of: {', '.join(TRAIN_EXAMPLES)}.")
+    if ties not in TIE_POLICIES:
+        raise GlossError(f"Unknown --ties '{ties}'.", f"Use one of: {', '.join(TIE_POLICIES)}.")
+
+
+def leave_one_out(sequences: pl.DataFrame, train_examples: str) -> dict[str, pl.DataFrame]:
+    """test, validation and train examples (user_id, history, target) from each user's sequence."""
     items_seq, n = pl.col("item_ids"), pl.col("n")
     splits = {
         "test": sequences.select("user_id", history=items_seq.list.slice(0, n - 1), target=items_seq.list.last()),
@@ -138,21 +190,113 @@ def build_tables(
                 target=items_seq.list.get(pl.col("position")),
             )
         )
-    kept = sequences.get_column("n")
-    stats = {
-        "users": sequences.height,
-        "items": items.height,
-        "interactions": int(kept.sum()),
-        "seq_len_mean": round(float(kept.mean()), 4),  # type: ignore[arg-type]
-        "seq_len_std": round(float(kept.std()), 4),  # type: ignore[arg-type]
-        "seq_len_max": int(kept.max()),  # type: ignore[arg-type]
-        "train_examples": splits["train"].height,
-        "validation_users": splits["validation"].height,
-        "test_users": splits["test"].height,
-        "dropped_untitled_items": raw_items.get_column("item_id").n_unique() - items.height,
-        "dropped_interactions": interactions.height - int(kept.sum()),
+    return splits
+
+
+def order_index_timestamps(interactions: pl.DataFrame) -> bool:
+    """Whether every user's timestamps are exactly 0..n-1: positions (Toys), not times, so no tie can be seen.
+
+    Read on the file's rows, before untitled items are dropped: dropping them leaves gaps in the positions.
+    """
+    per_user = interactions.group_by("user_id").agg(
+        n=pl.len(), lo=pl.col("timestamp").min(), hi=pl.col("timestamp").max(), distinct=pl.col("timestamp").n_unique()
+    )
+    positions = (pl.col("lo") == 0) & (pl.col("hi") == pl.col("n") - 1) & (pl.col("distinct") == pl.col("n"))
+    return per_user.height > 0 and bool(per_user.select(positions.all()).item())
+
+
+def shuffle_key(seed: int, user: str, timestamp: int, item: str, position: int) -> int:
+    """A 64-bit key that orders one user's same-timestamp rows at random, the same on every machine and version.
+
+    blake2b, not polars' ``hash`` (its values may change between polars versions) nor Python's ``hash`` (salted per
+    process). ``position`` (the row's place in its tie, in file order) tells exact duplicate reviews apart.
+    """
+    text = f"{seed}\x1f{user}\x1f{timestamp}\x1f{item}\x1f{position}"
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def order_ties(inter: pl.DataFrame, ties: str, seed: int) -> pl.DataFrame:
+    """``inter`` (user_id, item_id, timestamp, _order) per user by time; rows of one user and timestamp in file order
+    (``file``, the paper's) or in the order of :func:`shuffle_key` (``shuffle``). Only the order inside a tie moves."""
+    inter = inter.sort("user_id", "timestamp", "_order")
+    if ties == "file":
+        return inter
+    tie = ("user_id", "timestamp")
+    inter = inter.with_columns(_position=pl.int_range(pl.len()).over(tie), _tied=pl.len().over(tie) > 1)
+    tied = inter.filter("_tied")  # hashed in Python: only these rows need a key
+    rows = tied.select("user_id", "timestamp", "item_id", "_position").iter_rows()
+    keys = pl.Series("_key", [shuffle_key(seed, *row) for row in rows], dtype=pl.UInt64)
+    return (
+        pl.concat([inter.filter(~pl.col("_tied")).with_columns(_key=pl.lit(0, pl.UInt64)), tied.with_columns(keys)])
+        .sort("user_id", "timestamp", "_key", "_order")
+        .drop("_position", "_tied", "_key")
+    )
+
+
+def _target_ties(sequences: pl.DataFrame, back: int) -> dict[str, Any]:
+    """Of the targets ``back`` places from the end (1: test, 2: validation), how many share the previous item's
+    timestamp, and how many of those have a higher item id than it."""
+    n, ts, ids = pl.col("n"), pl.col("timestamps"), pl.col("item_ids")
+    same = ts.list.get(n - back) == ts.list.get(n - back - 1)
+    above = same & (ids.list.get(n - back) > ids.list.get(n - back - 1))
+    row = sequences.select(users=pl.len(), same_day=same.sum(), id_above_previous=above.sum()).row(0, named=True)
+    share = round(row["same_day"] / row["users"], 4) if row["users"] else None
+    return {"users": row["users"], "same_day": row["same_day"], "share": share} | row
+
+
+def tie_stats(sequences: pl.DataFrame) -> dict[str, Any]:
+    """How many held-out targets share a timestamp with the item before them, and whether the order inside a
+    timestamp is an item-id sort (the share of same-timestamp neighbour pairs in ascending id order)."""
+    flat = sequences.select("user_id", "item_ids", "timestamps").explode("item_ids", "timestamps")
+    previous = flat.with_columns(
+        prev_item=pl.col("item_ids").shift(1).over("user_id"), prev_ts=pl.col("timestamps").shift(1).over("user_id")
+    ).filter(pl.col("prev_ts").is_not_null())
+    pairs = previous.select(
+        pairs=pl.len(),
+        same_day=(pl.col("prev_ts") == pl.col("timestamps")).sum(),
+        same_item=((pl.col("prev_ts") == pl.col("timestamps")) & (pl.col("prev_item") == pl.col("item_ids"))).sum(),
+        ascending_id=((pl.col("prev_ts") == pl.col("timestamps")) & (pl.col("prev_item") < pl.col("item_ids"))).sum(),
+    ).row(0, named=True)
+    ordered = pairs["same_day"] - pairs["same_item"]  # a duplicate review has no id order
+    share = pairs["ascending_id"] / ordered if ordered else None
+    pairs["ascending_share"] = None if share is None else round(share, 4)
+    return {
+        "measurable": True,
+        "test_targets": _target_ties(sequences, 1),
+        "validation_targets": _target_ties(sequences.filter("is_validation"), 2),
+        "neighbour_pairs": pairs,
+        "id_sorted": share is not None and ordered >= ID_SORT_MIN_PAIRS and max(share, 1 - share) > ID_SORT_SHARE,
     }
-    return DataTables(items, sequences.drop("is_validation"), splits, stats)
+
+
+def tie_policy(record: dict[str, Any] | None) -> str:
+    """How a project's same-day ties are ordered, in words, from its data stage record (an old record without the
+    policy used the file's order)."""
+    params = (record or {}).get("params", {})
+    if params.get("ties", "file") == "shuffle":
+        return f"same-day ties shuffled (seed {params.get('ties_seed', 0)})"
+    measured = (record or {}).get("metrics", {}).get("ties", {})
+    if measured.get("measurable") is False:
+        return "same-day ties not measurable (timestamps are order indices)"
+    if measured.get("id_sorted"):
+        share = measured["neighbour_pairs"]["ascending_share"]
+        return f"same-day ties in file order ({'ascending' if share > 0.5 else 'descending'} item id)"
+    return "same-day ties in file order"
+
+
+def tie_warning(name: str, ties: dict[str, Any]) -> str | None:
+    """A warning when the order inside a day is an id sort (see :func:`tie_stats`), else None."""
+    if not ties.get("id_sorted"):
+        return None
+    pairs, test = ties["neighbour_pairs"], ties["test_targets"]
+    direction = "ascending" if pairs["ascending_share"] > 0.5 else "descending"
+    share = pairs["ascending_share"] if direction == "ascending" else 1 - pairs["ascending_share"]
+    return (
+        f"{name}: {share:.1%} of {pairs['same_day'] - pairs['same_item']:,} same-day neighbour pairs are in "
+        f"{direction} item-id order, so the order inside a day is an id sort, not time; {test['same_day']:,} of "
+        f"{test['users']:,} test targets ({test['share']:.1%}) share the previous item's day "
+        "(gloss data --ties shuffle breaks that order)"
+    )
 
 
 def canonical_differences(info: DatasetInfo, stats: dict[str, Any]) -> list[str]:
@@ -163,13 +307,32 @@ def canonical_differences(info: DatasetInfo, stats: dict[str, Any]) -> list[str]
     ]
 
 
-def prepare(info: DatasetInfo, source: Source, *, dedup: bool, train_examples: str, reporter: Reporter) -> DataTables:
+def prepare(
+    info: DatasetInfo,
+    source: Source,
+    *,
+    dedup: bool,
+    train_examples: str,
+    ties: str = "file",
+    seed: int = 0,
+    reporter: Reporter,
+) -> DataTables:
     reporter.info(f"reading {source.kind} files from {source.interactions.parent} ({source.origin})")
     interactions, raw_items = read_source(source)
     reporter.info(f"{interactions.height:,} interactions, {raw_items.height:,} catalog rows")
-    tables = build_tables(interactions, raw_items, dedup=dedup, train_examples=train_examples, items_path=source.items)
+    tables = build_tables(
+        interactions,
+        raw_items,
+        dedup=dedup,
+        train_examples=train_examples,
+        ties=ties,
+        seed=seed,
+        items_path=source.items,
+    )
     for message in canonical_differences(info, tables.stats):
         reporter.warn(message + (" (expected with --dedup)" if dedup else ""))
+    if warning := tie_warning(info.name, tables.stats["ties"]):
+        reporter.warn(warning)
     return tables
 
 
@@ -198,13 +361,14 @@ def run(
     *,
     dedup: bool = False,
     train_examples: str = "last",
+    ties: str = "file",
+    seed: int = 0,
     command: str = "gloss data",
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """The `data` stage: resolve the source, build the tables, publish ``data/`` and record it. Returns stats."""
     reporter = reporter or Reporter()
-    if train_examples not in TRAIN_EXAMPLES:
-        raise GlossError(f"Unknown --train-examples '{train_examples}'.", f"Use one of: {', '.join(TRAIN_EXAMPLES)}.")
+    check_options(train_examples, ties)
     project.manifest()  # a broken manifest fails before any download
     source = resolve_source(info, source_dir, reporter)
     params = {
@@ -215,10 +379,14 @@ def run(
         "min_interactions": MIN_INTERACTIONS,
         "validation_share": VALIDATION_SHARE,
         "validation_seed": VALIDATION_SEED,
+        "ties": ties,  # the order inside a user's same-timestamp items: part of what every later stage used
+        "ties_seed": seed if ties == "shuffle" else None,
         "source": {"kind": source.kind, "origin": source.origin},
     }
     with project.run_stage("data", params, command=command, libraries=("polars",)) as stage:
-        tables = prepare(info, source, dedup=dedup, train_examples=train_examples, reporter=reporter)
+        tables = prepare(
+            info, source, dedup=dedup, train_examples=train_examples, ties=ties, seed=seed, reporter=reporter
+        )
         write_tables(tables, stage.dir)
         urls = {Path(d["path"]).name: d["url"] for d in source.downloads}
         for role, path in (("interactions", source.interactions), ("items", source.items)):

@@ -33,7 +33,7 @@ import numpy.typing as npt
 import polars as pl
 
 from gloss_cli.console import Reporter
-from gloss_cli.data import load_items, load_split
+from gloss_cli.data import load_items, load_split, tie_policy
 from gloss_cli.errors import GlossError
 from gloss_cli.index import open_index
 from gloss_cli.metrics import bootstrap_ci, per_user, target_ranks
@@ -72,6 +72,8 @@ class EvalResult:
     folder: Path
     notes: list[str] = field(default_factory=list)
     rerank: dict[str, Any] | None = None  # how, candidates, num_queries (gloss eval --rerank)
+    # The order of a user's same-day items, which decides targets and histories (gloss data --ties): data.tie_policy
+    ties: str = "same-day ties in file order"
 
     def describe(self) -> str:
         if self.rerank is not None:
@@ -83,13 +85,13 @@ class EvalResult:
             return (
                 f"rerank {self.rerank['how']}: each user's top-{self.rerank['candidates']} pool ({lead}the last item's "
                 f"title then {self.rerank['num_queries']} generated queries, top-K each, fused), ordered by {order}; "
-                f"history items excluded; {TIE_ORDER}; split {self.split}; {self.users:,} users; mean over users, "
-                "one held-out item each; 95% CI: bootstrap over users"
+                f"history items excluded; {self.ties}; {TIE_ORDER}; split {self.split}; {self.users:,} users; "
+                "mean over users, one held-out item each; 95% CI: bootstrap over users"
             )
         seen = "history items excluded" if self.exclude_seen else "history items kept (may be recommended)"
         tail = (
-            f"{seen}; {TIE_ORDER}; split {self.split}; {self.users:,} users; mean over users, one held-out item each; "
-            "95% CI: bootstrap over users"
+            f"{seen}; {self.ties}; {TIE_ORDER}; split {self.split}; {self.users:,} users; mean over users, one "
+            "held-out item each; 95% CI: bootstrap over users"
         )
         if self.source == "transitions":
             return f"baseline transitions: {TRANSITIONS_TEXT}, top-K by summed weight; {tail}"
@@ -363,7 +365,7 @@ def run(
             "alone).",
         )
     hybrid_parts(retriever)  # a malformed hybrid name fails before any work
-    project.require("data")
+    ties = tie_policy(project.require("data"))
     items = load_items(project.path("data"))
     item_ids = items.get_column("item_id").to_list()
     titles = dict(zip(item_ids, items.get_column("title").to_list(), strict=True))
@@ -438,7 +440,18 @@ def run(
             item_ids,
             params,
             lambda metrics, ci: EvalResult(
-                name, protocol, split, meta["key"], source, ks, len(qs.users), exclude_seen, metrics, ci, stage.dir
+                name,
+                protocol,
+                split,
+                meta["key"],
+                source,
+                ks,
+                len(qs.users),
+                exclude_seen,
+                metrics,
+                ci,
+                stage.dir,
+                ties=ties,
             ),
             retriever_description=meta.get("resolved", index.description),
         )
@@ -522,6 +535,7 @@ def _run_transitions(
                 metrics,
                 ci,
                 stage.dir,
+                ties=tie_policy(project.stage("data")),
             ),
         )
     result.folder = project.path(f"eval/{name}")
@@ -553,7 +567,7 @@ def _run_reranked(
     if how not in RERANKS:
         raise GlossError(f"Unknown rerank order '{how}'.", f"Use one of: {', '.join(RERANKS)}.")
     _check_split_and_k(split, ks)
-    project.require("data")
+    ties = tie_policy(project.require("data"))
     stage = stage_name(split, retriever, transitions=transitions)  # a malformed hybrid name fails here
     also = " --with-transitions" if transitions else ""
     record = project.require(stage, f"gloss rerank --split {split} --retriever {retriever}{also}")
@@ -609,6 +623,7 @@ def _run_reranked(
                     "num_queries": pool["num_queries"],
                     "transitions": transitions,
                 },
+                ties=ties,
             ),
         )
     result.folder = project.path(f"eval/{name}")

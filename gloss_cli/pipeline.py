@@ -71,7 +71,11 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
         return not fresh
 
     info = dataset_info(plan.dataset)
-    if step("data", _fresh(project, "data", {"dataset": info.name, "dedup": False, "train_examples": "last"})):
+    # gloss run keeps the paper's order of same-day items: a project made with 'gloss data --ties shuffle' is redone
+    # (a record from before --ties used the file's order)
+    file_ties = (project.stage("data") or {}).get("params", {}).get("ties", "file") == "file"
+    data_params = {"dataset": info.name, "dedup": False, "train_examples": "last"}
+    if step("data", file_ties and _fresh(project, "data", data_params)):
         data.run(project, info, None, command=f"gloss data --dataset {info.name}", reporter=reporter)
 
     overrides = {

@@ -35,7 +35,29 @@ def data_table(info: DatasetInfo, stats: dict[str, Any]) -> None:
         f"{stats['seq_len_mean']:.2f} ± {stats['seq_len_std']:.2f} (max {stats['seq_len_max']})",
         "",
     )
+    for label, value, note in tie_rows(stats.get("ties", {})):
+        table.add_row(label, value, note)
     out.print(table)
+
+
+def tie_rows(ties: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The data table's rows on same-day ties (none for stats written before they were measured)."""
+    if not ties:
+        return []
+    policy = "file order" if ties["policy"] == "file" else f"shuffled (seed {ties['seed']})"
+    rows = [("same-day ties", policy, "")]
+    if not ties["measurable"]:
+        return [*rows, ("same-day ties measured", "[yellow]no[/]: timestamps are order indices", "")]
+    for label, key in (("test", "test_targets"), ("validation", "validation_targets")):
+        t = ties[key]
+        share = "" if t["share"] is None else f" ({t['share']:.1%})"
+        rows.append((f"{label} targets on the previous item's day", f"{t['same_day']:,} of {t['users']:,}{share}", ""))
+    pairs = ties["neighbour_pairs"]
+    ordered = pairs["same_day"] - pairs["same_item"]
+    share = "" if pairs["ascending_share"] is None else f" ({pairs['ascending_share']:.1%})"
+    note = "[yellow]an id sort ✗[/]" if ties["id_sorted"] else ""
+    rows.append(("same-day neighbours in ascending id order", f"{pairs['ascending_id']:,} of {ordered:,}{share}", note))
+    return rows
 
 
 def status_table(project: Project, states: list[StageState], next_command: str | None) -> None:
@@ -75,8 +97,7 @@ def segments_table(report: Any) -> None:
         table = Table(
             title=f"gloss segments: {run}",
             title_justify="left",
-            caption=f"cold-start <= {report.cold} < regular <= {report.power} < power (interactions, duplicates "
-            f"removed); metrics @ {k}, mean over the segment's users",
+            caption=report.caption,
             caption_justify="left",
         )
         for column in ("segment", "users", "share", f"recall@{k}", f"ndcg@{k}"):

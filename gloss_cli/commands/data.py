@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from gloss_cli.console import RichReporter, print_json
-from gloss_cli.options import DEFAULT_PROJECT_PATH, DatasetOpt, JsonOpt, ProjectOpt, QuietOpt
+from gloss_cli.options import DEFAULT_PROJECT_PATH, MAX_SEED, DatasetOpt, JsonOpt, ProjectOpt, QuietOpt
 from gloss_cli.project import Project
 
 
@@ -30,6 +30,14 @@ def data(
             "the held-out items.",
         ),
     ] = "last",
+    ties: Annotated[
+        str,
+        typer.Option(
+            help="Order of a user's items that share a timestamp (a day in Amazon 2014): 'file': the file's order, "
+            "an ASIN sort (the paper's); 'shuffle': a seeded random order (--seed). Later stages use it.",
+        ),
+    ] = "file",
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of --ties shuffle.")] = 0,
     project: ProjectOpt = DEFAULT_PROJECT_PATH,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -37,7 +45,9 @@ def data(
     """Prepare a dataset: titles, per-user sequences, leave-one-out train / validation / test splits.
 
     Processing equals GLoSS's (25-word titles, untitled items dropped, users with >= 3 interactions,
-    a 5 % validation sample drawn with seed 42), so results compare with the paper.
+    a 5 % validation sample drawn with seed 42), so results compare with the paper. Same-day ties are measured:
+    how many held-out targets share the previous item's day, and whether the order inside a day is an item-id sort
+    (--ties shuffle removes that order).
 
     [dim]Examples:[/]
 
@@ -46,6 +56,8 @@ def data(
       GLOSS_DATA_DIR=../shared/data/amazon2014 gloss data -d sports -p runs/sports
 
       gloss data -d toys --source ~/amazon --train-examples all-prefixes --json
+
+      gloss data -d sports --ties shuffle --seed 1 -p runs/sports-shuffled
     """
     from gloss_cli.data import run as run_data
     from gloss_cli.sources import dataset_info
@@ -56,9 +68,21 @@ def data(
     command = f"gloss data --dataset {info.name}" + (" --dedup" if dedup else "")
     if train_examples != "last":
         command += f" --train-examples {train_examples}"
+    if ties != "file":
+        command += f" --ties {ties} --seed {seed}"
+    elif seed:
+        reporter.warn(f"--seed {seed} is unused: only --ties shuffle draws at random.")
     with proj.lock(command, reporter):
         stats = run_data(
-            proj, info, source, dedup=dedup, train_examples=train_examples, command=command, reporter=reporter
+            proj,
+            info,
+            source,
+            dedup=dedup,
+            train_examples=train_examples,
+            ties=ties,
+            seed=seed,
+            command=command,
+            reporter=reporter,
         )
     if json_:
         print_json({"project": str(proj.root), "dataset": info.name, "stats": stats, "warnings": reporter.warnings})
