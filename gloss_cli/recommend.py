@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from gloss_cli.index import open_index
 from gloss_cli.models import read_meta
 from gloss_cli.project import Project
 from gloss_cli.queries import query_text
+from gloss_cli.retrieval import hybrid_parts, index_key
 
 TRANSITIONS_QUERY = "(transitions: what followed the latest items in other histories)"
 
@@ -101,7 +103,12 @@ class Recommender:
         self.options = GenerateOptions(backend=backend or default_backend())
         self.budget = int(meta["max_seq_len"]) - self.options.max_new_tokens
         self.generator = open_generator(project.path("train"), meta, self.options, self.reporter)
-        self.index, self.index_meta = open_index(project, retriever, encoder=encoder, reporter=self.reporter)
+        missing = [p for p in hybrid_parts(retriever) if project.stage(f"index/{index_key(p, encoder)}") is None]
+        # Building a missing index writes a stage: as any writer, under the project lock (a writer starting meanwhile
+        # would otherwise remove its temporary folder as debris).
+        building = project.lock(f"gloss index --retriever {retriever}", self.reporter) if missing else nullcontext()
+        with building:
+            self.index, self.index_meta = open_index(project, retriever, encoder=encoder, reporter=self.reporter)
 
     def history_of(self, user_id: str) -> list[str]:
         history = self.histories.get(user_id)

@@ -43,6 +43,29 @@ def test_recommend_for_a_known_user_excludes_history(trained: Path) -> None:
     assert set(doc["timings_s"]) == {"prompt", "generation", "retrieval"}
 
 
+def test_recommend_builds_a_missing_index_under_the_project_lock(
+    trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing index is a stage to write: recommend takes the lock for it (and only then)."""
+    from gloss_cli.project import Project
+
+    taken: list[str] = []
+    real_lock = Project.lock
+
+    def recording_lock(self: Project, command: str, reporter: object = None) -> object:
+        taken.append(command)
+        return real_lock(self, command, reporter)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Project, "lock", recording_lock)
+    user = pl.read_parquet(trained / "data/sequences.parquet").row(0, named=True)["user_id"]
+    args = ["recommend", "--user", user, "-p", "p", "--backend", "hf", "--json", "-q"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert taken == ["gloss index --retriever bm25"] and (trained / "index/bm25/meta.json").is_file()
+    assert not (trained / ".gloss.lock").exists()
+    assert runner.invoke(app, args).exit_code == 0
+    assert taken == ["gloss index --retriever bm25"]  # built: no lock the second time
+
+
 def test_recommend_with_lis_searches_the_last_title_first(trained: Path) -> None:
     seq = pl.read_parquet(trained / "data/sequences.parquet").row(2, named=True)
     titles = dict(pl.read_parquet(trained / "data/items.parquet").iter_rows())
