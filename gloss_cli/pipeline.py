@@ -140,6 +140,7 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
             "exclude_seen": r.exclude_seen,
             "users": r.users,
             "description": r.describe(),
+            "ties": r.ties,
             **r.metrics,
         }
         for r in results

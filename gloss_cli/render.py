@@ -155,6 +155,8 @@ def recommendations(
 
 
 def run_summary(summary: Any) -> None:
+    from gloss_cli.evaluate import TIE_ORDER
+
     table = Table(title="gloss run: model vs the LIS and transitions baselines", title_justify="left")
     for column in ("queries", "protocol", "history", "users", "recall@5", "ndcg@5", "mrr@5"):
         table.add_column(column, justify="right" if column in ("users", "recall@5", "ndcg@5", "mrr@5") else "left")
@@ -177,7 +179,8 @@ def run_summary(summary: Any) -> None:
         )
     out.print(table)
     out.print(
-        "[dim]test split, the same users for every row; mean over users, one held-out item each; K = 5. paper: top-1 "
+        f"[dim]test split, the same users for every row; mean over users, one held-out item each; K = 5; "
+        f"{summary.rows[0]['ties'] if summary.rows else ''}; {TIE_ORDER}. paper: top-1 "
         "per generated query (LIS: top-5 of the last item's title); fused: top-5 per query, beam-weighted rank fusion; "
         "LIS + model: the last item's title as the first query, then the generated ones (gloss eval --with-lis); "
         "transitions: the items that followed the user's 5 most recent items in the training sequences, no model "
