@@ -183,6 +183,11 @@ class Project:
     def __init__(self, root: Path | str) -> None:
         self.given = Path(root).expanduser()  # as the user spelled it, for the commands gloss suggests
         self.root = self.given.absolute()
+        if self.root.exists() and not self.root.is_dir():
+            raise GlossError(
+                f"--project {self.given} is a file, not a project folder.",
+                "Pass a folder (new or holding a gloss project), e.g. --project gloss-project.",
+            )
 
     @property
     def manifest_path(self) -> Path:
@@ -214,6 +219,12 @@ class Project:
                 "Upgrade gloss: pip install -U gloss",
             )
         while version < SCHEMA_VERSION:
+            if version not in MIGRATIONS:
+                raise GlossError(
+                    f"{self.manifest_path} has schema {version}, which no gloss version wrote (this one writes "
+                    f"{SCHEMA_VERSION}).",
+                    "Restore the manifest from a backup, or start a fresh project with --project NEW_DIR.",
+                )
             doc = MIGRATIONS[version](doc)
             version = doc["schema_version"]
         return doc

@@ -172,6 +172,8 @@ def run(
     if by == "interactions" and not 0 < cold < power:
         raise GlossError(f"Need 0 < --cold ({cold}) < --power ({power}).", "E.g. --cold 5 --power 14.")
     names = eval_runs(project, runs)
+    for name in names:  # their files as the eval stages wrote them (a deleted or edited per_user file is refused)
+        project.require(f"eval/{name}")
     split = by_ties(project, data, names, k) if by == "ties" else by_interactions(project, names, k, cold, power)
     per_user = {name: pl.read_parquet(project.path(f"eval/{name}/per_user.parquet")) for name in names}
     table = segment_table(per_user, split.labels, k, split.segments)

@@ -187,6 +187,24 @@ def _index_file_changed(_: pytest.MonkeyPatch) -> None:
     target.write_bytes(target.read_bytes() + b" ")
 
 
+def _split_deleted(_: pytest.MonkeyPatch) -> None:
+    Path("proj/data/test.parquet").unlink()
+
+
+def _eval_files_deleted(_: pytest.MonkeyPatch) -> None:
+    assert runner.invoke(app, ["eval", "--baseline", "lis", "-p", "proj", "-q"]).exit_code == 0
+    Path("proj/eval/lis-bm25-paper-test/per_user.parquet").unlink()
+
+
+def _schema_zero(_: pytest.MonkeyPatch) -> None:
+    manifest = Path("proj/manifest.json")
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"schema_version": 0}))
+
+
+def _a_file(_: pytest.MonkeyPatch) -> None:
+    Path("afile").write_text("not a project\n")
+
+
 # -- the table ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
@@ -338,6 +356,16 @@ CASES: dict[str, Case] = {
     "train --epochs 0": Case(None, ["train", "--epochs", "0", "-p", "proj"], "Invalid value for '--epochs'"),
     "train --batch-size -3": Case(None, ["train", "--batch-size", "-3", "-p", "proj"], "'--batch-size'"),
     "train config: lr nan": Case(_nan_lr, ["train", "--config", "train.toml", "-p", "proj"], "lr must be a finite"),
+    "a split deleted": Case(
+        _split_deleted, ["eval", "--baseline", "lis", "-p", "proj"], "data/test.parquet is missing"
+    ),
+    "segments after an eval's files were deleted": Case(
+        _eval_files_deleted, ["segments", "-p", "proj"], "per_user.parquet is missing since stage 'eval/"
+    ),
+    "a manifest with schema_version 0": Case(
+        _schema_zero, ["eval", "--baseline", "lis", "-p", "proj"], "has schema 0, which no gloss version wrote"
+    ),
+    "--project naming a file": Case(_a_file, ["eval", "--baseline", "lis", "-p", "afile"], "is a file, not a project"),
     "an index file changed on disk": Case(
         _index_file_changed, ["eval", "--baseline", "lis", "-p", "proj"], "changed since stage 'index/bm25'"
     ),
