@@ -59,7 +59,12 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     patience: int = 3  # epochs without a lower validation loss before stopping
-    max_steps: int = 0  # 0: no limit; optimizer steps over all epochs (a quick run)
+    max_steps: int = 0  # 0: no limit; optimizer steps over all epochs (a quick run; the schedule decays over them)
+    # A time budget (0: none): training stops at the first step that ends past it, the learning-rate schedule planned
+    # as without it. CPU speed varies several-fold between machines, so the step it stopped at is recorded
+    # (``stopped_at_step``); ``stop_at_step`` replays exactly that run on any machine.
+    max_minutes: float = 0.0
+    stop_at_step: int = 0  # 0: none; stop after this many steps, the schedule unchanged (what max_minutes recorded)
     micro_batch_tokens: int = 0  # 0: auto (CPU 1024, CUDA 32768, less for big vocabularies); memory, not results
     limit_users: int = 0  # 0: all; else the first N users of the train split and their validation rows
     seed: int = 42
@@ -106,8 +111,9 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
         values = _read_toml(path)
         _check_types(values, str(path))
     values |= {k: v for k, v in overrides.items() if v is not None}
-    if "lr" in values:
-        values["lr"] = float(values["lr"])
+    for key in ("lr", "max_minutes"):  # a TOML integer is a fine float
+        if key in values:
+            values[key] = float(values[key])
     config = TrainConfig(**values)
     for key, choices in _CHOICES.items():
         if getattr(config, key) not in choices:
@@ -115,6 +121,8 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     for key in _POSITIVE:
         if getattr(config, key) < 1:
             raise GlossError(f"{key.replace('_', '-')} must be at least 1.", "Fix the flag or the config file.")
+    if not math.isfinite(config.max_minutes) or config.max_minutes < 0 or config.stop_at_step < 0:
+        raise GlossError("max-minutes must be a finite number >= 0; stop-at-step >= 0.", "Fix the settings.")
     if (
         not math.isfinite(config.lr)
         or config.lr <= 0
@@ -215,7 +223,7 @@ class TrainResult:
     epochs: list[EpochLog]
     best_epoch: int
     best_val_loss: float | None
-    stopped: str  # "early-stopping" | "max-steps" | "epochs" | "diverged" (the best epoch before it is kept)
+    stopped: str  # "early-stopping" | "max-steps" | "epochs" | "diverged" | "time-budget" | "stop-at-step"
     steps: int
     device: str
     examples: int
@@ -234,6 +242,8 @@ class TrainResult:
             "epochs_run": len(self.epochs),
             "steps": self.steps,
             "stopped": self.stopped,
+            # the replay of a run its time budget cut: --stop-at-step N gives the same steps on any machine
+            "stopped_at_step": self.steps if self.stopped == "time-budget" else None,
             "train_tokens": tokens,
             "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
             "examples": self.examples,
@@ -278,6 +288,8 @@ class _Loop:
         self.autocast = torch_dtype(config.dtype, device) == torch.bfloat16 or config.method == "qlora"
         self.multiple = 8 if device == "cuda" else 1  # tensor-core friendly shapes
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.deadline: float | None = None  # time.monotonic() past which no new step starts (max_minutes)
+        self.cut: str | None = None  # "time-budget" | "stop-at-step" once either ended training
         decay = [p for p in self.params if p.ndim >= 2]  # no weight decay on biases and norms
         rest = [p for p in self.params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
@@ -395,6 +407,12 @@ class _Loop:
                 tick.update(description=f"{label} · loss {float(total) / max(count, 1):.4f} · {rate:,.0f} tok/s")
             if self.config.max_steps and self.step >= self.config.max_steps:
                 break
+            if self.config.stop_at_step and self.step >= self.config.stop_at_step:
+                self.cut = "stop-at-step"
+                break
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                self.cut = "time-budget"
+                break
         return (round(float(total) / count, 5) if count else math.nan), tokens
 
     def save(self) -> None:
@@ -408,6 +426,7 @@ def _fit(
     import torch
 
     config = loop.config
+    loop.deadline = time.monotonic() + 60 * config.max_minutes if config.max_minutes else None
     rng = random.Random(config.seed)
     per_epoch = math.ceil(len(train.ids) / config.batch_size)
     total = per_epoch * config.epochs
@@ -454,6 +473,9 @@ def _fit(
             loop.save()
         else:
             bad += 1
+        if loop.cut is not None:  # the time budget or --stop-at-step: this epoch, validated, is the last
+            stopped = loop.cut
+            break
         if bad >= config.patience:
             stopped = "early-stopping"
             break
@@ -482,6 +504,7 @@ def _write_meta(
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
         "stopped": result.stopped,
+        "stopped_at_step": result.steps if result.stopped == "time-budget" else None,
         "epochs": [asdict(e) for e in result.epochs],
         "config": asdict(config),
         "gloss_version": __version__,

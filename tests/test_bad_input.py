@@ -355,6 +355,8 @@ CASES: dict[str, Case] = {
     "train --lr 0": Case(None, ["train", "--lr", "0", "-p", "proj"], "Invalid value for '--lr': 0.0 is not greater"),
     "train --epochs 0": Case(None, ["train", "--epochs", "0", "-p", "proj"], "Invalid value for '--epochs'"),
     "train --batch-size -3": Case(None, ["train", "--batch-size", "-3", "-p", "proj"], "'--batch-size'"),
+    "train --max-minutes -1": Case(None, ["train", "--max-minutes", "-1", "-p", "proj"], "'--max-minutes'"),
+    "train --stop-at-step -2": Case(None, ["train", "--stop-at-step", "-2", "-p", "proj"], "'--stop-at-step'"),
     "train config: lr nan": Case(_nan_lr, ["train", "--config", "train.toml", "-p", "proj"], "lr must be a finite"),
     "a split deleted": Case(
         _split_deleted, ["eval", "--baseline", "lis", "-p", "proj"], "data/test.parquet is missing"

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -564,3 +565,24 @@ def test_old_model_names_resolve_to_the_truthful_ones(old: str, new: str) -> Non
 
     assert models.canonical_name(old) == new and new in models.REGISTRY
     assert models.canonical_name("org/model") == "org/model"
+
+
+def test_a_time_budget_stops_training_and_records_the_step_that_replays_it(project: Path, tiny_model: Path) -> None:
+    """--max-minutes cuts training after the step that crosses it (this one: the first), validates and keeps that
+    epoch, and records the step; --stop-at-step replays the same run (same schedule, same weights) anywhere."""
+    from safetensors.numpy import load_file
+
+    out = train(tiny_model, "--epochs", "3", "--max-minutes", "0.000001")
+    metrics = out["metrics"]
+    assert metrics["stopped"] == "time-budget" and metrics["steps"] == 1 and metrics["stopped_at_step"] == 1
+    assert metrics["epochs_run"] == 1 and metrics["best_epoch"] == 1 and metrics["losses"][0]["val_loss"] > 0
+    meta = json.loads(Path("proj/train/meta.json").read_text())
+    assert meta["stopped_at_step"] == 1 and meta["config"]["max_minutes"] == 0.000001
+    first = load_file("proj/train/adapter/adapter_model.safetensors")
+
+    replay = train(tiny_model, "--epochs", "3", "--stop-at-step", "1")["metrics"]
+    assert replay["stopped"] == "stop-at-step" and replay["steps"] == 1 and replay["stopped_at_step"] is None
+    again = load_file("proj/train/adapter/adapter_model.safetensors")
+    assert first.keys() == again.keys() and all(np.array_equal(first[k], again[k]) for k in first)
+    longer = train(tiny_model, "--epochs", "1", "--max-steps", "2")["metrics"]
+    assert longer["stopped"] == "max-steps" and longer["stopped_at_step"] is None

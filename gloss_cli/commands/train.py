@@ -83,6 +83,24 @@ def train(
         int | None,
         typer.Option(min=0, max=MAX_COUNT, help="Stop after this many optimizer steps (default 0: no limit)."),
     ] = None,
+    max_minutes: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1e9,
+            help="Time budget in minutes (default 0: none): training stops after the step that crosses it, the "
+            "epoch is validated and kept if best, and the step reached is recorded (stopped_at_step).",
+        ),
+    ] = None,
+    stop_at_step: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=MAX_COUNT,
+            help="Stop after this many steps, the learning-rate schedule unchanged (default 0: none): replays a "
+            "--max-minutes run exactly (its stopped_at_step), on any machine.",
+        ),
+    ] = None,
     limit_users: Annotated[
         int | None,
         typer.Option(min=0, max=MAX_COUNT, help="Use the first N train users only (default 0: all), for quick runs."),
@@ -143,6 +161,8 @@ def train(
         "lr": lr,
         "patience": patience,
         "max_steps": max_steps,
+        "max_minutes": max_minutes,
+        "stop_at_step": stop_at_step,
         "limit_users": limit_users,
         "dtype": dtype,
         "seed": seed,
