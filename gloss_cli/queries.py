@@ -187,16 +187,7 @@ def _as_queryset(source: str, rows: list[_Row], split: pl.DataFrame, n: int) -> 
 
 def load_gloss_json(path: Path, split: pl.DataFrame, titles: dict[str, str], n: int = 5) -> QuerySet:
     """GLoSS's own format: a JSON list of {reviewer_id, asin, seen_asins, generated_sequences}."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is harmless: accepted
-    except FileNotFoundError:
-        raise GlossError(f"Queries file {path} does not exist.", "Pass the path of a GLoSS JSON file.") from None
-    except IsADirectoryError:
-        raise GlossError(f"Queries file {path} is a folder.", "Pass the path of a GLoSS JSON file.") from None
-    except UnicodeDecodeError as exc:
-        raise GlossError(
-            f"{path} is not UTF-8 text ({exc.reason}).", "Pass a GLoSS queries file (a JSON list)."
-        ) from None
+    text = _read_text(path, "a GLoSS queries file (a JSON list)")
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -221,27 +212,33 @@ def load_gloss_json(path: Path, split: pl.DataFrame, titles: dict[str, str], n: 
 def read_generated(path: Path) -> list[tuple[str, GeneratedEntry]]:
     """(where, entry) for each line of a `gloss generate` queries.jsonl, each checked against its schema."""
     entries = []
-    try:
-        with path.open(encoding="utf-8-sig") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)
-                except (json.JSONDecodeError, RecursionError):
-                    raise GlossError(f"{path}, line {i}: not JSON.", "Re-run 'gloss generate': it resumes.") from None
-                where = _where(path, f"line {i}", doc, "user_id")
-                try:
-                    entries.append((where, GeneratedEntry.model_validate(doc)))
-                except ValidationError as exc:
-                    raise schema_error(exc, where, GENERATED_FIELDS) from None
-    except FileNotFoundError:
-        raise GlossError(f"Queries file {path} does not exist.", "Pass the path of a queries file.") from None
-    except UnicodeDecodeError as exc:
-        raise GlossError(
-            f"{path} is not UTF-8 text ({exc.reason}).", "Pass a 'gloss generate' queries.jsonl."
-        ) from None
+    # split on "\n" alone, as reading the file line by line does: str.splitlines also cuts at U+2028 inside a title
+    for i, line in enumerate(_read_text(path, "a 'gloss generate' queries.jsonl").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise GlossError(f"{path}, line {i}: not JSON.", "Re-run 'gloss generate': it resumes.") from None
+        where = _where(path, f"line {i}", doc, "user_id")
+        try:
+            entries.append((where, GeneratedEntry.model_validate(doc)))
+        except ValidationError as exc:
+            raise schema_error(exc, where, GENERATED_FIELDS) from None
     return entries
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A queries file's text (a byte-order mark is harmless: accepted), or one GlossError saying why not."""
+    hint = f"Pass the path of {what}."
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise GlossError(f"Queries file {path} does not exist.", hint) from None
+    except IsADirectoryError:
+        raise GlossError(f"Queries file {path} is a folder.", hint) from None
+    except UnicodeDecodeError as exc:
+        raise GlossError(f"{path} is not UTF-8 text ({exc.reason}).", hint) from None
 
 
 def load_generated(path: Path, split: pl.DataFrame, titles: dict[str, str], source: str, n: int = 5) -> QuerySet:

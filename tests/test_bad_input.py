@@ -310,6 +310,9 @@ CASES: dict[str, Case] = {
     ),
     "json: no such file": Case(None, ["eval", "--queries", "none.json", "-p", "proj"], "does not exist"),
     # gloss generate's queries.jsonl (gloss eval --queries)
+    "jsonl: a folder": Case(
+        lambda _: Path("dir.jsonl").mkdir(), ["eval", "--queries", "dir.jsonl", "-p", "proj"], "dir.jsonl is a folder"
+    ),
     "jsonl: a line not JSON": Case(
         _jsonl(lambda lines: [lines[0], "{oops", *lines[1:]]), EVAL_JSONL, "line 2: not JSON"
     ),
