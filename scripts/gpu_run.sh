@@ -7,6 +7,7 @@
 #           env GLOSS_DATA_FLAGS: extra `gloss data` flags (e.g. --train-examples all-prefixes)
 #               GLOSS_GEN_FLAGS: extra `gloss generate` flags; GLOSS_TEST_LIMIT: test users to generate for
 #               (0: none, only validation; unset: all)
+#               GLOSS_VALIDATION=0: no validation generation (a run whose reported configuration was declared before)
 #               GLOSS_EVAL: retrievers to evaluate with there (e.g. "bm25 minilm"): test and validation splits,
 #               protocols paper and fused --exclude-seen, and the LIS baseline under both (device time is
 #               scarce: scripts/evaluate_returned.sh evaluates the returned runs on a CPU instead)
@@ -87,8 +88,10 @@ after_train() {  # the steps after `gloss train`: generation (validation, test),
         lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank --split test \$flags \
           $GLOSS_RERANK -p '$runs/$name'"
     fi
+    local val_step="gen --split validation ${GLOSS_GEN_FLAGS:-}"
+    [ "${GLOSS_VALIDATION:-1}" = 0 ] && val_step=":"
     echo "$fork
-      gen --split validation ${GLOSS_GEN_FLAGS:-}
+      $val_step
       $test_step
       $rerank
       $catalog
