@@ -36,6 +36,33 @@ def _usage_error(exc: UsageError, ctx: Any = None) -> NoReturn:
     raise typer.Exit(1) from None
 
 
+# An optional library's top-level module -> (what gloss needs it for, the extra that installs it)
+OPTIONAL = {
+    "bm25s": ("BM25 retrieval", "bm25"),
+    "matplotlib": ("the segments chart", "plot"),
+    "usearch": ("dense retrieval", "dense"),
+    "sentence_transformers": ("dense retrieval", "dense"),
+    "torch": ("training and generation", "train"),
+    "transformers": ("training and generation", "train"),
+    "peft": ("LoRA training", "train"),
+    "accelerate": ("training and generation", "train"),
+    "gguf": ("the PyPI GGUF models", "train"),
+    "llama_cpp": ("the llama-cpp backend", "llama"),
+}
+
+
+def _missing_library(exc: ModuleNotFoundError) -> tuple[str, str] | None:
+    """The error and hint for an optional library that is not installed (None: not one of them)."""
+    top = (exc.name or "").split(".")[0]
+    if top not in OPTIONAL:
+        return None
+    purpose, extra = OPTIONAL[top]
+    return (
+        f"{top} is not installed; {purpose} needs it.",
+        f"pip install -c constraints.txt -e '.[{extra}]' (a checkout) or pip install 'gloss[{extra}]'.",
+    )
+
+
 class GlossGroup(TyperGroup):
     """Turns a GlossError into one error line + a hint and exit code 1 (GLOSS_DEBUG=1 keeps the traceback), and
     click's usage errors into the same form."""
@@ -56,6 +83,12 @@ class GlossGroup(TyperGroup):
             if os.environ.get("GLOSS_DEBUG"):
                 raise
             print_error(exc.message, exc.hint)
+            raise typer.Exit(1) from None
+        except ModuleNotFoundError as exc:  # an optional library the installed extras left out
+            missing = _missing_library(exc)
+            if missing is None or os.environ.get("GLOSS_DEBUG"):
+                raise
+            print_error(*missing)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP turned into project.Interrupted
             if os.environ.get("GLOSS_DEBUG"):

@@ -74,6 +74,7 @@ class EvalResult:
     rerank: dict[str, Any] | None = None  # how, candidates, num_queries (gloss eval --rerank)
     # The order of a user's same-day items, which decides targets and histories (gloss data --ties): data.tie_policy
     ties: str = "same-day ties in file order"
+    generated: int = 0  # the model's (or a file's) queries per user that the run used
 
     def describe(self) -> str:
         if self.rerank is not None:
@@ -104,7 +105,9 @@ class EvalResult:
         parts = self.source.split("+")  # [transitions+](model|file|lis)[+lis]
         lists = [f"the transitions list ({TRANSITIONS_TEXT})"] if parts[0] == "transitions" else []
         lists += ["the last item's title"] if parts[-1] == "lis" else []
-        lists += ["the generated queries"] if {"model", "file"} & set(parts) else []
+        if {"model", "file"} & set(parts):
+            n = self.generated
+            lists += [f"the first {n} generated quer{'y' if n == 1 else 'ies'}" if n else "the generated queries"]
         if len(lists) > 1:
             how = f"lists in order: {', then '.join(lists)}; " + how
         return f"protocol {self.protocol}: {how}; {tail}"
@@ -450,6 +453,7 @@ def run(
                 ci,
                 stage.dir,
                 ties=ties,
+                generated=qs.per_user - (1 if with_lis else 0) if qs.source != "lis" else 0,
             ),
             retriever_description=meta.get("resolved", index.description),
         )

@@ -70,3 +70,26 @@ def bootstrap_ci(
     )
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
+
+
+def paired_difference(
+    a: npt.ArrayLike, b: npt.ArrayLike, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
+    """A - B over the same users (per-user values in the same order): the mean difference, its paired bootstrap
+    CI (resampling users, so each resample keeps a user's two values together), and the difference relative to
+    B's mean."""
+    va, vb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if va.shape != vb.shape:
+        raise ValueError(f"paired values need the same users, got {va.shape} and {vb.shape}")
+    diff = va - vb
+    lo, hi = bootstrap_ci(diff, n_boot=n_boot, seed=seed, level=level)
+    base = float(vb.mean()) if vb.size else float("nan")
+    mean = float(diff.mean()) if diff.size else float("nan")
+    return {
+        "a": float(va.mean()),
+        "b": base,
+        "diff": mean,
+        "lo": lo,
+        "hi": hi,
+        "relative": mean / base if base else float("nan"),
+    }

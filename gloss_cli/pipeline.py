@@ -1,9 +1,9 @@
 """`gloss run`: data -> train -> index -> generate -> eval -> segments in one command, skipping what is done.
 
-The CPU default uses a subset of users and one epoch (not timed end to end yet; CPU training ran at 18-58
-tokens/s on 2 shared cores); ``full`` is the
-paper-scale experiment (every user, early stopping on validation loss), meant for a GPU. A stage is skipped when
-its record is done, not stale, and was made with the same parameters.
+The CPU default trains for a few minutes (a time budget, recorded so the run replays anywhere) and evaluates a few
+hundred test users (benchmarks/main_job.py measures it end to end); ``full`` is the paper-scale experiment (every
+user, early stopping on validation loss), meant for a GPU. A stage is skipped when its record is done, not stale,
+and was made with the same parameters.
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ from gloss_cli.project import Project
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What `gloss run` runs. The CPU default took 17 minutes on 2 idle cores (README); ``full`` is the
-    recipe that did best on validation on an H100/H200 (docs/RESULTS.md): full fine-tuning, completion loss."""
+    """What `gloss run` runs. The CPU default is sized by time, not by work (CPU speed varies several-fold between
+    machines): LoRA for ``train_minutes`` on short prompts in bf16 where the CPU has it, 2 beams for ``eval_users``
+    test users; its numbers are in benchmarks/main_job.json. ``full`` is the recipe that did best on validation on
+    an H100/H200 (docs/RESULTS.md): full fine-tuning, completion loss, every user, 5 beams."""
 
     dataset: str = "beauty"
     full: bool = False
-    train_users: int = 800  # CPU default: the first N train users (0 = all)
+    train_users: int = 2000  # the first N train users (0 = all); the time budget decides how many are seen
+    train_minutes: float = 3.0  # CPU default: a time budget for training (0: none); the schedule is fitted to it
     epochs: int = 1  # CPU default; full: 3 (validation loss kept falling to epoch 3; early stopping guards)
     eval_users: int = 200  # test users generated for and evaluated (0 = all)
     retriever: str = "bm25"
@@ -31,21 +34,67 @@ class RunPlan:
     backend: str | None = None  # None: llama.cpp on a CPU when installed, else transformers (recommend's default)
     method: str = "lora"  # full: full fine-tuning
     loss: str = "completion"  # target tokens only: better on validation than full-text in every run so far
-    lr: float = 5e-4  # CPU: one short epoch of LoRA needs a large step; full: 2e-4
+    lr: float = 1e-3  # CPU: a few hundred LoRA steps need a large step; full: 2e-4
     batch_size: int = 8  # full: 64
+    max_seq_len: int = 256  # CPU: the user's latest items only (a fifth of the tokens per example); full: 1024
+    beams: int = 2  # CPU: the declared row uses 2 queries, and 2 beams cost half of 5; full: the paper's 5
+    dtype: str | None = None  # None: bf16 on CUDA and on CPUs that have it in hardware, else fp32
 
     @classmethod
     def make(cls, *, full: bool, **overrides: Any) -> RunPlan:
         base = cls()
         if full:
-            base = cls(full=True, train_users=0, epochs=3, eval_users=0, method="full", lr=2e-4, batch_size=64)
+            base = cls(
+                full=True,
+                train_users=0,
+                train_minutes=0.0,
+                epochs=3,
+                eval_users=0,
+                method="full",
+                lr=2e-4,
+                batch_size=64,
+                max_seq_len=1024,
+                beams=5,
+            )
         return cls(**(asdict(base) | {k: v for k, v in overrides.items() if v is not None}))
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One row of `gloss run`'s table: which lists a user gets and how they are merged (gloss eval's flags)."""
+
+    key: str
+    label: str
+    baseline: str | None = None  # None: the model's queries
+    protocol: str = "fused"
+    exclude_seen: bool = True
+    with_lis: bool = False
+    with_transitions: bool = False
+    num_queries: int = 5
+
+
+# The declared row first: transitions + LIS + the model's first 2 queries, fused, history excluded, the recipe
+# docs/RESULTS.md reports (picked on validation in session 10); then what it is made of, and the paper's protocol.
+EVALS = (
+    EvalSpec("recipe", "transitions + LIS + model", with_lis=True, with_transitions=True, num_queries=2),
+    EvalSpec("no-model", "transitions + LIS (no model)", baseline="lis", with_transitions=True),
+    EvalSpec("lis", "LIS", baseline="lis"),
+    EvalSpec("transitions", "transitions (no model)", baseline="transitions"),
+    EvalSpec("model", "model alone", num_queries=5),
+    EvalSpec("model-paper", "model alone", protocol="paper", exclude_seen=False),
+    EvalSpec("lis-paper", "LIS", baseline="lis", protocol="paper", exclude_seen=False),
+)
+# Paired over the same users: what the declared row gains over LIS and over its no-model part, and the model's own
+# queries against LIS under the paper's protocol
+COMPARISONS = (("recipe", "lis"), ("recipe", "no-model"), ("model-paper", "lis-paper"))
 
 
 @dataclass
 class RunSummary:
     steps: list[tuple[str, str]] = field(default_factory=list)  # (stage, "ran" | "skipped")
     rows: list[dict[str, Any]] = field(default_factory=list)  # eval runs: name, protocol, users, metrics
+    comparisons: list[dict[str, Any]] = field(default_factory=list)  # paired differences (COMPARISONS)
+    train: dict[str, Any] = field(default_factory=dict)  # the train stage's record: steps, speed, stop, replay
     plot: Path | None = None
 
 
@@ -78,62 +127,71 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
     if step("data", file_ties and _fresh(project, "data", data_params)):
         data.run(project, info, None, command=f"gloss data --dataset {info.name}", reporter=reporter)
 
+    from gloss_cli.models import fast_dtype, pick_device
+
+    dtype = plan.dtype or fast_dtype(pick_device())
     overrides = {
         "epochs": plan.epochs,
         "limit_users": plan.train_users,
+        "max_minutes": plan.train_minutes,
         "model": plan.model,
         "method": plan.method,
         "loss": plan.loss,
         "lr": plan.lr,
         "batch_size": plan.batch_size,
+        "max_seq_len": plan.max_seq_len,
+        "dtype": dtype,
     }
     config = train.load_config(None, overrides)
     if step("train", _fresh(project, "train", asdict(config))):
+        if plan.train_minutes:
+            reporter.info(
+                f"training for {plan.train_minutes:g} minutes (a time budget: the machine's speed decides how many "
+                "examples are seen; the step reached is recorded, and gloss train --stop-at-step replays it)"
+            )
         train.run(project, config, command="gloss train " + _flags(overrides), reporter=reporter)
+    summary.train = (project.stage("train") or {}).get("metrics", {})
 
     key = index.index_key(plan.retriever)
     if step(f"index/{key}", _fresh(project, f"index/{key}", {"retriever": plan.retriever})):
         index.run(project, plan.retriever, command=f"gloss index --retriever {plan.retriever}", reporter=reporter)
 
     backend = plan.backend or generate.default_backend()
-    options = generate.GenerateOptions(backend=backend)
-    if step("generate/test", _fresh(project, "generate/test", {"limit": plan.eval_users, "backend": backend})):
+    options = generate.GenerateOptions(backend=backend, beams=plan.beams, num_return=plan.beams, dtype=dtype)
+    wanted = {"limit": plan.eval_users, "backend": backend, "beams": plan.beams, "num_return": plan.beams}
+    if step("generate/test", _fresh(project, "generate/test", wanted)):
         generate.run(
             project,
             "test",
             options,
             limit=plan.eval_users,
-            command=f"gloss generate --split test --limit {plan.eval_users} --backend {backend}",
+            command=f"gloss generate --split test --limit {plan.eval_users} --backend {backend} --beams "
+            f"{plan.beams} --num-return {plan.beams} --dtype {dtype}",
             reporter=reporter,
         )
 
-    results = []
-    # model and LIS under both protocols, then the two fused (gloss eval --with-lis); the transitions baseline
-    # (no model), then it fused before LIS + model (--with-transitions); all on the same users
-    runs: list[tuple[str | None, str, bool, bool, bool]] = [(None, "paper", False, False, False)]
-    runs += [(None, "fused", True, False, False)]
-    runs += [("lis", "paper", False, False, False), ("lis", "fused", True, False, False)]
-    runs += [(None, "fused", True, True, False), ("transitions", "fused", True, False, False)]
-    runs += [(None, "fused", True, True, True)]
-    for baseline, protocol, exclude, with_lis, with_transitions in runs:
-        results.append(
-            evaluate.run(
-                project,
-                split="test",
-                retriever=plan.retriever,
-                protocol=protocol,
-                exclude_seen=exclude,
-                baseline=baseline,
-                match_generated=True,
-                with_lis=with_lis,
-                with_transitions=with_transitions,
-                command="gloss run",
-                reporter=reporter,
-            )
+    results = {}
+    for spec in EVALS:
+        results[spec.key] = evaluate.run(
+            project,
+            split="test",
+            retriever=plan.retriever,
+            protocol=spec.protocol,
+            exclude_seen=spec.exclude_seen,
+            baseline=spec.baseline,
+            num_queries=min(spec.num_queries, plan.beams),
+            match_generated=True,
+            with_lis=spec.with_lis,
+            with_transitions=spec.with_transitions,
+            command="gloss run",
+            reporter=reporter,
         )
     summary.steps.append(("eval", f"{len(results)} runs"))
+    labels = {spec.key: spec.label for spec in EVALS}
     summary.rows = [
         {
+            "key": key,
+            "label": labels[key],
             "run": r.name,
             "source": r.source,
             "protocol": r.protocol,
@@ -143,12 +201,28 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
             "ties": r.ties,
             **r.metrics,
         }
-        for r in results
+        for key, r in results.items()
     ]
-    report = segments.run(project, runs=[r.name for r in results], command="gloss segments")
+    summary.comparisons = [_compare(results[a], results[b], a, b) for a, b in COMPARISONS]
+    report = segments.run(project, runs=[r.name for r in results.values()], command="gloss segments")
     summary.steps.append(("segments", "ran"))
     summary.plot = report.plot
     return summary
+
+
+def _compare(a: Any, b: Any, key_a: str, key_b: str) -> dict[str, Any]:
+    """Row A - row B over the same users, Recall@5 and NDCG@5, with paired bootstrap CIs."""
+    import polars as pl
+
+    from gloss_cli.metrics import paired_difference
+
+    left = pl.read_parquet(a.folder / "per_user.parquet")
+    right = pl.read_parquet(b.folder / "per_user.parquet")
+    both = left.join(right, on="user_id", suffix="_b")  # match_generated: the same users; the join makes sure
+    out: dict[str, Any] = {"a": key_a, "b": key_b, "users": both.height}
+    for metric in ("recall@5", "ndcg@5"):
+        out[metric] = paired_difference(both[metric].to_numpy(), both[f"{metric}_b"].to_numpy())
+    return out
 
 
 def _flags(values: dict[str, Any]) -> str:

@@ -157,34 +157,51 @@ def recommendations(
 def run_summary(summary: Any) -> None:
     from gloss_cli.evaluate import TIE_ORDER
 
-    table = Table(title="gloss run: model vs the LIS and transitions baselines", title_justify="left")
-    for column in ("queries", "protocol", "history", "users", "recall@5", "ndcg@5", "mrr@5"):
-        table.add_column(column, justify="right" if column in ("users", "recall@5", "ndcg@5", "mrr@5") else "left")
-    labels = {
-        "lis": "LIS",
-        "model": "model",
-        "model+lis": "LIS + model",
-        "transitions": "transitions",
-        "transitions+model+lis": "transitions + LIS + model",
-    }
-    for r in summary.rows:
+    rows = summary.rows
+    users = f"{rows[0]['users']:,} test users" if rows else "no users"
+    table = Table(
+        title=f"gloss run: the model's recipe against LIS and the no-model lists ({users})", title_justify="left"
+    )
+    for column in ("row", "lists", "protocol", "history", "recall@5", "ndcg@5", "mrr@5"):
+        table.add_column(column, justify="right" if column in ("recall@5", "ndcg@5", "mrr@5") else "left")
+    for i, r in enumerate(rows):
         table.add_row(
-            labels.get(r["source"], r["source"]),
+            r["key"],
+            f"[bold]{r['label']}[/]" if i == 0 else r["label"],
             r["protocol"],
             "excluded" if r["exclude_seen"] else "kept",
-            f"{r['users']:,}",
             f"{r['recall@5']:.4f}",
             f"{r['ndcg@5']:.4f}",
             f"{r['mrr@5']:.4f}",
         )
     out.print(table)
+    if summary.comparisons:
+        paired = Table(title="paired over the same users (bootstrap 95 % CI, 1,000 resamples)", title_justify="left")
+        for column in ("comparison", "recall@5: difference [95 % CI]", "ndcg@5: difference [95 % CI]"):
+            paired.add_column(column)
+        for c in summary.comparisons:
+            cells = []
+            for metric in ("recall@5", "ndcg@5"):
+                d = c[metric]
+                sign = "green" if d["lo"] > 0 else "red" if d["hi"] < 0 else "default"
+                cells.append(f"[{sign}]{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}][/] ({d['relative']:+.0%})")
+            paired.add_row(f"{c['a']} - {c['b']}", *cells)
+        out.print(paired)
+    train = getattr(summary, "train", None) or {}
+    if train.get("stopped") == "time-budget":
+        out.print(
+            f"[dim]training: {train['steps']:,} steps in its time budget at {train.get('tokens_per_s') or 0:,.0f} "
+            f"tokens/s (validation loss {train.get('best_val_loss')}); it replays on any machine with gloss train "
+            f"{train.get('replay')}.[/]"
+        )
     out.print(
         f"[dim]test split, the same users for every row; mean over users, one held-out item each; K = 5; "
-        f"{summary.rows[0]['ties'] if summary.rows else ''}; {TIE_ORDER}. paper: top-1 "
+        f"{rows[0]['ties'] if rows else ''}; {TIE_ORDER}. paper: top-1 "
         "per generated query (LIS: top-5 of the last item's title); fused: top-5 per query, beam-weighted rank fusion; "
         "LIS + model: the last item's title as the first query, then the generated ones (gloss eval --with-lis); "
         "transitions: the items that followed the user's 5 most recent items in the training sequences, no model "
-        "(--baseline transitions), fused first in the last row (--with-transitions). "
-        f"Per-user results: eval/<run>/ ({', '.join(r['run'] for r in summary.rows)}).[/]"
+        "(--baseline transitions), fused first (--with-transitions). The first row is the declared recipe "
+        "(docs/RESULTS.md, picked on validation); green: the CI is above 0, red: below. "
+        f"Per-user results: eval/<run>/ ({', '.join(r['run'] for r in rows)}).[/]"
     )
     out.print(f"segments plot: {summary.plot}")

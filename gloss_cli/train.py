@@ -22,7 +22,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -60,11 +60,14 @@ class TrainConfig:
     lora_dropout: float = 0.05
     patience: int = 3  # epochs without a lower validation loss before stopping
     max_steps: int = 0  # 0: no limit; optimizer steps over all epochs (a quick run; the schedule decays over them)
-    # A time budget (0: none): training stops at the first step that ends past it, the learning-rate schedule planned
-    # as without it. CPU speed varies several-fold between machines, so the step it stopped at is recorded
-    # (``stopped_at_step``); ``stop_at_step`` replays exactly that run on any machine.
+    # A time budget (0: none). After its first SCHEDULE_PROBE_STEPS steps the speed they ran at says how many steps
+    # fit, and the learning rate decays to 0 at that step (``schedule_steps``) instead of at the end of the epochs;
+    # training stops there or at the first step that ends past the budget. CPU speed varies several-fold between
+    # machines, so both are recorded (``stopped_at_step``, ``schedule_steps``), and ``stop_at_step`` with
+    # ``schedule_steps`` replays exactly that run on any machine.
     max_minutes: float = 0.0
     stop_at_step: int = 0  # 0: none; stop after this many steps, the schedule unchanged (what max_minutes recorded)
+    schedule_steps: int = 0  # 0: the decay ends with the last step; else at this step (what max_minutes planned)
     micro_batch_tokens: int = 0  # 0: auto (CPU 1024, CUDA 32768, less for big vocabularies); memory, not results
     limit_users: int = 0  # 0: all; else the first N users of the train split and their validation rows
     seed: int = 42
@@ -121,8 +124,19 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     for key in _POSITIVE:
         if getattr(config, key) < 1:
             raise GlossError(f"{key.replace('_', '-')} must be at least 1.", "Fix the flag or the config file.")
-    if not math.isfinite(config.max_minutes) or config.max_minutes < 0 or config.stop_at_step < 0:
-        raise GlossError("max-minutes must be a finite number >= 0; stop-at-step >= 0.", "Fix the settings.")
+    if (
+        not math.isfinite(config.max_minutes)
+        or config.max_minutes < 0
+        or min(config.stop_at_step, config.schedule_steps) < 0
+    ):
+        raise GlossError(
+            "max-minutes must be a finite number >= 0; stop-at-step, schedule-steps >= 0.", "Fix the settings."
+        )
+    if config.max_minutes and config.schedule_steps:
+        raise GlossError(
+            "--schedule-steps replays a --max-minutes run; the two together would plan the schedule twice.",
+            "Drop one: --max-minutes plans it from this machine's speed, --schedule-steps sets it.",
+        )
     if (
         not math.isfinite(config.lr)
         or config.lr <= 0
@@ -194,15 +208,27 @@ def _split_head(model: Any) -> tuple[Any, Any, float | None] | None:
     return decoder, head, getattr(config, "final_logit_softcapping", None)
 
 
-def _schedule(total: int, warmup_ratio: float) -> Callable[[int], float]:
-    warmup = max(1, math.ceil(total * warmup_ratio))
+class _Schedule:
+    """Linear warm-up over ``warmup_ratio`` of ``total`` steps, then linear decay to 0 at ``end`` (``total``
+    unless a time budget plans a sooner end once it has measured the speed; the warm-up stays as planned)."""
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+    def __init__(self, total: int, warmup_ratio: float, end: int = 0) -> None:
+        self.warmup = max(1, math.ceil(total * warmup_ratio))
+        self.total, self.end = total, end or total
 
-    return factor
+    @property
+    def moved(self) -> bool:
+        """The decay ends before the planned last step."""
+        return self.end < self.total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return max(0.0, (self.end - step) / max(1, self.end - self.warmup))
+
+
+_clock = time.monotonic  # the time budget's clock (a test replaces it)
+SCHEDULE_PROBE_STEPS = 4  # a time budget plans its schedule from the speed of steps 2..4 (step 1 warms caches up)
 
 
 @dataclass
@@ -231,6 +257,13 @@ class TrainResult:
     truncated: int
     folder: Path
     format: str
+    schedule_steps: int = 0  # where the learning rate reached 0 (a time budget plans it from the speed)
+
+    def replay(self) -> str | None:
+        """The flags that repeat a run its time budget cut, step for step, on any machine."""
+        if self.stopped != "time-budget":
+            return None
+        return f"--stop-at-step {self.steps} --schedule-steps {self.schedule_steps}"
 
     def metrics(self) -> dict[str, Any]:
         tokens = sum(e.tokens for e in self.epochs)
@@ -244,6 +277,8 @@ class TrainResult:
             "stopped": self.stopped,
             # the replay of a run its time budget cut: --stop-at-step N gives the same steps on any machine
             "stopped_at_step": self.steps if self.stopped == "time-budget" else None,
+            "schedule_steps": self.schedule_steps,
+            "replay": self.replay(),
             "train_tokens": tokens,
             "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
             "examples": self.examples,
@@ -289,6 +324,8 @@ class _Loop:
         self.multiple = 8 if device == "cuda" else 1  # tensor-core friendly shapes
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.deadline: float | None = None  # time.monotonic() past which no new step starts (max_minutes)
+        self.schedule: _Schedule | None = None  # its end moves once, when a time budget has measured the speed
+        self.probe_start: float | None = None  # when step 2 began (the budget's speed probe)
         self.cut: str | None = None  # "time-budget" | "stop-at-step" once either ended training
         decay = [p for p in self.params if p.ndim >= 2]  # no weight decay on biases and norms
         rest = [p for p in self.params if p.ndim < 2]
@@ -401,6 +438,7 @@ class _Loop:
             scheduler.step()
             total += loss_sum
             count, tokens, self.step = count + counted, tokens + seen, self.step + 1
+            self._plan_budget()
             tick.advance()
             if n % LOG_EVERY == 0 or n == len(batches):
                 rate = tokens / max(time.perf_counter() - t0, 1e-9)
@@ -410,10 +448,27 @@ class _Loop:
             if self.config.stop_at_step and self.step >= self.config.stop_at_step:
                 self.cut = "stop-at-step"
                 break
-            if self.deadline is not None and time.monotonic() >= self.deadline:
+            if self.deadline is not None and (
+                _clock() >= self.deadline
+                or (self.schedule is not None and self.schedule.moved and self.step >= self.schedule.end)
+            ):
                 self.cut = "time-budget"
                 break
         return (round(float(total) / count, 5) if count else math.nan), tokens
+
+    def _plan_budget(self) -> None:
+        """Under a time budget: the steps that fit, from the speed of steps 2..SCHEDULE_PROBE_STEPS, become the
+        schedule's end (so the learning rate has decayed when the budget ends; a fixed number of steps would be
+        minutes on one machine and an hour on another)."""
+        if self.deadline is None or self.schedule is None or self.step > SCHEDULE_PROBE_STEPS:
+            return
+        now = _clock()
+        if self.step == 1:
+            self.probe_start = now
+        elif self.step == SCHEDULE_PROBE_STEPS and self.probe_start is not None:
+            per_step = (now - self.probe_start) / (SCHEDULE_PROBE_STEPS - 1)
+            fits = self.step + int(max(0.0, self.deadline - now) / max(per_step, 1e-9))
+            self.schedule.end = max(self.step + 1, min(self.schedule.end, fits))
 
     def save(self) -> None:
         target = self.out / ("model" if self.config.method == "full" else "adapter")
@@ -426,12 +481,13 @@ def _fit(
     import torch
 
     config = loop.config
-    loop.deadline = time.monotonic() + 60 * config.max_minutes if config.max_minutes else None
+    loop.deadline = _clock() + 60 * config.max_minutes if config.max_minutes else None
     rng = random.Random(config.seed)
     per_epoch = math.ceil(len(train.ids) / config.batch_size)
     total = per_epoch * config.epochs
     total = min(total, config.max_steps) if config.max_steps else total
-    scheduler = torch.optim.lr_scheduler.LambdaLR(loop.optimizer, _schedule(total, config.warmup_ratio))
+    loop.schedule = _Schedule(total, config.warmup_ratio, min(config.schedule_steps, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(loop.optimizer, loop.schedule)
     logs: list[EpochLog] = []
     best_epoch, best, bad, stopped = 0, math.inf, 0, "epochs"
     for epoch in range(1, config.epochs + 1):
@@ -505,6 +561,8 @@ def _write_meta(
         "best_val_loss": result.best_val_loss,
         "stopped": result.stopped,
         "stopped_at_step": result.steps if result.stopped == "time-budget" else None,
+        "schedule_steps": result.schedule_steps,
+        "replay": result.replay(),
         "epochs": [asdict(e) for e in result.epochs],
         "config": asdict(config),
         "gloss_version": __version__,
@@ -539,8 +597,24 @@ def _train_into(project: Project, config: TrainConfig, ref: ModelRef, out: Path,
     tokenizer.save_pretrained(out / "tokenizer")
     examples, truncated = (len(train.ids), len(val.ids)), train.truncated + val.truncated
     form = "full" if config.method == "full" else "peft-lora"
+    if stopped == "time-budget":
+        reporter.info(
+            f"time budget: stopped at step {loop.step}, the learning rate planned to reach 0 at step "
+            f"{loop.schedule.end if loop.schedule else loop.step} (repeat it on any machine: gloss train ... "
+            f"--stop-at-step {loop.step} --schedule-steps {loop.schedule.end if loop.schedule else loop.step})"
+        )
     return TrainResult(
-        logs, best_epoch, best, stopped, loop.step, device, *examples, truncated, out.parent / "train", form
+        logs,
+        best_epoch,
+        best,
+        stopped,
+        loop.step,
+        device,
+        *examples,
+        truncated,
+        out.parent / "train",
+        form,
+        loop.schedule.end if loop.schedule else loop.step,
     )
 
 

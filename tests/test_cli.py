@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from gloss_cli import __version__
@@ -53,3 +54,33 @@ def test_completion_answers_with_dataset_names(tmp_path: Path) -> None:
 
     result = subprocess.run([sys.executable, "-m", "gloss_cli"], capture_output=True, text=True, env=os.environ | env)
     assert result.stdout.split() == ["sports"]
+
+
+def test_a_library_an_extra_left_out_is_one_line_naming_the_extra(
+    synthetic: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pip install -e '.[run]'` (the README's main command) leaves out the dense encoders and llama.cpp: a command
+    that needs one says which extra installs it, exit code 1, no traceback, nothing written."""
+    assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "p", "-q"]).exit_code == 0
+    monkeypatch.setitem(sys.modules, "bm25s", None)  # import bm25s now raises ModuleNotFoundError
+    result = runner.invoke(app, ["index", "--retriever", "bm25", "-p", "p"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    error, hint = result.stderr.strip().splitlines()[-2:]
+    assert error == "error: bm25s is not installed; BM25 retrieval needs it."
+    assert hint.startswith("hint: pip install") and "'.[bm25]'" in hint
+    assert not [f for f in Path("p").rglob("*") if f.is_file() and "index" in f.parts]  # nothing half-written
+    assert "index/bm25" not in (Path("p/manifest.json").read_text())
+    monkeypatch.setenv("GLOSS_DEBUG", "1")  # the traceback on request
+    with pytest.raises(ModuleNotFoundError):
+        runner.invoke(app, ["index", "--retriever", "bm25", "-p", "p"], catch_exceptions=False)
+
+
+def test_the_run_extra_is_what_the_main_job_imports() -> None:
+    """The README's main command installs '.[run]': train + bm25 + plot, and none of the dense or llama extras."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["run"] == ["gloss[train,bm25,plot]"]
+    readme = (REPO / "README.md").read_text()
+    main = readme.split("<!-- main-command -->")[1].split("<!-- /main-command -->")[0]
+    assert "-e '.[run]'" in main and "llama" not in main

@@ -578,11 +578,47 @@ def test_a_time_budget_stops_training_and_records_the_step_that_replays_it(proje
     assert metrics["epochs_run"] == 1 and metrics["best_epoch"] == 1 and metrics["losses"][0]["val_loss"] > 0
     meta = json.loads(Path("proj/train/meta.json").read_text())
     assert meta["stopped_at_step"] == 1 and meta["config"]["max_minutes"] == 0.000001
+    # the budget ended before the speed probe: the schedule kept its planned end (3 epochs' steps)
+    assert meta["replay"] == f"--stop-at-step 1 --schedule-steps {meta['schedule_steps']}"
+    assert meta["schedule_steps"] == 3 * -(-metrics["examples"] // 8)
     first = load_file("proj/train/adapter/adapter_model.safetensors")
 
-    replay = train(tiny_model, "--epochs", "3", "--stop-at-step", "1")["metrics"]
+    replay = train(tiny_model, "--epochs", "3", *meta["replay"].split())["metrics"]
     assert replay["stopped"] == "stop-at-step" and replay["steps"] == 1 and replay["stopped_at_step"] is None
     again = load_file("proj/train/adapter/adapter_model.safetensors")
     assert first.keys() == again.keys() and all(np.array_equal(first[k], again[k]) for k in first)
     longer = train(tiny_model, "--epochs", "1", "--max-steps", "2")["metrics"]
     assert longer["stopped"] == "max-steps" and longer["stopped_at_step"] is None
+
+
+def test_a_time_budget_plans_the_decay_from_the_speed_and_the_replay_repeats_it(
+    project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A budget that outlasts the speed probe moves the schedule's end to the steps that fit (here: far more than
+    the epochs have, so the end stays the last step); a budget that fits fewer ends the decay there, and the run
+    stops at that step with the learning rate at 0. The recorded flags replay it exactly."""
+    from safetensors.numpy import load_file
+
+    from gloss_cli import train as train_module
+
+    schedule = train_module._Schedule(100, 0.03)
+    assert schedule.warmup == 3 and schedule(2) == 1.0 and schedule(100) == 0.0
+    schedule.end = 50
+    assert schedule(50) == 0.0 and schedule(26) == pytest.approx(24 / 47)
+
+    roomy = train(tiny_model, "--epochs", "2", "--max-minutes", "30")["metrics"]
+    assert roomy["stopped"] == "epochs" and roomy["schedule_steps"] == roomy["steps"] and roomy["replay"] is None
+
+    # a clock that ticks 1 s at each reading: the budget (30 s) begins at 0; step k reads it at 2k - 1 (the probe)
+    # and 2k (the deadline), so steps 2..4 took 2 s each and 4 + (30 - 7) // 2 = 15 steps fit
+    ticks = iter(range(10_000))
+    with monkeypatch.context() as patched:
+        patched.setattr(train_module, "_clock", lambda: float(next(ticks)))
+        cut = train(tiny_model, "--epochs", "20", "--max-minutes", "0.5", "--batch-size", "2")["metrics"]
+    assert cut["stopped"] == "time-budget" and cut["schedule_steps"] == 15 and cut["steps"] == 15
+    assert cut["replay"] == "--stop-at-step 15 --schedule-steps 15"
+    first = load_file("proj/train/adapter/adapter_model.safetensors")
+    again = train(tiny_model, "--epochs", "20", "--batch-size", "2", *cut["replay"].split())["metrics"]
+    assert again["steps"] == cut["steps"] and again["losses"][0]["train_loss"] == cut["losses"][0]["train_loss"]
+    second = load_file("proj/train/adapter/adapter_model.safetensors")
+    assert all(np.array_equal(first[k], second[k]) for k in first)

@@ -88,8 +88,9 @@ def train(
         typer.Option(
             min=0.0,
             max=1e9,
-            help="Time budget in minutes (default 0: none): training stops after the step that crosses it, the "
-            "epoch is validated and kept if best, and the step reached is recorded (stopped_at_step).",
+            help="Time budget in minutes (default 0: none): the speed of the first steps plans the learning-rate "
+            "decay to end inside it; training stops there (or after the step that crosses it), the epoch is "
+            "validated and kept if best, and both steps are recorded (stopped_at_step, schedule_steps).",
         ),
     ] = None,
     stop_at_step: Annotated[
@@ -97,8 +98,17 @@ def train(
         typer.Option(
             min=0,
             max=MAX_COUNT,
-            help="Stop after this many steps, the learning-rate schedule unchanged (default 0: none): replays a "
-            "--max-minutes run exactly (its stopped_at_step), on any machine.",
+            help="Stop after this many steps, the learning-rate schedule unchanged (default 0: none): with "
+            "--schedule-steps, replays a --max-minutes run exactly (its stopped_at_step), on any machine.",
+        ),
+    ] = None,
+    schedule_steps: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=MAX_COUNT,
+            help="The step where the learning rate reaches 0 (default 0: the last step). A --max-minutes run plans "
+            "it from its speed and records it (schedule_steps in train/meta.json).",
         ),
     ] = None,
     limit_users: Annotated[
@@ -163,6 +173,7 @@ def train(
         "max_steps": max_steps,
         "max_minutes": max_minutes,
         "stop_at_step": stop_at_step,
+        "schedule_steps": schedule_steps,
         "limit_users": limit_users,
         "dtype": dtype,
         "seed": seed,
