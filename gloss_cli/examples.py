@@ -84,9 +84,15 @@ def micro_batches(lengths: Sequence[int], batch: list[int], budget: int) -> list
     return parts
 
 
+# CPU: 512 padded tokens per micro-batch. With 1024, `gloss train`'s peak RSS on Beauty (SmolLM2, LoRA, bf16,
+# 256-token examples) was 4.4 GB after 12 steps; with 512 and CPU_PAD_MULTIPLE it is 2.4 GB at 0.92x the tokens/s
+# (benchmarks/train_memory.py; the numbers in benchmarks/README.md, "Peak memory of CPU training").
+CPU_MICRO_BATCH_TOKENS = 512
+
+
 def auto_micro_batch_tokens(device: str, vocab_size: int) -> int:
     # Logits take rows x vocab floats per token: scale down for vocabularies above SmolLM2's 49k (Gemma: 262k).
-    base = 32768 if device == "cuda" else 1024
+    base = 32768 if device == "cuda" else CPU_MICRO_BATCH_TOKENS
     return max(256, int(base * min(1.0, 50_000 / vocab_size)))
 
 

@@ -166,7 +166,7 @@ def test_run_chains_every_stage_then_skips_them(synthetic: Path, tiny: Path, mon
     assert "then the first 2 generated queries;" in recipe, recipe
     # the CPU plan: a time budget, short prompts, 2 beams; the paired comparisons over the same 6 users
     trained = json.loads(Path("p/manifest.json").read_text())["stages"]["train"]["params"]
-    assert trained["max_minutes"] == 3.0 and trained["max_seq_len"] == 1024 and trained["lr"] == 1e-3
+    assert trained["max_minutes"] == 3.0 and trained["max_seq_len"] == 1024 and trained["lr"] == 2e-3
     generated = json.loads(Path("p/manifest.json").read_text())["stages"]["generate/test"]["params"]
     assert (generated["beams"], generated["num_return"]) == (2, 2)
     pairs = [(c["a"], c["b"], c["users"]) for c in doc["comparisons"]]
