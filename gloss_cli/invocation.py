@@ -22,6 +22,21 @@ def _click_context() -> Any:
     return None
 
 
+def given() -> set[str]:
+    """The running command's parameters given on the command line or through an environment variable (not left at
+    their defaults), by parameter name; empty outside a command."""
+    ctx = _click_context()
+    if ctx is None:
+        return set()
+    return {
+        p.name
+        for p in ctx.command.params
+        if p.name
+        and (source := ctx.get_parameter_source(p.name)) is not None
+        and source.name in ("COMMANDLINE", "ENVIRONMENT")
+    }
+
+
 def invocation() -> tuple[str, str] | None:
     """The running gloss command's name and its command line, rebuilt from the click context (None outside one).
 

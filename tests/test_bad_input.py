@@ -387,6 +387,37 @@ CASES: dict[str, Case] = {
         None, ["recommend", "--user", "U001", "-k", "5000", "-p", "proj"], "is more than the catalog's"
     ),
     "segments -k 0": Case(None, ["segments", "-k", "0", "-p", "proj"], "Invalid value for '--k' / '-k'"),
+    # a flag the run would not read (issue 20): refused, never ignored
+    "eval --baseline lis with a queries file": Case(
+        None,
+        ["eval", "--baseline", "lis", "--queries", "/nonexistent.json", "-p", "proj"],
+        "--queries does not apply to --baseline lis alone",
+    ),
+    "eval --baseline lis --num-queries": Case(
+        None, ["eval", "--baseline", "lis", "--num-queries", "3", "-p", "proj"], "--num-queries does not apply to"
+    ),
+    "eval --baseline transitions --protocol": Case(
+        None,
+        ["eval", "--baseline", "transitions", "--protocol", "paper", "--retriever", "e5", "-p", "proj"],
+        "--retriever does not apply to --baseline transitions",
+    ),
+    "eval --baseline transitions --protocol alone": Case(
+        None, ["eval", "--baseline", "transitions", "--protocol", "fused", "-p", "proj"], "--protocol does not apply"
+    ),
+    "eval --rerank --num-queries": Case(
+        None,
+        ["eval", "--rerank", "fused", "--num-queries", "2", "-p", "proj"],
+        "--num-queries does not apply to --rerank",
+    ),
+    "eval --rerank --exclude-seen": Case(
+        None, ["eval", "--rerank", "lm", "--exclude-seen", "-p", "proj"], "--exclude-seen does not apply to --rerank"
+    ),
+    "eval --rerank --with-lis": Case(
+        None, ["eval", "--rerank", "lm", "--with-lis", "-p", "proj"], "--with-lis does not apply to --rerank"
+    ),
+    "eval --match-generated without a baseline": Case(
+        None, ["eval", "--match-generated", "-p", "proj"], "--match-generated applies to a baseline"
+    ),
     # click's usage errors, in gloss's form
     "unknown option": Case(None, ["eval", "--frobnicate", "-p", "proj"], "No such option: --frobnicate"),
     "unknown command": Case(None, ["frobnicate", "-p", "proj"], "No such command 'frobnicate'"),

@@ -19,6 +19,46 @@ from gloss_cli.options import (
     RetrieverOpt,
 )
 
+# What each kind of run reads. A flag it does not read is refused with one line, never ignored: `gloss eval
+# --baseline transitions --protocol paper --retriever e5` used to run and drop both.
+_NOT_READ = {
+    "transitions": (
+        "--baseline transitions",
+        "its list is ranked by summed votes, with no query, retriever or protocol",
+        ("retriever", "encoder", "protocol", "num_queries", "with_lis"),
+    ),
+    "lis": ("--baseline lis", "its one query is the last item's title", ("num_queries", "with_lis")),
+    "rerank": (
+        "--rerank",
+        "the pools were made by 'gloss rerank' (history excluded; its --num-queries and --candidates)",
+        ("protocol", "exclude_seen", "num_queries", "with_lis", "baseline", "queries", "match_generated", "encoder"),
+    ),
+}
+
+
+def _refuse_flags_that_do_not_apply(baseline: str | None, rerank: str | None) -> None:
+    from gloss_cli.errors import GlossError
+    from gloss_cli.invocation import given
+
+    flags = given()
+    kind = "rerank" if rerank else baseline
+    if kind in _NOT_READ:
+        what, why, unread = _NOT_READ[kind]
+        for name in unread:
+            if name in flags:
+                flag = "--" + name.replace("_", "-")
+                raise GlossError(f"{flag} does not apply to {what}: {why}.", f"Drop {flag}.")
+    if not rerank and baseline and "queries" in flags and "match_generated" not in flags:
+        raise GlossError(
+            f"--queries does not apply to --baseline {baseline} alone: a baseline reads no queries.",
+            "Add --match-generated to score the baseline on the file's users, or drop --queries.",
+        )
+    if not rerank and not baseline and "match_generated" in flags:
+        raise GlossError(
+            "--match-generated applies to a baseline: the model's queries already cover the generated users.",
+            "Drop --match-generated, or add --baseline lis or --baseline transitions.",
+        )
+
 
 def evaluate(
     retriever: RetrieverOpt = "bm25",
@@ -118,6 +158,7 @@ def evaluate(
     from gloss_cli.evaluate import run
     from gloss_cli.project import Project
 
+    _refuse_flags_that_do_not_apply(baseline, rerank)
     reporter = RichReporter(quiet)
     proj = Project(project)
     if not rerank:  # the cut-off within the catalog, the retrieval within the free memory, before any work

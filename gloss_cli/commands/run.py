@@ -48,7 +48,7 @@ def run(
     ] = None,
     eval_users: Annotated[
         int | None,
-        typer.Option(min=1, max=MAX_COUNT, help="Test users to generate for and evaluate (default 200; --full: all)."),
+        typer.Option(min=1, max=MAX_COUNT, help="Test users to generate for and evaluate (default 300; --full: all)."),
     ] = None,
     max_seq_len: Annotated[
         int | None,
@@ -75,7 +75,7 @@ def run(
     """Run the whole pipeline: data, train, index, generate, eval (model vs LIS), segments; done stages are skipped.
 
     CPU default: LoRA with the completion loss for 3 minutes (a time budget) on short prompts, then 2 beams for
-    200 test users; the table leads with the declared recipe (transitions + LIS + the model's 2 queries) and
+    300 test users; the table leads with the declared recipe (transitions + LIS + the model's 2 queries) and
     prints paired CIs against LIS and against the same lists without the model (benchmarks/main_job.json: the
     whole README command, install included, and its rows on a 2-core machine).
 
