@@ -112,7 +112,9 @@ def test_gloss_run_records_itself_for_each_stage(
     """`gloss run` redoes whichever of its stages is not done, so its line is each stage's invocation."""
     _, source, tiny = base
     monkeypatch.setenv("GLOSS_DATA_DIR", str(source.parent))
-    args = ["run", "--limit-users", "10", "--eval-users", "4", "--model", str(tiny), "--backend", "hf"]
+    # options in their declared order, as the recorded line has them
+    args = ["run", "--limit-users", "10", "--eval-users", "4", "--max-seq-len", "1024", "--model", str(tiny)]
+    args += ["--backend", "hf"]
     _ok([*args, "-p", "a", "-q", "--json"])
     first = Project("a").manifest()["stages"]
     assert {record["invocation"] for record in first.values()} == {shlex.join(["gloss", *args])}
