@@ -133,8 +133,10 @@ def test_gloss_jsonl_queries_file_and_lis_on_its_users(synthetic: Path, tmp_path
     assert fused["run"] == f"file+lis-bm25-fused-test-7u-{digest}" and fused["source"] == "file+lis"
     params = json.loads(Path(fused["folder"], "metrics.json").read_text())
     assert params["queries_per_user"] == 3 and params["with_lis"]
-    assert "lists in order: the last item's title, then the generated queries" in fused["protocol_description"]
-    _assert_refused([*args[:-2], "--with-lis", "--baseline", "lis"], "--with-lis adds the LIS query", project)
+    assert "lists in order: the last item's title, then the first 2 generated queries" in fused["protocol_description"]
+    _assert_refused(
+        [*args[:-2], "--with-lis", "--baseline", "lis"], "--with-lis does not apply to --baseline lis", project
+    )
     (tmp_path / "broken.jsonl").write_text('{"no_user_id": 1}\n')
     broken = ["eval", "--queries", str(tmp_path / "broken.jsonl"), "--baseline", "lis", "--match-generated", "-p", "p"]
     _assert_refused(broken, "Cannot read the users of", project)

@@ -166,7 +166,7 @@ def test_rerank_bad_input_says_what_to_do(synthetic: Path, tiny: Path) -> None: 
     assert bad.exit_code == 1 and "Unknown rerank order 'best'" in bad.output
     for flags in (["--encoder", "mpnet"], ["--baseline", "lis"], ["--protocol", "fused"]):
         bad = runner.invoke(app, ["eval", "--split", "test", "--rerank", "lm", *flags, "-p", "proj"])
-        assert bad.exit_code == 1 and "--rerank orders the pools 'gloss rerank' made" in bad.output
+        assert bad.exit_code == 1 and "does not apply to --rerank: the pools were made by 'gloss rerank'" in bad.output
     bad = runner.invoke(app, ["eval", "--split", "test", "--rerank", "lm", "--retriever", "minilm", "-p", "proj"])
     assert bad.exit_code == 1 and "gloss rerank --split test --retriever minilm" in bad.output
     assert not Path("proj/eval").exists()

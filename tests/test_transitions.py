@@ -195,8 +195,9 @@ def test_the_lead_list_is_fused_as_the_first_query() -> None:
     ("extra", "message"),
     [
         (["--with-transitions"], "--with-transitions fuses the transitions list"),  # the paper protocol
-        (["--with-transitions", "--protocol", "fused", "--baseline", "transitions"], "--with-transitions fuses"),
-        (["--baseline", "transitions", "--with-lis"], "--with-lis adds the LIS query"),
+        (["--with-transitions", "--baseline", "transitions"], "--with-transitions fuses"),
+        (["--baseline", "transitions", "--with-lis"], "--with-lis does not apply to --baseline transitions"),
+        (["--baseline", "transitions", "--protocol", "fused"], "--protocol does not apply to --baseline transitions"),
         (["--baseline", "popular"], "Unknown baseline 'popular'"),
         (["--rerank", "fused", "--with-transitions"], "Stage 'rerank/test-transitions' has not run"),
     ],
