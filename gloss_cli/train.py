@@ -441,7 +441,8 @@ class _Loop:
             scheduler.step()
             total += loss_sum
             count, tokens, self.step = count + counted, tokens + seen, self.step + 1
-            self._plan_budget()
+            if self._plan_budget():  # the progress shows the steps the budget fits, not the epoch's
+                tick.update(total=n + max(0, self.schedule.end - self.step) if self.schedule else n)
             tick.advance()
             if n % LOG_EVERY == 0 or n == len(batches):
                 rate = tokens / max(time.perf_counter() - t0, 1e-9)
@@ -459,12 +460,12 @@ class _Loop:
                 break
         return (round(float(total) / count, 5) if count else math.nan), tokens
 
-    def _plan_budget(self) -> None:
+    def _plan_budget(self) -> bool:
         """Under a time budget: the steps that fit, from the speed of steps 2..SCHEDULE_PROBE_STEPS, become the
         schedule's end (so the learning rate has decayed when the budget ends; a fixed number of steps would be
         minutes on one machine and an hour on another)."""
         if self.deadline is None or self.schedule is None or self.step > SCHEDULE_PROBE_STEPS:
-            return
+            return False
         now = _clock()
         if self.step == 1:
             self.probe_start = now
@@ -472,6 +473,8 @@ class _Loop:
             per_step = (now - self.probe_start) / (SCHEDULE_PROBE_STEPS - 1)
             fits = self.step + int(max(0.0, self.deadline - now) / max(per_step, 1e-9))
             self.schedule.end = max(self.step + 1, min(self.schedule.end, fits))
+            return self.schedule.moved
+        return False
 
     def save(self) -> None:
         target = self.out / ("model" if self.config.method == "full" else "adapter")
