@@ -48,6 +48,7 @@ OPTIONAL = {
     "accelerate": ("training and generation", "train"),
     "gguf": ("the PyPI GGUF models", "train"),
     "llama_cpp": ("the llama-cpp backend", "llama"),
+    "bitsandbytes": ("QLoRA (--method qlora)", "qlora"),
 }
 
 

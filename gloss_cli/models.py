@@ -362,7 +362,10 @@ def load_tokenizer(location: str, *, trust_remote_code: bool = False) -> Any:
 def quantization_4bit() -> Any:
     """QLoRA's storage: 4-bit NF4 with double quantisation, bf16 compute."""
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise GlossError("--method qlora needs bitsandbytes, which is not installed.", "pip install bitsandbytes")
+        raise GlossError(
+            "--method qlora needs bitsandbytes, which is not installed.",
+            "pip install -c constraints.txt -e '.[qlora]' (a checkout) or pip install 'gloss[qlora]' (bitsandbytes).",
+        )
     import torch
     from transformers import BitsAndBytesConfig
 

@@ -73,6 +73,9 @@ class TrainConfig:
     seed: int = 42
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     trust_remote_code: bool = False  # let a hub model run its own Python code
+    # Recompute each layer's activations in the backward pass instead of keeping them (the paper's Unsloth runs):
+    # less memory for more compute; the loss and the gradients are the same
+    gradient_checkpointing: bool = False
 
 
 _POSITIVE = ("max_seq_len", "epochs", "batch_size", "lora_r", "lora_alpha", "patience")
@@ -175,18 +178,27 @@ def _prepare_model(config: TrainConfig, location: str, device: str) -> Any:
     trust = config.trust_remote_code
     if config.method == "full":
         # fp32 master weights (AdamW on bf16 weights loses small updates); bf16 compute comes from autocast
-        return load_causal_lm(location, dtype=torch.float32, device=device, trust_remote_code=trust)
+        full = load_causal_lm(location, dtype=torch.float32, device=device, trust_remote_code=trust)
+        if config.gradient_checkpointing:
+            _checkpoint_activations(full)
+        return full
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.method == "qlora":
         model = load_causal_lm(
             location, dtype=torch.bfloat16, device=device, trust_remote_code=trust, quantization=quantization_4bit()
         )
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     else:
         model = load_causal_lm(
             location, dtype=torch_dtype(config.dtype, device), device=device, trust_remote_code=trust
         )
+        if config.gradient_checkpointing:
+            _checkpoint_activations(model)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -195,6 +207,16 @@ def _prepare_model(config: TrainConfig, location: str, device: str) -> Any:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)  # adapters stay fp32 (autocast_adapter_dtype) over a bf16 base
+
+
+def _checkpoint_activations(model: Any) -> None:
+    """Activation (gradient) checkpointing, non-reentrant (frozen embeddings need no input gradients then).
+    transformers 5.x renamed the method; peft's QLoRA preparation still calls the old one."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - transformers 4.x
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _split_head(model: Any) -> tuple[Any, Any, float | None] | None:

@@ -372,7 +372,7 @@ def test_qlora_without_bitsandbytes(project: Path, tiny_model: Path, monkeypatch
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
     )
-    _one_error(invoke("train", "--model", str(tiny_model), "--method", "qlora"), "pip install bitsandbytes")
+    _one_error(invoke("train", "--model", str(tiny_model), "--method", "qlora"), "'.[qlora]'")
 
 
 def test_bad_settings(project: Path, tiny_model: Path) -> None:
