@@ -85,7 +85,7 @@ def micro_batches(lengths: Sequence[int], batch: list[int], budget: int) -> list
 
 
 # CPU: 512 padded tokens per micro-batch. With 1024, `gloss train`'s peak RSS on Beauty (SmolLM2, LoRA, bf16,
-# 256-token examples) was 4.4 GB after 12 steps; with 512 and CPU_PAD_MULTIPLE it is 2.4 GB at 0.92x the tokens/s
+# 256-token examples) was 4.35 GiB after 12 steps; with 512 and CPU_PAD_MULTIPLE it is 2.30 GiB at 0.93x the tokens/s
 # (benchmarks/train_memory.py; the numbers in benchmarks/README.md, "Peak memory of CPU training").
 CPU_MICRO_BATCH_TOKENS = 512
 

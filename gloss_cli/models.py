@@ -320,8 +320,9 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
 
 
 def cpu_native_bf16() -> bool:
-    """This CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). There bf16 trains 1.3x faster than fp32 with
-    less memory (benchmarks/README.md); elsewhere torch emulates bf16 and it is slower than fp32."""
+    """This CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). There bf16 trains faster than fp32 with less
+    memory (SmolLM2 LoRA on a 2-core AMX Xeon, 2026-12-05: 290 against 220 tokens/s, peak RSS 4.6 against 5.7 GB);
+    elsewhere torch emulates bf16, which is slower than fp32."""
     import torch
 
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
