@@ -22,19 +22,21 @@ def _click_context() -> Any:
     return None
 
 
-def given() -> set[str]:
-    """The running command's parameters given on the command line or through an environment variable (not left at
-    their defaults), by parameter name; empty outside a command."""
-    ctx = _click_context()
-    if ctx is None:
-        return set()
-    return {
-        p.name
+def _given_params(ctx: Any) -> list[Any]:
+    """The command's parameters given on the command line or through an environment variable (not defaults)."""
+    return [
+        p
         for p in ctx.command.params
         if p.name
         and (source := ctx.get_parameter_source(p.name)) is not None
         and source.name in ("COMMANDLINE", "ENVIRONMENT")
-    }
+    ]
+
+
+def given() -> set[str]:
+    """The running command's given parameters by name (see _given_params); empty outside a command."""
+    ctx = _click_context()
+    return set() if ctx is None else {p.name for p in _given_params(ctx)}
 
 
 def invocation() -> tuple[str, str] | None:
@@ -47,9 +49,8 @@ def invocation() -> tuple[str, str] | None:
     if ctx is None or not ctx.info_name:
         return None
     words = ["gloss", ctx.info_name]
-    for param in ctx.command.params:
-        source = ctx.get_parameter_source(param.name) if param.name else None
-        if param.name not in _NOT_RECORDED and source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+    for param in _given_params(ctx):
+        if param.name not in _NOT_RECORDED:
             words += _option_words(param, ctx.params[param.name])
     return ctx.info_name, shlex.join(words)
 

@@ -463,8 +463,8 @@ class _Loop:
             scheduler.step()
             total += loss_sum
             count, tokens, self.step = count + counted, tokens + seen, self.step + 1
-            if self._plan_budget():  # the progress shows the steps the budget fits, not the epoch's
-                tick.update(total=n + max(0, self.schedule.end - self.step) if self.schedule else n)
+            if self._plan_budget() and self.schedule:  # the progress shows the steps the budget fits
+                tick.update(total=n + max(0, self.schedule.end - self.step))
             tick.advance()
             if n % LOG_EVERY == 0 or n == len(batches):
                 rate = tokens / max(time.perf_counter() - t0, 1e-9)

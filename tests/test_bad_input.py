@@ -387,6 +387,11 @@ CASES: dict[str, Case] = {
         None, ["recommend", "--user", "U001", "-k", "5000", "-p", "proj"], "is more than the catalog's"
     ),
     "segments -k 0": Case(None, ["segments", "-k", "0", "-p", "proj"], "Invalid value for '--k' / '-k'"),
+    "train --max-minutes with --schedule-steps": Case(
+        None,
+        ["train", "--max-minutes", "1", "--schedule-steps", "5", "-p", "proj"],
+        "--schedule-steps replays a --max-minutes run",
+    ),
     # a flag the run would not read (issue 20): refused, never ignored
     "eval --baseline lis with a queries file": Case(
         None,
