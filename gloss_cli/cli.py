@@ -132,8 +132,10 @@ def _main(
 from gloss_cli.commands import (  # noqa: E402
     data,
     evaluate,
+    experiment,
     generate,
     index,
+    recipes,
     recommend,
     rerank,
     run,
@@ -152,6 +154,8 @@ app.command()(segments.segments)
 app.command()(recommend.recommend)
 app.command()(run.run)
 app.command()(status.status)
+app.command()(recipes.recipes)
+app.add_typer(experiment.app, name="experiment")
 
 
 def main() -> None:

@@ -1,22 +1,8 @@
-"""`gloss eval`: retrieve with generated (or LIS) queries, rank, and score against the held-out item.
+"""`gloss eval`: rank each user's recommendations with a recipe (``gloss_cli.recipe``) and score them against the
+held-out item: Recall@K, NDCG@K, MRR@K with bootstrap CIs over users.
 
-Protocols:
-
-* ``paper`` (GLoSS exactly): each generated query keeps its top-1 item; items found by several queries collapse
-  into one with the highest score; the list is sorted by retrieval score, so it may hold fewer than K items.
-  For LIS (one query) the list is the query's top-K, which can contain the query item itself.
-* ``fused`` (gloss): each query retrieves its top-K; the lists are merged by reciprocal-rank fusion weighted by
-  beam rank, duplicates removed; the list is filled to K.
-
-``exclude_seen`` drops the user's history items from every query's results before either protocol.
-
-``with_transitions`` puts a collaborative list first in the fusion: the items that followed the user's recent items in
-the training sequences (``gloss_cli.transitions``); ``baseline="transitions"`` is that list alone.
-
-``rerank`` (after ``gloss rerank``) ranks each user's pool of candidates (the fused list of the LIS query and the
-first generated queries, history excluded) by the fine-tuned model's log-probability of each title: ``lm`` by
-log-probability per token (as beam scores are normalised), ``fused`` by reciprocal-rank fusion of the pool's order
-and the model's order (equal weights, the same offset c as ``fused``).
+The ranking itself is ``gloss_cli.ranking``'s, shared with ``gloss rerank`` and ``gloss recommend``. A run's name
+derives from its recipe, retriever and split (``gloss-bm25-test``); its record holds the recipe as data.
 """
 
 from __future__ import annotations
@@ -35,215 +21,72 @@ import polars as pl
 from gloss_cli.console import Reporter
 from gloss_cli.data import load_items, load_split, tie_policy
 from gloss_cli.errors import GlossError
+from gloss_cli.fusion import RRF_C
 from gloss_cli.index import open_index
 from gloss_cli.metrics import bootstrap_ci, per_user, target_ranks
 from gloss_cli.project import Project, StageRun, sha256_file
 from gloss_cli.queries import QuerySet, lis_queries, load_generated, load_gloss_json, query_text, read_generated
-from gloss_cli.retrieval import Retriever, hybrid_parts
-from gloss_cli.transitions import DECAY, RECENT, WINDOW
-
-PROTOCOLS = ("paper", "fused")
-BASELINES = ("lis", "transitions")
-RERANKS = ("lm", "fused")
-# How equal scores are ordered (gloss_cli.retrieval.top_k and the merges below), named in every description: a
-# retriever's ties go by item id, a fusion's to the item found first (the earlier list or query).
-TIE_ORDER = "equal scores: retrieval by item id, fusion by the list that found the item first"
-RRF_K = 1.0  # rank offset c in w / (c + rank): small, so a query's top items dominate its tail
-MAX_SEEN_EXTRA = 100  # extra depth retrieved per query so that excluded history items can be replaced
-TRANSITIONS_PARAMS = {"window": WINDOW, "recent": RECENT, "decay": DECAY, "counted_from": "train split"}
-TRANSITIONS_TEXT = (
-    f"the items that followed the user's {RECENT} most recent items within {WINDOW} places in the training sequences, "
-    f"weighted 1/gap, each older item's votes times {DECAY:g}"
+from gloss_cli.ranking import (
+    TIE_ORDER,
+    TRANSITIONS_PARAMS,
+    TRANSITIONS_TEXT,
+    as_array,
+    rank_users,
+    rerank_stage,
+    reranked,
+    transitions_lists,
 )
+from gloss_cli.recipe import DEFAULT, PRESETS, Recipe
+from gloss_cli.retrieval import hybrid_parts
 
 
 @dataclass
 class EvalResult:
     name: str
-    protocol: str
+    recipe: Recipe
     split: str
-    retriever: str
-    source: str
+    retriever: str  # the index key, "none" for the transitions list alone
+    source: str  # where the model list's queries came from: generate/<split>, file:<name>, rerank/..., or ""
     ks: list[int]
     users: int
-    exclude_seen: bool
     metrics: dict[str, float]
     ci: dict[str, tuple[float, float]]
     folder: Path
     notes: list[str] = field(default_factory=list)
-    rerank: dict[str, Any] | None = None  # how, candidates, num_queries (gloss eval --rerank)
     # The order of a user's same-day items, which decides targets and histories (gloss data --ties): data.tie_policy
     ties: str = "same-day ties in file order"
-    generated: int = 0  # the model's (or a file's) queries per user that the run used
+
+    @property
+    def exclude_seen(self) -> bool:
+        return self.recipe.exclude_seen
 
     def describe(self) -> str:
-        if self.rerank is not None:
-            order = {
-                "lm": "the model's log-probability per title token",
-                "fused": f"reciprocal-rank fusion (c={RRF_K:g}) of the pool's order and the model's order",
-            }[self.rerank["how"]]
-            lead = f"the transitions list ({TRANSITIONS_TEXT}), " if self.rerank.get("transitions") else ""
-            return (
-                f"rerank {self.rerank['how']}: each user's top-{self.rerank['candidates']} pool ({lead}the last item's "
-                f"title then {self.rerank['num_queries']} generated queries, top-K each, fused), ordered by {order}; "
-                f"history items excluded; {self.ties}; {TIE_ORDER}; split {self.split}; {self.users:,} users; "
-                "mean over users, one held-out item each; 95% CI: bootstrap over users"
-            )
-        seen = "history items excluded" if self.exclude_seen else "history items kept (may be recommended)"
-        tail = (
-            f"{seen}; {self.ties}; {TIE_ORDER}; split {self.split}; {self.users:,} users; mean over users, one "
-            "held-out item each; 95% CI: bootstrap over users"
+        label = "generated" if not self.source.startswith("file:") else f"({self.source})"
+        text = self.recipe.describe(generated_label=label)
+        if "transitions" in self.recipe.lists:
+            text += f"; transitions: {TRANSITIONS_TEXT} (the train split's)"
+        retrieval = f"; retriever {self.retriever}" if self.retriever != "none" else ""
+        return (
+            f"{text}{retrieval}; {self.ties}; {TIE_ORDER}; split {self.split}; {self.users:,} users; mean over users, "
+            "one held-out item each; 95% CI: bootstrap over users"
         )
-        if self.source == "transitions":
-            return f"baseline transitions: {TRANSITIONS_TEXT}, top-K by summed weight; {tail}"
-        if self.protocol == "paper":
-            how = "top-1 per query, duplicates merged, sorted by score (lists may be shorter than K)"
-            if self.source == "lis":
-                how = "top-K of the last item's title"
-        else:
-            how = f"top-K per query fused by beam-weighted reciprocal rank (c={RRF_K:g}), filled to K"
-        parts = self.source.split("+")  # [transitions+](model|file|lis)[+lis]
-        lists = [f"the transitions list ({TRANSITIONS_TEXT})"] if parts[0] == "transitions" else []
-        lists += ["the last item's title"] if parts[-1] == "lis" else []
-        if {"model", "file"} & set(parts):
-            n = self.generated
-            lists += [f"the first {n} generated quer{'y' if n == 1 else 'ies'}" if n else "the generated queries"]
-        if len(lists) > 1:
-            how = f"lists in order: {', then '.join(lists)}; " + how
-        return f"protocol {self.protocol}: {how}; {tail}"
 
-
-def merge_user(
-    keys: npt.NDArray[np.int64], scores: npt.NDArray[np.float32], seen: set[int], *, protocol: str, depth: int
-) -> list[tuple[int, float, int]]:
-    """One user's merged list: (item key, value, index of the first query that found it), best first.
-
-    keys/scores: (queries, retrieved), each query's results best first (equal scores by key, as retrievers return
-    them). Equal values go to the item found first: by the earlier query, then at the better rank in it (GLoSS's own
-    merge keeps that order: a stable sort of the items as found). No two items are found at the same place, so the
-    order is total.
-    """
-    best: dict[int, float] = {}
-    found_at: dict[int, tuple[int, int]] = {}  # (query, rank among its kept items)
-    for q in range(keys.shape[0]):
-        taken = 0
-        for key, score in zip(keys[q].tolist(), scores[q].tolist(), strict=True):
-            if taken == depth:
-                break
-            if key < 0 or key in seen:
-                continue
-            taken += 1
-            found_at.setdefault(key, (q, taken))
-            if protocol == "paper":  # keep the highest retrieval score
-                best[key] = max(best.get(key, score), score)
-            else:  # add beam-weighted reciprocal ranks
-                best[key] = best.get(key, 0.0) + (1.0 / (q + 1)) / (RRF_K + taken)
-    order = sorted(best, key=lambda key: (-best[key], found_at[key]))
-    return [(key, best[key], found_at[key][0]) for key in order]
-
-
-def rank_items(
-    keys: npt.NDArray[np.int64],
-    scores: npt.NDArray[np.float32],
-    seen: list[set[int]],
-    *,
-    protocol: str,
-    depth: int,
-    k: int,
-) -> npt.NDArray[np.int64]:
-    """Per user, the ranked item keys (n, k), -1 padded. keys/scores: (n, queries, retrieved) best first."""
-    ranked = np.full((keys.shape[0], k), -1, dtype=np.int64)
-    for u in range(keys.shape[0]):
-        order = [key for key, _, _ in merge_user(keys[u], scores[u], seen[u], protocol=protocol, depth=depth)[:k]]
-        ranked[u, : len(order)] = order
-    return ranked
-
-
-def retrieve(
-    retriever: Retriever,
-    qs: QuerySet,
-    key_of: dict[str, int],
-    *,
-    protocol: str,
-    exclude_seen: bool,
-    k: int,
-    reporter: Reporter,
-    lead: npt.NDArray[np.int64] | None = None,
-) -> npt.NDArray[np.int64]:
-    """Per user, the ranked item keys (n, k). ``lead`` (n, m), -1 padded: a ranked list per user fused before the
-    queries' lists (the transitions list), as if it were the first query's."""
-    is_lis = qs.source == "lis"
-    depth = k if (protocol == "fused" or is_lis) else 1
-    seen = [{key_of[i] for i in h} for h in qs.histories] if exclude_seen else [set() for _ in qs.histories]
-    extra = min(max((len(s) for s in seen), default=0), MAX_SEEN_EXTRA)
-    flat = [text for queries in qs.queries for text in queries]
-    with reporter.progress(f"retrieve ({retriever.name})", len(flat)) as tick:
-        keys, scores = retriever.search(flat, depth + extra, tick=tick)
-    shape = (len(qs.users), qs.per_user, keys.shape[1])
-    keys, scores = keys.reshape(shape), scores.reshape(shape)
-    if lead is not None:
-        keys, scores = with_lead_list(keys, scores, lead)
-    return rank_items(keys, scores, seen, protocol=protocol, depth=depth, k=k)
-
-
-def with_lead_list(
-    keys: npt.NDArray[np.int64], scores: npt.NDArray[np.float32], lead: npt.NDArray[np.int64]
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """keys/scores (n, queries, m) with ``lead`` (n, m'), -1 padded, put first as if it were the first query's list
-    (cut or padded to m; its scores 0: the fused protocol reads ranks only)."""
-    first = np.full((keys.shape[0], 1, keys.shape[2]), -1, dtype=keys.dtype)
-    width = min(lead.shape[1], keys.shape[2])
-    first[:, 0, :width] = lead[:, :width]
-    return (
-        np.concatenate([first, keys], axis=1),
-        np.concatenate([np.zeros(first.shape, dtype=scores.dtype), scores], axis=1),
-    )
-
-
-def padded_keys(lists: list[list[str]], key_of: dict[str, int], depth: int) -> npt.NDArray[np.int64]:
-    """Item-id lists as an (n, depth) array of item keys, -1 padded (each list cut to ``depth``)."""
-    out = np.full((len(lists), depth), -1, dtype=np.int64)
-    for u, row in enumerate(lists):
-        out[u, : min(len(row), depth)] = [key_of[i] for i in row[:depth]]
-    return out
-
-
-def transitions_lists(
-    project: Project, qs: QuerySet, key_of: dict[str, int], *, depth: int, exclude_seen: bool
-) -> npt.NDArray[np.int64]:
-    """Per user of ``qs``, the transitions list's first ``depth`` item keys, -1 padded."""
-    from gloss_cli.transitions import recommend, transition_counts
-
-    counts = transition_counts(load_split(project.path("data"), "train"))
-    return padded_keys(recommend(counts, qs.histories, depth=depth, exclude_seen=exclude_seen), key_of, depth)
-
-
-def reranked(
-    frame: pl.DataFrame, users: list[str], key_of: dict[str, int], *, how: str, k: int
-) -> npt.NDArray[np.int64]:
-    """Per user (in ``users`` order), the top-``k`` item keys of its reranked pool, -1 padded.
-
-    Equal values, in the model's order (``lm_rank``) as in the final one, go to the better pool rank (unique per
-    user), so the order is total and never depends on the frame's row order.
-    """
-    fused = 1.0 / (RRF_K + pl.col("pool_rank")) + 1.0 / (RRF_K + pl.col("lm_rank"))
-    top = (
-        frame.with_columns(per_token=pl.col("logprob") / pl.col("tokens"))
-        .sort(["user_id", "per_token", "pool_rank"], descending=[False, True, False])
-        .with_columns(lm_rank=pl.int_range(1, pl.len() + 1).over("user_id"))
-        .with_columns(value=pl.col("per_token") if how == "lm" else fused)
-        .sort(["user_id", "value", "pool_rank"], descending=[False, True, False])
-        .group_by("user_id", maintain_order=True)
-        .head(k)
-        .group_by("user_id", maintain_order=True)
-        .agg(pl.col("item_id"))
-    )
-    lists = dict(zip(top.get_column("user_id").to_list(), top.get_column("item_id").to_list(), strict=True))
-    ranked = np.full((len(users), k), -1, dtype=np.int64)
-    for u, user in enumerate(users):
-        row = [key_of[i] for i in lists.get(user, [])]
-        ranked[u, : len(row)] = row
-    return ranked
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.name,
+            "recipe": self.recipe.as_dict(),
+            "protocol_description": self.describe(),
+            "split": self.split,
+            "retriever": self.retriever,
+            "source": self.source,
+            "users": self.users,
+            "k": self.ks,
+            "exclude_seen": self.exclude_seen,
+            "metrics": self.metrics,
+            "ci95": self.ci,
+            "notes": self.notes,
+            "folder": str(self.folder),
+        }
 
 
 def load_queries(
@@ -253,15 +96,10 @@ def load_queries(
     titles: dict[str, str],
     *,
     queries_file: Path | None,
-    baseline: str | None,
     n: int,
 ) -> tuple[QuerySet, tuple[str, ...]]:
-    """The query set and the stage records it depends on."""
-    if baseline is not None:
-        if baseline not in BASELINES:
-            raise GlossError(f"Unknown baseline '{baseline}'.", f"Use one of: {', '.join(BASELINES)}.")
-        qs = lis_queries(split_df, titles)
-        return (dataclasses.replace(qs, source="transitions", queries=[]) if baseline == "transitions" else qs), ()
+    """The model list's queries (``gloss generate``'s stage, or ``queries_file``) and the stage records they depend
+    on."""
     if queries_file is not None:
         if is_generated_file(queries_file):  # a missing file or a folder: one line from queries._read_text
             return load_generated(queries_file, split_df, titles, f"file:{queries_file.name}", n), ()
@@ -326,46 +164,36 @@ def write_outputs(
 
 def run(
     project: Project,
+    recipe: Recipe | None = None,
     *,
     split: str = "test",
     retriever: str = "bm25",
     encoder: str | None = None,
     ks: list[int] | None = None,
-    protocol: str = "paper",
-    exclude_seen: bool = False,
     queries_file: Path | None = None,
-    baseline: str | None = None,
-    num_queries: int = 5,
-    match_generated: bool = False,
-    with_lis: bool = False,
-    with_transitions: bool = False,
-    rerank: str | None = None,
     name: str | None = None,
     command: str = "gloss eval",
     reporter: Reporter | None = None,
 ) -> EvalResult:
+    """Rank with ``recipe`` (default: the pick docs/RESULTS.md reports) and score; writes eval/<name>/."""
     reporter = reporter or Reporter()
+    recipe = recipe or PRESETS[DEFAULT]
     ks = sorted(set(ks or [5]))
-    if rerank is not None:
-        if baseline or queries_file or match_generated or protocol != "paper" or encoder:
-            raise GlossError(
-                "--rerank orders the pools 'gloss rerank' made: their queries and protocol were set there.",
-                "Drop --baseline, --queries, --match-generated, --protocol and --encoder (gloss rerank takes "
-                "--num-queries and --candidates; --retriever and --with-transitions pick whose pools to order).",
-            )
-        return _run_reranked(
-            project, split, rerank, retriever, ks, transitions=with_transitions, name=name, command=command
-        )
-    if protocol not in PROTOCOLS:
-        raise GlossError(f"Unknown protocol '{protocol}'.", f"Use one of: {', '.join(PROTOCOLS)}.")
     _check_split_and_k(split, ks)
-    if with_transitions and (protocol != "fused" or baseline == "transitions"):
+    if queries_file is not None and not recipe.uses_model and recipe.users != "generated":
         raise GlossError(
-            "--with-transitions fuses the transitions list with the queries' lists.",
-            "Use --protocol fused, with generated queries or --baseline lis (--baseline transitions is the list "
-            "alone).",
+            f"--queries gives the model's queries, or the users to score: recipe {recipe.name()} reads neither.",
+            "Drop --queries, or use a recipe with model in lists or users=generated.",
         )
-    hybrid_parts(retriever)  # a malformed hybrid name fails before any work
+    if recipe.reranked:
+        if queries_file is not None:
+            raise GlossError(
+                f"--queries does not apply to recipe {recipe.name()}: it orders the pools 'gloss rerank' scored.",
+                "Drop --queries.",
+            )
+        return _run_reranked(project, recipe, split, retriever, ks, name=name, command=command)
+    if recipe.lists != ("transitions",):
+        hybrid_parts(retriever)  # a malformed hybrid name fails before any work
     ties = tie_policy(project.require("data"))
     items = load_items(project.path("data"))
     item_ids = items.get_column("item_id").to_list()
@@ -373,89 +201,75 @@ def run(
     split_df = load_split(project.path("data"), split)
     split_users = split_df.height
     extra_stages: tuple[str, ...] = ()
-    if match_generated:  # the users that `gloss generate` covered, so that a baseline compares like with like
+    if recipe.users == "generated" and not recipe.uses_model:
+        # the users that `gloss generate` covered (or the file's), so that every row compares like with like
         split_df = split_df.filter(pl.col("user_id").is_in(generated_users(project, split, queries_file)))
         extra_stages = () if is_generated_file(queries_file) else (f"generate/{split}",)
-    qs, query_stages = load_queries(
-        project, split, split_df, titles, queries_file=queries_file, baseline=baseline, n=num_queries
-    )
-    if with_lis:
-        if baseline:
-            raise GlossError("--with-lis adds the LIS query to generated ones.", f"Drop --baseline {baseline}.")
-        qs = with_lis_query(qs, titles)
+    query_stages: tuple[str, ...] = ()
+    if recipe.uses_model:
+        qs, query_stages = load_queries(project, split, split_df, titles, queries_file=queries_file, n=recipe.queries)
+        if "lis" in recipe.lists:
+            qs = with_lis_query(qs, titles)
+    else:
+        qs = lis_queries(split_df, titles)
+        if "lis" not in recipe.lists:
+            qs = dataclasses.replace(qs, source="", queries=[])
     subset = f"-{len(qs.users)}u" if len(qs.users) < split_users else ""  # never mix subset and full-split names
     # A run that read a --queries file (its queries, or its users) carries a short hash of the file's content: two
     # files never share a run name, so the second never overwrites the first.
-    if queries_file is not None and (baseline is None or (match_generated and is_generated_file(queries_file))):
+    if queries_file is not None:
         subset += f"-{sha256_file(queries_file)[:8]}"
     key_of = {item: i for i, item in enumerate(item_ids)}
-    if qs.source == "transitions":
-        return _run_transitions(
-            project,
-            qs,
-            key_of,
-            item_ids,
-            split,
-            ks,
-            exclude_seen,
-            name=name or f"transitions{'-xseen' if exclude_seen else ''}-{split}{subset}",
-            upstream=("data", *extra_stages),
-            command=command,
-        )
-    index, meta = open_index(project, retriever, encoder=encoder, query_cache=True, reporter=reporter)
-    source = "lis" if qs.source == "lis" else ("model" if qs.source.startswith("generate") else "file")
-    source += "+lis" if with_lis else ""
-    source = ("transitions+" if with_transitions else "") + source
-    name = name or f"{source}-{meta['key']}-{protocol}{'-xseen' if exclude_seen else ''}-{split}{subset}"
+    index = None
+    meta: dict[str, Any] = {"key": "none", "stages": ()}
+    if qs.per_user:
+        index, meta = open_index(project, retriever, encoder=encoder, query_cache=True, reporter=reporter)
+    name = name or (f"{recipe.name()}{'' if index is None else '-' + meta['key']}-{split}{subset}".replace("/", "_"))
     params = {
         "split": split,
-        "retriever": meta["key"],
-        "protocol": protocol,
+        "recipe": recipe.as_dict(),
+        "retriever": meta["key"] if index is not None else None,
         "ks": ks,
-        "exclude_seen": exclude_seen,
-        "queries": qs.source,
+        "queries": qs.source or None,
         "queries_per_user": qs.per_user,
-        "rrf_k": RRF_K if protocol == "fused" else None,
-        "with_lis": with_lis,
-        "transitions": TRANSITIONS_PARAMS if with_transitions else None,
+        "rrf_c": RRF_C if recipe.merge == "rrf" else None,
+        "transitions": TRANSITIONS_PARAMS | {"counted_from": "train split"} if "transitions" in recipe.lists else None,
     }
     if meta.get("fallback"):
         params["encoder_fallback"] = meta["fallback"]
     upstream = tuple(dict.fromkeys(("data", *meta["stages"], *query_stages, *extra_stages)))
-    with project.run_stage(
-        f"eval/{name}", params, command=command, upstream=upstream, libraries=("bm25s", "numpy")
-    ) as stage:
-        lead = (
-            transitions_lists(project, qs, key_of, depth=max(ks), exclude_seen=exclude_seen)
-            if with_transitions
-            else None
-        )
-        ranked = retrieve(
-            index, qs, key_of, protocol=protocol, exclude_seen=exclude_seen, k=max(ks), reporter=reporter, lead=lead
-        )
+    libraries = ("bm25s", "numpy") if index is not None else ("polars", "numpy")
+    with project.run_stage(f"eval/{name}", params, command=command, upstream=upstream, libraries=libraries) as stage:
+        k = max(ks)
+        lead = None
+        if "transitions" in recipe.lists:
+            from gloss_cli.transitions import transition_counts
+
+            counts = transition_counts(load_split(project.path("data"), "train"))
+            lead = transitions_lists(counts, qs.histories, key_of, depth=k, exclude_seen=recipe.exclude_seen)
+        seen = [{key_of[i] for i in h} for h in qs.histories]
+        merged = rank_users(recipe, qs.queries, seen, k=k, retriever=index, lead=lead, reporter=reporter)
         result = _record(
             stage,
             name,
             qs,
-            ranked,
+            as_array(merged, k),
             item_ids,
             params,
             lambda metrics, ci: EvalResult(
                 name,
-                protocol,
+                recipe,
                 split,
                 meta["key"],
-                source,
+                qs.source if recipe.uses_model else "",
                 ks,
                 len(qs.users),
-                exclude_seen,
                 metrics,
                 ci,
                 stage.dir,
                 ties=ties,
-                generated=qs.per_user - (1 if with_lis else 0) if qs.source != "lis" else 0,
             ),
-            retriever_description=meta.get("resolved", index.description),
+            retriever_description=meta.get("resolved", index.description) if index is not None else None,
         )
         if meta.get("fallback"):
             result.notes.append(meta["fallback"])
@@ -493,57 +307,6 @@ def _record(
     return result
 
 
-def _run_transitions(
-    project: Project,
-    qs: QuerySet,
-    key_of: dict[str, int],
-    item_ids: list[str],
-    split: str,
-    ks: list[int],
-    exclude_seen: bool,
-    *,
-    name: str,
-    upstream: tuple[str, ...],
-    command: str,
-) -> EvalResult:
-    """``gloss eval --baseline transitions``: the transitions list alone, no retrieval."""
-    params = {
-        "split": split,
-        "retriever": None,
-        "protocol": "transitions",
-        "ks": ks,
-        "exclude_seen": exclude_seen,
-        "queries": "transitions",
-        "transitions": TRANSITIONS_PARAMS,
-    }
-    with project.run_stage(f"eval/{name}", params, command=command, upstream=upstream, libraries=("polars",)) as stage:
-        ranked = transitions_lists(project, qs, key_of, depth=max(ks), exclude_seen=exclude_seen)
-        result = _record(
-            stage,
-            name,
-            qs,
-            ranked,
-            item_ids,
-            params,
-            lambda metrics, ci: EvalResult(
-                name,
-                "transitions",
-                split,
-                "none",
-                "transitions",
-                ks,
-                len(qs.users),
-                exclude_seen,
-                metrics,
-                ci,
-                stage.dir,
-                ties=tie_policy(project.stage("data")),
-            ),
-        )
-    result.folder = project.path(f"eval/{name}")
-    return result
-
-
 def _check_split_and_k(split: str, ks: list[int]) -> None:
     if split not in ("validation", "test"):
         raise GlossError(f"Cannot evaluate on split '{split}'.", "Use --split test or --split validation.")
@@ -552,28 +315,16 @@ def _check_split_and_k(split: str, ks: list[int]) -> None:
 
 
 def _run_reranked(
-    project: Project,
-    split: str,
-    how: str,
-    retriever: str,
-    ks: list[int],
-    *,
-    transitions: bool,
-    name: str | None,
-    command: str,
+    project: Project, recipe: Recipe, split: str, retriever: str, ks: list[int], *, name: str | None, command: str
 ) -> EvalResult:
-    """``gloss eval --rerank``: order the pools ``gloss rerank --retriever RETRIEVER [--with-transitions]`` wrote
-    for ``split``."""
-    from gloss_cli.rerank import CANDIDATES, stage_name
+    """Order the pools ``gloss rerank --recipe RECIPE --retriever RETRIEVER`` scored for ``split``."""
+    from gloss_cli.rerank import CANDIDATES
 
-    if how not in RERANKS:
-        raise GlossError(f"Unknown rerank order '{how}'.", f"Use one of: {', '.join(RERANKS)}.")
-    _check_split_and_k(split, ks)
     ties = tie_policy(project.require("data"))
-    stage = stage_name(split, retriever, transitions=transitions)  # a malformed hybrid name fails here
-    also = " --with-transitions" if transitions else ""
-    record = project.require(stage, f"gloss rerank --split {split} --retriever {retriever}{also}")
-    pool = record["params"]
+    stage = rerank_stage(split, recipe, retriever)  # a malformed hybrid name fails here
+    record = project.require(
+        stage, f"gloss rerank --split {split} --retriever {retriever} --recipe '{recipe.explicit()}'"
+    )
     frame = pl.read_parquet(project.path(f"{stage}/{CANDIDATES}"))
     items = load_items(project.path("data"))
     item_ids = items.get_column("item_id").to_list()
@@ -582,24 +333,23 @@ def _run_reranked(
     split_df = split_df.filter(pl.col("user_id").is_in(frame.get_column("user_id").unique().to_list()))
     users = split_df.get_column("user_id").to_list()
     qs = QuerySet(stage, users, split_df.get_column("target").to_list(), split_df.get_column("history").to_list(), [])
-    name = name or f"rerank-{how}-{'transitions+' if transitions else ''}{pool['retriever']}-{split}"
+    pool = record["params"]
+    name = name or f"{recipe.name()}-{pool['retriever']}-{split}".replace("/", "_")
     params = {
         "split": split,
+        "recipe": recipe.as_dict(),
         "retriever": pool["retriever"],
-        "protocol": f"rerank-{how}",
         "ks": ks,
-        "exclude_seen": True,
         "queries": stage,
-        "queries_per_user": pool["num_queries"],
-        "candidates": pool["candidates"],
-        "rrf_k": RRF_K if how == "fused" else None,
-        "with_lis": True,
+        "queries_per_user": recipe.queries,
+        "candidates": recipe.candidates,
+        "rrf_c": RRF_C,
         "transitions": pool.get("transitions"),
     }
     with project.run_stage(
         f"eval/{name}", params, command=command, upstream=("data", stage), libraries=("numpy",)
     ) as run_:
-        ranked = reranked(frame, users, key_of, how=how, k=max(ks))
+        ranked = reranked(frame, users, key_of, order=recipe.order, k=max(ks))
         result = _record(
             run_,
             name,
@@ -608,24 +358,7 @@ def _run_reranked(
             item_ids,
             params,
             lambda metrics, ci: EvalResult(
-                name,
-                f"rerank-{how}",
-                split,
-                pool["retriever"],
-                "rerank",
-                ks,
-                len(users),
-                True,
-                metrics,
-                ci,
-                run_.dir,
-                rerank={
-                    "how": how,
-                    "candidates": pool["candidates"],
-                    "num_queries": pool["num_queries"],
-                    "transitions": transitions,
-                },
-                ties=ties,
+                name, recipe, split, pool["retriever"], stage, ks, len(users), metrics, ci, run_.dir, ties=ties
             ),
         )
     result.folder = project.path(f"eval/{name}")

@@ -9,10 +9,10 @@ from typing import Any
 from gloss_cli.console import Reporter
 from gloss_cli.data import load_items
 from gloss_cli.errors import GlossError
+from gloss_cli.fusion import HYBRID_RRF_C
 from gloss_cli.project import Project
 from gloss_cli.prompt import item_text
 from gloss_cli.retrieval import (
-    HYBRID_RRF_K,
     HybridRetriever,
     Retriever,
     build_index,
@@ -89,7 +89,7 @@ def open_index(
         hybrid = HybridRetriever(
             (first, second),
             key,
-            f"reciprocal-rank fusion (c={HYBRID_RRF_K:g}) of {first.description} and {second.description}",
+            f"reciprocal-rank fusion (c={HYBRID_RRF_C:g}) of {first.description} and {second.description}",
         )
         meta: dict[str, Any] = {
             "key": key,

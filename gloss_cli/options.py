@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from gloss_cli.project import DEFAULT_PROJECT
+
+if TYPE_CHECKING:
+    from gloss_cli.recipe import Recipe
 
 ProjectOpt = Annotated[
     Path,
@@ -71,3 +74,30 @@ def positive(value: float | None) -> float | None:
     if value is not None and not value > 0:
         raise typer.BadParameter(f"{value} is not greater than 0.")
     return value
+
+
+def _complete_recipe(incomplete: str) -> list[str]:
+    from gloss_cli.recipe import PRESETS
+
+    return [name for name in PRESETS if name.startswith(incomplete)]
+
+
+RecipeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--recipe",
+        "-R",
+        help="How each user's list is ranked: a preset (gloss, paper, lis, lis-paper, transitions, no-model, model, "
+        "rerank, rerank-lm; 'gloss recipes' shows them) or key=value words, after a preset they modify: "
+        "lists=transitions,lis,model queries=N merge=top1|rrf seen=kept|excluded order=retrieval|lm|fused "
+        "candidates=N users=generated|all. Default: gloss (docs/RESULTS.md's pick; rerank: rerank).",
+        autocompletion=_complete_recipe,
+    ),
+]
+
+
+def recipe_of(text: str | None, default: str | None = None) -> Recipe:
+    """The recipe an option names (None: ``default``, else gloss's default)."""
+    from gloss_cli.recipe import DEFAULT, parse
+
+    return parse(text if text is not None else default or DEFAULT)

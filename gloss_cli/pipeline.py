@@ -8,6 +8,7 @@ and was made with the same parameters.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,34 +60,21 @@ class RunPlan:
         return cls(**(asdict(base) | {k: v for k, v in overrides.items() if v is not None}))
 
 
-@dataclass(frozen=True)
-class EvalSpec:
-    """One row of `gloss run`'s table: which lists a user gets and how they are merged (gloss eval's flags)."""
-
-    key: str
-    label: str
-    baseline: str | None = None  # None: the model's queries
-    protocol: str = "fused"
-    exclude_seen: bool = True
-    with_lis: bool = False
-    with_transitions: bool = False
-    num_queries: int = 5
-
-
-# The declared row first: transitions + LIS + the model's first 2 queries, fused, history excluded, the recipe
-# docs/RESULTS.md reports (picked on validation in session 10); then what it is made of, and the paper's protocol.
+# The rows of `gloss run`'s table, as recipes (gloss_cli.recipe): the declared one first (transitions + LIS + the
+# model's first 2 queries, fused, history excluded: the pick docs/RESULTS.md reports, chosen on validation in session
+# 10); then what it is made of, and the paper's protocol. Each row's key is its preset's name.
 EVALS = (
-    EvalSpec("recipe", "transitions + LIS + model", with_lis=True, with_transitions=True, num_queries=2),
-    EvalSpec("no-model", "transitions + LIS (no model)", baseline="lis", with_transitions=True),
-    EvalSpec("lis", "LIS", baseline="lis"),
-    EvalSpec("transitions", "transitions (no model)", baseline="transitions"),
-    EvalSpec("model", "model alone", num_queries=5),
-    EvalSpec("model-paper", "model alone", protocol="paper", exclude_seen=False),
-    EvalSpec("lis-paper", "LIS", baseline="lis", protocol="paper", exclude_seen=False),
+    ("gloss", "transitions + LIS + model"),
+    ("no-model", "transitions + LIS (no model)"),
+    ("lis", "LIS"),
+    ("transitions", "transitions (no model)"),
+    ("model", "model alone"),
+    ("paper", "model alone"),
+    ("lis-paper", "LIS"),
 )
 # Paired over the same users: what the declared row gains over LIS and over its no-model part, and the model's own
 # queries against LIS under the paper's protocol
-COMPARISONS = (("recipe", "lis"), ("recipe", "no-model"), ("model-paper", "lis-paper"))
+COMPARISONS = (("gloss", "lis"), ("gloss", "no-model"), ("paper", "lis-paper"))
 
 
 @dataclass
@@ -175,31 +163,24 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
             reporter=reporter,
         )
 
+    from gloss_cli.recipe import PRESETS
+
     results = {}
-    for spec in EVALS:
-        results[spec.key] = evaluate.run(
-            project,
-            split="test",
-            retriever=plan.retriever,
-            protocol=spec.protocol,
-            exclude_seen=spec.exclude_seen,
-            baseline=spec.baseline,
-            num_queries=min(spec.num_queries, plan.beams),
-            match_generated=True,
-            with_lis=spec.with_lis,
-            with_transitions=spec.with_transitions,
-            command="gloss run",
-            reporter=reporter,
+    for key, _ in EVALS:
+        recipe = PRESETS[key]
+        if recipe.uses_model and recipe.queries > plan.beams:  # the first N of what was generated
+            recipe = dataclasses.replace(recipe, queries=plan.beams)
+        results[key] = evaluate.run(
+            project, recipe, split="test", retriever=plan.retriever, command="gloss run", reporter=reporter
         )
     summary.steps.append(("eval", f"{len(results)} runs"))
-    labels = {spec.key: spec.label for spec in EVALS}
+    labels = dict(EVALS)
     summary.rows = [
         {
             "key": key,
             "label": labels[key],
             "run": r.name,
-            "source": r.source,
-            "protocol": r.protocol,
+            "recipe": r.recipe.as_dict(),
             "exclude_seen": r.exclude_seen,
             "users": r.users,
             "description": r.describe(),
@@ -215,17 +196,19 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
     return summary
 
 
-def _compare(a: Any, b: Any, key_a: str, key_b: str) -> dict[str, Any]:
-    """Row A - row B over the same users, Recall@5 and NDCG@5, with paired bootstrap CIs."""
+def _compare(
+    a: Any, b: Any, key_a: str, key_b: str, *, metrics: tuple[str, ...] = ("recall@5", "ndcg@5")
+) -> dict[str, Any]:
+    """Row A - row B over the same users, with paired bootstrap CIs (Recall@5 and NDCG@5 unless ``metrics``)."""
     import polars as pl
 
     from gloss_cli.metrics import paired_difference
 
     left = pl.read_parquet(a.folder / "per_user.parquet")
     right = pl.read_parquet(b.folder / "per_user.parquet")
-    both = left.join(right, on="user_id", suffix="_b")  # match_generated: the same users; the join makes sure
+    both = left.join(right, on="user_id", suffix="_b")  # users=generated: the same users; the join makes sure
     out: dict[str, Any] = {"a": key_a, "b": key_b, "users": both.height}
-    for metric in ("recall@5", "ndcg@5"):
+    for metric in metrics:
         out[metric] = paired_difference(both[metric].to_numpy(), both[f"{metric}_b"].to_numpy())
     return out
 

@@ -1,10 +1,10 @@
-"""`gloss recommend`: next-item recommendations for known users or for a typed-in history.
+"""`gloss recommend`: next-item recommendations for known users or for a typed-in history, ranked by a recipe
+(``gloss_cli.recipe``; default: the pick docs/RESULTS.md reports) through ``gloss_cli.ranking``, as ``gloss eval``
+ranks them.
 
-The model and the index load once per :class:`Recommender`; each call builds the prompts, generates the queries
-(beam search), retrieves every query's top items and merges them with the ``fused`` protocol of ``gloss eval``
-(history items excluded by default) or the ``paper`` one. ``with_transitions`` fuses first what followed the
-user's latest items in every known sequence (``gloss_cli.transitions``, counted from all of the project's
-interactions: a deployed recommender knows them all).
+The model and the index load once per :class:`Recommender` (the model only when the recipe has its queries); each
+call builds the prompts, generates the queries (beam search), retrieves every query's top items and merges them. The
+transitions list is counted from all of the project's interactions: a deployed recommender knows them all.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import polars as pl
 
 from gloss_cli.console import Reporter
 from gloss_cli.errors import GlossError
-from gloss_cli.evaluate import PROTOCOLS, merge_user, padded_keys, with_lead_list
 from gloss_cli.generate import GenerateOptions, clean_query, default_backend, fit_prompts, open_generator
 from gloss_cli.index import open_index
 from gloss_cli.models import read_meta
 from gloss_cli.project import Project
 from gloss_cli.queries import query_text
+from gloss_cli.ranking import rank_users, transitions_lists
+from gloss_cli.recipe import DEFAULT, PRESETS, Recipe
 from gloss_cli.retrieval import hybrid_parts, index_key
 
 TRANSITIONS_QUERY = "(transitions: what followed the latest items in other histories)"
@@ -62,26 +63,24 @@ class Recommender:
         self,
         project: Project,
         *,
+        recipe: Recipe | None = None,
         retriever: str = "bm25",
         encoder: str | None = None,
         backend: str | None = None,
-        protocol: str = "fused",
-        exclude_seen: bool = True,
         k: int = 10,
-        with_lis: bool = False,
-        with_transitions: bool = False,
         reporter: Reporter | None = None,
     ) -> None:
-        if protocol not in PROTOCOLS:
-            raise GlossError(f"Unknown protocol '{protocol}'.", f"Use one of: {', '.join(PROTOCOLS)}.")
-        if with_transitions and protocol != "fused":
-            raise GlossError("--with-transitions fuses ranked lists.", "Drop --protocol paper.")
+        recipe = recipe or PRESETS[DEFAULT]
+        if recipe.reranked:
+            raise GlossError(
+                f"gloss recommend ranks in retrieval order; recipe {recipe.name()} reorders scored pools.",
+                "Use a recipe with order=retrieval (e.g. gloss), or 'gloss rerank' + 'gloss eval' for this one.",
+            )
         if k < 1:
             raise GlossError(f"-k must be at least 1, got {k}.", "Pass e.g. -k 10.")
         self.reporter = reporter or Reporter()
-        self.protocol, self.exclude_seen, self.k, self.with_lis = protocol, exclude_seen, k, with_lis
+        self.recipe, self.k = recipe, k
         project.require("data")
-        project.require("train", "gloss train --dataset beauty")
         items = pl.read_parquet(project.path("data/items.parquet"))
         self.item_ids: list[str] = items.get_column("item_id").to_list()
         self.titles: list[str] = items.get_column("title").to_list()
@@ -90,7 +89,7 @@ class Recommender:
         sequences = pl.read_parquet(project.path("data/sequences.parquet"), columns=["user_id", "item_ids"])
         self.histories: dict[str, list[str]] = dict(sequences.iter_rows())
         self.transitions = None
-        if with_transitions:
+        if "transitions" in recipe.lists:
             from gloss_cli.transitions import transition_counts
 
             n = pl.col("item_ids").list.len()
@@ -99,16 +98,28 @@ class Recommender:
                     "user_id", history=pl.col("item_ids").list.slice(0, n - 1), target=pl.col("item_ids").list.last()
                 )
             )
-        meta = read_meta(project.path("train"))
+        self.generator = None
+        self.budget = 0
         self.options = GenerateOptions(backend=backend or default_backend())
-        self.budget = int(meta["max_seq_len"]) - self.options.max_new_tokens
-        self.generator = open_generator(project.path("train"), meta, self.options, self.reporter)
-        missing = [p for p in hybrid_parts(retriever) if project.stage(f"index/{index_key(p, encoder)}") is None]
-        # Building a missing index writes a stage: as any writer, under the project lock (a writer starting meanwhile
-        # would otherwise remove its temporary folder as debris).
-        building = project.lock(f"gloss index --retriever {retriever}", self.reporter) if missing else nullcontext()
-        with building:
-            self.index, self.index_meta = open_index(project, retriever, encoder=encoder, reporter=self.reporter)
+        if recipe.uses_model:
+            project.require("train", "gloss train --dataset beauty")
+            meta = read_meta(project.path("train"))
+            beams = max(self.options.beams, recipe.queries)
+            self.options = GenerateOptions(backend=self.options.backend, beams=beams, num_return=recipe.queries)
+            self.budget = int(meta["max_seq_len"]) - self.options.max_new_tokens
+            self.generator = open_generator(project.path("train"), meta, self.options, self.reporter)
+        elif backend is not None:
+            raise GlossError(
+                f"--backend does not apply to recipe {recipe.name()}: it generates nothing.", "Drop --backend."
+            )
+        self.index = None
+        if recipe.lists != ("transitions",):
+            missing = [p for p in hybrid_parts(retriever) if project.stage(f"index/{index_key(p, encoder)}") is None]
+            # Building a missing index writes a stage: as any writer, under the project lock (a writer starting
+            # meanwhile would otherwise remove its temporary folder as debris).
+            building = project.lock(f"gloss index --retriever {retriever}", self.reporter) if missing else nullcontext()
+            with building:
+                self.index, self.index_meta = open_index(project, retriever, encoder=encoder, reporter=self.reporter)
 
     def history_of(self, user_id: str) -> list[str]:
         history = self.histories.get(user_id)
@@ -135,39 +146,34 @@ class Recommender:
     def _recommend(
         self, users: list[str | None], histories: list[list[str]], seen: list[set[int]], item_ids: list[list[str]]
     ) -> list[UserRecommendations]:
-        t0 = time.perf_counter()
-        prompts = fit_prompts(self.generator.count_tokens, histories, self.budget)
-        t1 = time.perf_counter()
-        o = self.options
-        beams = self.generator.generate(
-            prompts, beams=o.beams, num_return=o.num_return, max_new_tokens=o.max_new_tokens
-        )
+        t0 = t1 = time.perf_counter()
+        queries: list[list[tuple[str, float]]] = [[] for _ in users]
+        if self.generator is not None:
+            prompts = fit_prompts(self.generator.count_tokens, histories, self.budget)
+            t1 = time.perf_counter()
+            o = self.options
+            beams = self.generator.generate(
+                prompts, beams=o.beams, num_return=o.num_return, max_new_tokens=o.max_new_tokens
+            )
+            queries = [[(clean_query(text), float(score)) for text, score in user] for user in beams]
         t2 = time.perf_counter()
-        queries = [[(clean_query(text), float(score)) for text, score in user] for user in beams]
-        if self.with_lis:  # the last item's title first (gloss eval --with-lis); 0.0: it is no beam of the model
+        if "lis" in self.recipe.lists:  # the last item's title first; 0.0: it is no beam of the model
             queries = [[(history[-1], 0.0), *user] for history, user in zip(histories, queries, strict=True)]
-        per_user = len(queries[0])
-        flat = [query_text(text) for user in queries for text, _ in user]
-        extra = max(len(s) for s in seen) if self.exclude_seen else 0
-        depth = self.k if self.protocol == "fused" else 1
-        keys, scores = self.index.search(flat, min(depth + extra, len(self.item_ids)))
-        keys = keys.reshape(len(users), per_user, -1)
-        scores = scores.reshape(len(users), per_user, -1)
-        if self.transitions is not None:  # its list first, as gloss eval --with-transitions fuses it
-            from gloss_cli.transitions import recommend
-
-            width = keys.shape[2]
-            lists = recommend(self.transitions, item_ids, depth=width, exclude_seen=self.exclude_seen)
-            keys, scores = with_lead_list(keys, scores, padded_keys(lists, self.key_of, width))
+        lead = None
+        if self.transitions is not None:  # its list first, counted from every known sequence
+            lead = transitions_lists(
+                self.transitions, item_ids, self.key_of, depth=self.k, exclude_seen=self.recipe.exclude_seen
+            )
+        texts = [[query_text(text) for text, _ in user] for user in queries]
+        merged = rank_users(self.recipe, texts, seen, k=self.k, retriever=self.index, lead=lead)
+        if lead is not None:
             queries = [[(TRANSITIONS_QUERY, 0.0), *user] for user in queries]
         t3 = time.perf_counter()
         results = []
         for u, user in enumerate(users):
-            excluded = seen[u] if self.exclude_seen else set()
-            merged = merge_user(keys[u], scores[u], excluded, protocol=self.protocol, depth=depth)[: self.k]
             items = [
                 Item(rank + 1, self.item_ids[key], self.titles[key], round(float(value), 6), q)
-                for rank, (key, value, q) in enumerate(merged)
+                for rank, (key, value, q) in enumerate(merged[u])
             ]
             results.append(UserRecommendations(user, histories[u], queries[u], items))
         n = len(users)

@@ -109,15 +109,7 @@ def segments_table(report: Any) -> None:
     out.print(f"plot: {report.plot}")
 
 
-def recommendations(
-    result: Any,
-    *,
-    profile: bool,
-    protocol: str,
-    exclude_seen: bool,
-    with_lis: bool = False,
-    with_transitions: bool = False,
-) -> None:
+def recommendations(result: Any, *, profile: bool, recipe: Any) -> None:
     who = f"user {result.user_id}" if result.user_id else "the given history"
     shown = result.history[-5:]
     out.print(f"[bold]{who}[/] · {len(result.history)} items, latest last:")
@@ -128,10 +120,7 @@ def recommendations(
     table = Table(
         title=f"recommendations for {who}",
         title_justify="left",
-        caption=f"protocol {protocol}; history items {'excluded' if exclude_seen else 'allowed'}; "
-        "query = the generated title (beam rank) that found the item first"
-        + ("; #1 is what followed the latest items elsewhere (--with-transitions)" if with_transitions else "")
-        + (f"; #{1 + with_transitions} is the last item's title (--with-lis)" if with_lis else ""),
+        caption=f"{recipe.describe()}; query = the list that found the item first",
         caption_justify="left",
     )
     for column, justify in (
@@ -155,20 +144,20 @@ def recommendations(
 
 
 def run_summary(summary: Any) -> None:
-    from gloss_cli.evaluate import TIE_ORDER
+    from gloss_cli.ranking import TIE_ORDER
 
     rows = summary.rows
     users = f"{rows[0]['users']:,} test users" if rows else "no users"
     table = Table(
         title=f"gloss run: the model's recipe against LIS and the no-model lists ({users})", title_justify="left"
     )
-    for column in ("row", "lists", "protocol", "history", "recall@5", "ndcg@5", "mrr@5"):
+    for column in ("row", "lists", "recipe", "history", "recall@5", "ndcg@5", "mrr@5"):
         table.add_column(column, justify="right" if column in ("recall@5", "ndcg@5", "mrr@5") else "left")
     for i, r in enumerate(rows):
         table.add_row(
             r["key"],
             f"[bold]{r['label']}[/]" if i == 0 else r["label"],
-            r["protocol"],
+            r["recipe"]["name"],
             "excluded" if r["exclude_seen"] else "kept",
             f"{r['recall@5']:.4f}",
             f"{r['ndcg@5']:.4f}",
@@ -196,11 +185,12 @@ def run_summary(summary: Any) -> None:
         )
     out.print(
         f"[dim]test split, the same users for every row; mean over users, one held-out item each; K = 5; "
-        f"{rows[0]['ties'] if rows else ''}; {TIE_ORDER}. paper: top-1 "
-        "per generated query (LIS: top-5 of the last item's title); fused: top-5 per query, beam-weighted rank fusion; "
-        "LIS + model: the last item's title as the first query, then the generated ones (gloss eval --with-lis); "
-        "transitions: the items that followed the user's 5 most recent items in the training sequences, no model "
-        "(--baseline transitions), fused first (--with-transitions). The first row is the declared recipe "
+        f"{rows[0]['ties'] if rows else ''}; {TIE_ORDER}. Each row's recipe (gloss eval --recipe NAME; "
+        "gloss recipes lists them): paper = the model's 5 queries, top-1 each, history kept (GLoSS); lis-paper = "
+        "the top-5 of the last item's title; the others fuse their lists by list-weighted reciprocal rank, history "
+        "excluded: lis = the last item's title, model = the 5 generated titles, transitions = the items that "
+        "followed the user's 5 most recent items in the training sequences (no model), no-model = transitions + "
+        "lis, gloss = transitions + lis + the model's first 2 queries. The first row is the declared recipe "
         "(docs/RESULTS.md, picked on validation); green: the CI is above 0, red: below. "
         f"Per-user results: eval/<run>/ ({', '.join(r['run'] for r in rows)}).[/]"
     )

@@ -1,21 +1,19 @@
-"""`gloss rerank`: the fine-tuned model scores a pool of retrieved candidates for each user.
+"""`gloss rerank`: the fine-tuned model scores each user's pool of candidates, for a recipe whose ``order`` is lm or
+fused (``gloss_cli.recipe``).
 
-The pool is the list ``gloss eval --with-lis --protocol fused --exclude-seen -k C`` ranks (C = ``candidates``): the
-last item's title, then the first ``num_queries`` generated titles (0: the last item's title alone, no generation
-needed), each retrieving its top C, history items excluded, fused by beam-weighted reciprocal rank; its top C.
-With ``with_transitions`` (``--with-transitions``) the transitions list's top C leads that fusion.
-The model then gives each candidate ``log p("Title: <title>" EOS | prompt)``, the prompt as generation builds it
-(``gloss_cli.backends.scoring``: each prompt computed once for its whole pool). ``gloss eval --rerank`` orders each
-pool by that score (``lm``: per token, as beam scores are) or fuses it with the pool's order (``fused``).
+The pool is the recipe's own list in retrieval order (``gloss_cli.ranking``: its lists, merge and seen items), cut
+to its top ``candidates``. The model then gives each candidate ``log p("Title: <title>" EOS | prompt)``, the prompt
+as generation builds it (``gloss_cli.backends.scoring``: each prompt computed once for its whole pool). ``gloss eval
+--recipe`` orders each pool by that score (``lm``: per token, as beam scores are) or fuses it with the pool's order
+(``fused``).
 
-Output ``rerank/<split>/candidates.parquet`` (BM25's pool; another retriever's in ``rerank/<split>-<retriever>``,
-those the transitions list led in ``rerank/<split>-transitions[-<retriever>]``, so that pools can be compared on
-validation): user_id, item_id, pool_rank (1 = the fused list's first), logprob (summed over the title's tokens and
-EOS), tokens.
+Output ``rerank/<split>-<pool recipe>-<candidates>-<retriever>/candidates.parquet`` (``ranking.rerank_stage``):
+user_id, item_id, pool_rank (1 = the list's first), logprob (summed over the title's tokens and EOS), tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,26 +25,20 @@ import polars as pl
 from gloss_cli.console import Reporter
 from gloss_cli.data import load_items, load_split
 from gloss_cli.errors import GlossError
-from gloss_cli.evaluate import TRANSITIONS_PARAMS, generated_users, retrieve, transitions_lists, with_lis_query
+from gloss_cli.evaluate import generated_users, load_queries, with_lis_query
 from gloss_cli.examples import target_ids
 from gloss_cli.generate import fit_prompts, gpu_peak_mib
 from gloss_cli.index import open_index
 from gloss_cli.models import load_trained, pick_device, read_meta
 from gloss_cli.project import Project
 from gloss_cli.prompt import item_text
-from gloss_cli.queries import lis_queries, load_generated
-from gloss_cli.retrieval import hybrid_parts, index_key
+from gloss_cli.queries import lis_queries
+from gloss_cli.ranking import TRANSITIONS_PARAMS, as_array, rank_users, rerank_stage, transitions_lists
+from gloss_cli.recipe import DEFAULT_RERANK, PRESETS, Recipe
+from gloss_cli.retrieval import hybrid_parts
 
 CANDIDATES = "candidates.parquet"
 MAX_NEW_TOKENS = 50  # prompts are cut as generation cuts them: room for a 50-token answer
-
-
-def stage_name(split: str, retriever: str, *, transitions: bool = False) -> str:
-    """The stage holding the pools of ``split`` that ``retriever`` retrieved: BM25's keep the plain name, another
-    retriever's carry its index key (path-safe: ``org/model`` -> ``org_model``; ``dense`` -> its default encoder);
-    pools that the transitions list led carry ``-transitions``."""
-    key = index_key(retriever)
-    return f"rerank/{split}" + ("-transitions" if transitions else "") + ("" if key == "bm25" else f"-{key}")
 
 
 @dataclass
@@ -72,31 +64,32 @@ class RerankResult:
 
 def run(
     project: Project,
-    split: str = "validation",
+    split: str = "test",
     *,
+    recipe: Recipe | None = None,
     retriever: str = "bm25",
-    num_queries: int = 2,
-    candidates: int = 20,
-    with_transitions: bool = False,
     batch_size: int = 0,
     dtype: str = "auto",
     command: str = "gloss rerank",
     reporter: Reporter | None = None,
 ) -> RerankResult:
-    """The ``rerank/<split>`` stage, or ``rerank/<split>-<retriever>`` (the caller holds the project lock)."""
+    """The ``rerank/...`` stage of ``recipe``'s pools (the caller holds the project lock)."""
     from gloss_cli.backends.scoring import score_continuations
 
     reporter = reporter or Reporter()
+    recipe = recipe or PRESETS[DEFAULT_RERANK]
     if split not in ("validation", "test"):
         raise GlossError(f"Cannot rerank split '{split}'.", "Use --split validation or --split test.")
-    if candidates < 1 or num_queries < 0:
+    if not recipe.reranked:
         raise GlossError(
-            f"--candidates must be >= 1 and --num-queries >= 0 (got {candidates}, {num_queries}).",
-            "Try --candidates 20 --num-queries 2.",
+            f"Recipe {recipe.name()} keeps the retrieval order: there is nothing for the model to score.",
+            "Use a recipe with order=lm or order=fused (the presets rerank, rerank-lm).",
         )
     if batch_size < 0:
         raise GlossError(f"--batch-size must be >= 0 (got {batch_size}).", "Pass 0 for the default.")
-    hybrid_parts(retriever)  # a malformed hybrid name fails before any work
+    candidates = recipe.candidates
+    if "transitions" not in recipe.lists or len(recipe.lists) > 1:
+        hybrid_parts(retriever)  # a malformed hybrid name fails before any work
     project.require("data")
     train_record = project.require("train")
     items = load_items(project.path("data"))
@@ -104,36 +97,47 @@ def run(
     titles = dict(zip(item_ids, items.get_column("title").to_list(), strict=True))
     split_df = load_split(project.path("data"), split)
     stages: tuple[str, ...] = ()
-    if num_queries:
-        stage = f"generate/{split}"
+    if recipe.users == "generated":
         split_df = split_df.filter(pl.col("user_id").is_in(generated_users(project, split)))
-        qs = with_lis_query(
-            load_generated(project.path(f"{stage}/queries.jsonl"), split_df, titles, stage, num_queries), titles
-        )
-        stages = (stage,)
+        stages = (f"generate/{split}",)
+    if recipe.uses_model:
+        qs, stages = load_queries(project, split, split_df, titles, queries_file=None, n=recipe.queries)
+        if "lis" in recipe.lists:
+            qs = with_lis_query(qs, titles)
     else:
         qs = lis_queries(split_df, titles)
-    index, meta = open_index(project, retriever, query_cache=True, reporter=reporter)
+        if "lis" not in recipe.lists:
+            qs = dataclasses.replace(qs, queries=[])
+    index = None
+    meta: dict[str, Any] = {"key": "none", "stages": ()}
+    if qs.per_user:
+        index, meta = open_index(project, retriever, query_cache=True, reporter=reporter)
     params = {
         "split": split,
+        "recipe": recipe.pool().as_dict(),
         "retriever": meta["key"],
-        "num_queries": num_queries,
+        "num_queries": recipe.queries,
         "candidates": candidates,
-        "pool": ("the transitions list, then " if with_transitions else "")
-        + "the last item's title, then the generated queries; top-K each, fused, history items excluded",
-        "transitions": TRANSITIONS_PARAMS if with_transitions else None,
+        "transitions": TRANSITIONS_PARAMS | {"counted_from": "train split"} if "transitions" in recipe.lists else None,
         "score": "log p(Title: <title> EOS | prompt), summed",
         "train": train_record["fingerprint"],
     }
     upstream = ("data", "train", *meta["stages"], *stages)
     libraries = ("torch", "transformers", "peft", "bm25s")
-    stage_dir = stage_name(split, retriever, transitions=with_transitions)
+    stage_dir = rerank_stage(split, recipe, retriever)
     with project.run_stage(stage_dir, params, command=command, libraries=libraries, upstream=upstream) as st:
         key_of = {item: i for i, item in enumerate(item_ids)}
-        lead = transitions_lists(project, qs, key_of, depth=candidates, exclude_seen=True) if with_transitions else None
-        pools = retrieve(
-            index, qs, key_of, protocol="fused", exclude_seen=True, k=candidates, reporter=reporter, lead=lead
-        )  # (users, candidates), -1 padded
+        lead = None
+        if "transitions" in recipe.lists:
+            from gloss_cli.transitions import transition_counts
+
+            counts = transition_counts(load_split(project.path("data"), "train"))
+            lead = transitions_lists(counts, qs.histories, key_of, depth=candidates, exclude_seen=recipe.exclude_seen)
+        seen = [{key_of[i] for i in h} for h in qs.histories]
+        merged = rank_users(
+            recipe.pool(), qs.queries, seen, k=candidates, retriever=index, lead=lead, reporter=reporter
+        )
+        pools = as_array(merged, candidates)  # (users, candidates), -1 padded
         targets = np.array([key_of[t] for t in qs.targets])
         pool_recall = float((pools == targets[:, None]).any(axis=1).mean()) if len(targets) else 0.0
         meta_train = read_meta(project.path("train"))

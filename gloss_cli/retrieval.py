@@ -24,11 +24,11 @@ import numpy.typing as npt
 
 from gloss_cli.console import Reporter, Tick
 from gloss_cli.errors import GlossError
+from gloss_cli.fusion import HYBRID_RRF_C, fuse
 
 # GLoSS's BM25: bm25s defaults (Lucene variant, k1 = 1.5, b = 0.75), English stop words, no stemmer.
 BM25_PARAMS = {"method": "lucene", "k1": 1.5, "b": 0.75, "stopwords": "en"}
 DENSE_ALIASES = {"dense": None}  # "dense" = the default encoder (or --encoder)
-HYBRID_RRF_K = 60.0  # c in 1 / (c + rank), the usual constant of reciprocal-rank fusion (Cormack et al., 2009)
 # BM25 scores this many (query, item) pairs at a time: 16 MB of float32 scores, ~50 MB at peak with argpartition.
 BM25_BLOCK = 1 << 22
 
@@ -233,23 +233,16 @@ class HybridRetriever:
     parts: tuple[Retriever, Retriever]
     name: str
     description: str
-    c: float = HYBRID_RRF_K
+    c: float = HYBRID_RRF_C
 
     def search(self, texts: Sequence[str], k: int, *, tick: Tick | None = None) -> Hits:
         lists = [part.search(texts, k)[0] for part in self.parts]
         keys = np.full((len(texts), k), -1, dtype=np.int64)
         scores = np.zeros((len(texts), k), dtype=np.float32)
         for row in range(len(texts)):
-            fused: dict[int, float] = {}
-            first: dict[int, tuple[int, int]] = {}  # (part, rank) where the item was first found
-            for part, found in enumerate(lists):
-                for rank, key in enumerate(found[row].tolist()):
-                    if key >= 0:
-                        fused[key] = fused.get(key, 0.0) + 1.0 / (self.c + rank + 1)
-                        first.setdefault(key, (part, rank))
-            best = sorted(fused, key=lambda item: (-fused[item], first[item]))[:k]
-            keys[row, : len(best)] = best
-            scores[row, : len(best)] = [fused[key] for key in best]
+            best = fuse([found[row].tolist() for found in lists], c=self.c)[:k]
+            keys[row, : len(best)] = [key for key, _, _ in best]
+            scores[row, : len(best)] = [value for _, value, _ in best]
         if tick is not None:
             tick.advance(len(texts))
         return keys, scores

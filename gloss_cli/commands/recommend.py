@@ -16,7 +16,9 @@ from gloss_cli.options import (
     JsonOpt,
     ProjectOpt,
     QuietOpt,
+    RecipeOpt,
     RetrieverOpt,
+    recipe_of,
 )
 
 
@@ -44,30 +46,17 @@ def recommend(
     ] = 10,
     retriever: RetrieverOpt = "bm25",
     encoder: EncoderOpt = None,
-    protocol: Annotated[str, typer.Option(help="fused (default) or paper: how the queries' results merge.")] = "fused",
-    include_seen: Annotated[bool, typer.Option("--include-seen", help="Allow items already in the history.")] = False,
+    recipe: RecipeOpt = None,
     backend: Annotated[
         str | None, typer.Option(help="llama-cpp or hf (default: llama-cpp if the model was exported to GGUF).")
     ] = None,
-    with_lis: Annotated[
-        bool,
-        typer.Option(
-            "--with-lis", help="Search with the last item's title first, then the generated titles (LIS + model)."
-        ),
-    ] = False,
-    with_transitions: Annotated[
-        bool,
-        typer.Option(
-            "--with-transitions",
-            help="Fuse first what followed the latest history items in every known sequence (before any query).",
-        ),
-    ] = False,
     profile: Annotated[bool, typer.Option("--profile", help="Print where the time went.")] = False,
     project: ProjectOpt = DEFAULT_PROJECT_PATH,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Recommend next items: the model writes 5 titles (beam search), each title searches the catalog.
+    """Recommend next items, ranked by a recipe (default gloss: what followed the user's latest items elsewhere,
+    the last item's title and the model's 2 best generated titles, each searching the catalog, fused).
 
     [dim]Examples:[/]
 
@@ -77,7 +66,7 @@ def recommend(
 
       gloss recommend --users-file users.txt --json > recs.jsonl
 
-      gloss recommend --user A2CZ4YVBIJFW6J --with-transitions --with-lis    # docs/RESULTS.md's best configuration
+      gloss recommend --user A2CZ4YVBIJFW6J --recipe paper     # GLoSS as published: the 5 queries' top-1 each
     """
     from gloss_cli.recommend import Recommender
 
@@ -100,11 +89,8 @@ def recommend(
         retriever=retriever,
         encoder=encoder,
         backend=backend,
-        protocol=protocol,
-        exclude_seen=not include_seen,
+        recipe=recipe_of(recipe),
         k=k,
-        with_lis=with_lis,
-        with_transitions=with_transitions,
         reporter=reporter,
     )
     results = recommender.for_users(ids) if ids else [recommender.for_history(titles)]
@@ -118,11 +104,4 @@ def recommend(
     from gloss_cli.render import recommendations
 
     for r in results:
-        recommendations(
-            r,
-            profile=profile,
-            protocol=protocol,
-            exclude_seen=not include_seen,
-            with_lis=with_lis,
-            with_transitions=with_transitions,
-        )
+        recommendations(r, profile=profile, recipe=recommender.recipe)

@@ -10,40 +10,22 @@ from gloss_cli.console import RichReporter, print_json
 from gloss_cli.options import (
     DEFAULT_PROJECT_PATH,
     MAX_BATCH,
-    MAX_COUNT,
-    MAX_QUERIES,
     JsonOpt,
     ProjectOpt,
     QuietOpt,
+    RecipeOpt,
     RetrieverOpt,
     complete_split,
+    recipe_of,
 )
 
 
 def rerank(
     split: Annotated[
         str, typer.Option("--split", "-s", help="validation or test.", autocompletion=complete_split)
-    ] = "validation",
+    ] = "test",
+    recipe: RecipeOpt = None,
     retriever: RetrieverOpt = "bm25",
-    num_queries: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            max=MAX_QUERIES,
-            help="Generated queries after the last item's title in the pool (0: that title alone).",
-        ),
-    ] = 2,
-    candidates: Annotated[
-        int, typer.Option(min=1, max=MAX_COUNT, help="Pool size per user (top-K of each query, fused).")
-    ] = 20,
-    with_transitions: Annotated[
-        bool,
-        typer.Option(
-            "--with-transitions",
-            help="Fuse the transitions list (items that followed the user's recent items in the training sequences) "
-            "first into the pool.",
-        ),
-    ] = False,
     batch_size: Annotated[
         int, typer.Option(min=0, max=MAX_BATCH, help="Users per scoring batch (0: 64 on CUDA, 4 on CPU).")
     ] = 0,
@@ -52,41 +34,46 @@ def rerank(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Score each user's pool of retrieved candidates with the fine-tuned model, for 'gloss eval --rerank'.
+    """Score each user's pool of candidates with the fine-tuned model, for 'gloss eval --recipe rerank'.
 
-    The pool: the last item's title and the first --num-queries generated titles, each retrieving its top
-    --candidates items, fused, history items excluded. Each candidate gets log p(its title | the user's prompt)
-    from the model. Writes rerank/<split>/candidates.parquet (another retriever than BM25:
-    rerank/<split>-<retriever>/; --with-transitions: rerank/<split>-transitions[-<retriever>]/).
+    The pool: the top 'candidates' of the recipe's own list in retrieval order (default recipe rerank: the gloss
+    recipe's list, its top 20). Each candidate gets log p(its title | the user's prompt) from the model. Writes
+    rerank/<split>-<pool recipe>-<candidates>-<retriever>/candidates.parquet.
 
     [dim]Examples:[/]
 
-      gloss rerank --split validation && gloss eval --split validation --rerank fused
+      gloss rerank && gloss eval --recipe rerank
 
-      gloss rerank --split test --num-queries 0 --candidates 50     # rerank LIS's top 50, no generation needed
+      gloss rerank --split validation --recipe "rerank candidates=50"
+
+      gloss rerank --recipe "lists=lis order=fused candidates=50"     # LIS's top 50: no generation needed
     """
     from gloss_cli.project import Project
     from gloss_cli.rerank import run
 
     reporter = RichReporter(quiet)
     proj = Project(project)
-    from gloss_cli.evaluate import MAX_SEEN_EXTRA
     from gloss_cli.limits import check_retrieval
+    from gloss_cli.ranking import MAX_SEEN_EXTRA
 
-    # The pool is a fused retrieval of the last item's title and the queries, history excluded: bounded before work.
+    chosen = recipe_of(recipe, "rerank")
+    # The pool is the recipe's retrieval: bounded before any work
+    queries = ("lis" in chosen.lists) + chosen.queries
     check_retrieval(
-        proj.root, split, candidates, queries=num_queries + 1, depth=candidates + MAX_SEEN_EXTRA, option="--candidates"
+        proj.root,
+        split,
+        chosen.candidates,
+        queries=max(queries, 1),
+        depth=chosen.candidates + MAX_SEEN_EXTRA if queries else None,
+        option="candidates=",
     )
-    command = f"gloss rerank --split {split} --retriever {retriever} --num-queries {num_queries}"
-    command += f" --candidates {candidates}" + (" --with-transitions" if with_transitions else "")
+    command = f"gloss rerank --split {split} --recipe '{chosen.explicit()}' --retriever {retriever}"
     with proj.lock(command, reporter):
         result = run(
             proj,
             split,
+            recipe=chosen,
             retriever=retriever,
-            num_queries=num_queries,
-            candidates=candidates,
-            with_transitions=with_transitions,
             batch_size=batch_size,
             dtype=dtype,
             command=command,
@@ -103,5 +90,4 @@ def rerank(
         f"({metrics['users_per_s'] or 0:.1f} users/s); held-out item in the pool for {result.pool_recall:.2%} "
         f"of users -> {result.path}"
     )
-    also = " --with-transitions" if with_transitions else ""
-    reporter.info(f"next: gloss eval --split {split} --rerank fused --retriever {retriever}{also}")
+    reporter.info(f"next: gloss eval --split {split} --recipe '{chosen.explicit()}' --retriever {retriever}")
