@@ -6,6 +6,7 @@ stay instant.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Annotated, Any, NoReturn
 
@@ -34,6 +35,18 @@ def _usage_error(exc: UsageError, ctx: Any = None) -> NoReturn:
         where = " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand)))
     print_error(" ".join(exc.format_message().split()), f"Run '{where} --help'.")
     raise typer.Exit(1) from None
+
+
+class _NoKernelHubNotice(logging.Filter):
+    """bitsandbytes (the qlora extra), imported with peft by every training run, logs on a CPU that it could not
+    fetch a 4-bit kernel from the Hugging Face kernel hub: a notice about a download gloss never asked for, which
+    said nothing about the run (LoRA and full training load no 4-bit kernel; QLoRA on a CPU runs bitsandbytes' own)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelHubNotice())
 
 
 # An optional library's top-level module -> (what gloss needs it for, the extra that installs it)

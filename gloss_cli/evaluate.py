@@ -27,6 +27,7 @@ from gloss_cli.metrics import bootstrap_ci, per_user, target_ranks
 from gloss_cli.project import Project, StageRun, sha256_file
 from gloss_cli.queries import QuerySet, lis_queries, load_generated, load_gloss_json, query_text, read_generated
 from gloss_cli.ranking import (
+    CANDIDATES,
     TIE_ORDER,
     TRANSITIONS_PARAMS,
     TRANSITIONS_TEXT,
@@ -318,8 +319,6 @@ def _run_reranked(
     project: Project, recipe: Recipe, split: str, retriever: str, ks: list[int], *, name: str | None, command: str
 ) -> EvalResult:
     """Order the pools ``gloss rerank --recipe RECIPE --retriever RETRIEVER`` scored for ``split``."""
-    from gloss_cli.rerank import CANDIDATES
-
     ties = tie_policy(project.require("data"))
     stage = rerank_stage(split, recipe, retriever)  # a malformed hybrid name fails here
     record = project.require(

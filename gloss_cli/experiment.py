@@ -137,6 +137,22 @@ def load_spec(path: Path) -> Spec:
             raise GlossError(f"{path}: the name {name!r} is not path-safe.", "Use letters, digits, - and _.")
     if any(r.reranked for r in (*candidates.values(), *baselines.values())):
         raise GlossError(f"{path}: reranked recipes are not part of experiments yet.", "Use order=retrieval recipes.")
+    from gloss_cli.train import _check_types, load_config  # the train config's own checks: one line each
+
+    train = {str(key).replace("-", "_"): value for key, value in table("train").items()}
+    _check_types(train, f"{path} [train]")
+    load_config(None, train)
+    generate = table("generate", _GENERATE)
+    for key, value in generate.items():
+        if key in ("backend", "dtype"):
+            ok = isinstance(value, str)
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= (1 if key == "beams" else 0)
+        if not ok:
+            raise GlossError(
+                f"{path}: [generate] {key} = {value!r} is not a valid {key}.",
+                "beams: a whole number >= 1; limit, batch_size: >= 0; backend, dtype: strings.",
+            )
     dataset = values.get("dataset")
     if not isinstance(dataset, str):
         raise GlossError(f"{path}: dataset is missing.", 'E.g. dataset = "beauty".')
@@ -145,8 +161,8 @@ def load_spec(path: Path) -> Spec:
         dataset=dataset,
         retriever=str(values.get("retriever", "bm25")),
         k=k,
-        train=table("train"),
-        generate=table("generate", _GENERATE),
+        train=train,
+        generate=generate,
         data=table("data", _DATA),
         metric=metric,
         candidates=candidates,

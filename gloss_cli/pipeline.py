@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from gloss_cli.console import Reporter
+from gloss_cli.errors import GlossError
 from gloss_cli.project import Project
+from gloss_cli.recipe import PRESETS, Recipe, parse
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class RunPlan:
     max_seq_len: int = 256  # CPU: the user's latest items only (a fifth of the tokens per example); full: 1024
     beams: int = 2  # CPU: the declared row uses 2 queries, and 2 beams cost half of 5; full: the paper's 5
     dtype: str | None = None  # None: bf16 on CUDA and on CPUs that have it in hardware, else fp32
+    recipe: str = "gloss"  # the declared row (gloss_cli.recipe: a preset or the explicit form), first in the table
 
     @classmethod
     def make(cls, *, full: bool, **overrides: Any) -> RunPlan:
@@ -72,6 +75,14 @@ EVALS = (
     ("paper", "model alone"),
     ("lis-paper", "LIS"),
 )
+
+
+def rows_of(declared: Recipe) -> list[tuple[str, str]]:
+    """The table's rows: the declared recipe first (gloss unless --recipe says otherwise), then the others."""
+    first = (declared.name(), "transitions + LIS + model" if declared.name() == "gloss" else "declared recipe")
+    return [first, *((key, label) for key, label in EVALS[1:] if key != declared.name())]
+
+
 # Paired over the same users: what the declared row gains over LIS and over its no-model part, and the model's own
 # queries against LIS under the paper's protocol
 COMPARISONS = (("gloss", "lis"), ("gloss", "no-model"), ("paper", "lis-paper"))
@@ -100,6 +111,17 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
     from gloss_cli.sources import dataset_info
 
     reporter = reporter or Reporter()
+    declared = parse(plan.recipe)  # before any work: a recipe the run cannot compute is one line
+    if declared.reranked:
+        raise GlossError(
+            f"gloss run does not score pools: recipe {declared.name()} needs gloss rerank.",
+            "Use a recipe with order=retrieval, or gloss rerank then gloss eval --recipe for this one.",
+        )
+    if declared.queries > plan.beams:
+        raise GlossError(
+            f"Recipe {declared.name()} reads {declared.queries} queries but this plan generates {plan.beams} per user.",
+            f"Use queries={plan.beams} or fewer (--full generates 5).",
+        )
     summary = RunSummary()
 
     def step(name: str, fresh: bool) -> bool:
@@ -163,18 +185,16 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
             reporter=reporter,
         )
 
-    from gloss_cli.recipe import PRESETS
-
     results = {}
-    for key, _ in EVALS:
-        recipe = PRESETS[key]
-        if recipe.uses_model and recipe.queries > plan.beams:  # the first N of what was generated
-            recipe = dataclasses.replace(recipe, queries=plan.beams)
+    for key, _ in rows_of(declared):
+        recipe = declared if key == declared.name() else PRESETS[key]
+        if recipe.uses_model and recipe.queries > plan.beams and key != declared.name():
+            recipe = dataclasses.replace(recipe, queries=plan.beams)  # the first N of what was generated
         results[key] = evaluate.run(
             project, recipe, split="test", retriever=plan.retriever, command="gloss run", reporter=reporter
         )
     summary.steps.append(("eval", f"{len(results)} runs"))
-    labels = dict(EVALS)
+    labels = dict(rows_of(declared))
     summary.rows = [
         {
             "key": key,
@@ -189,7 +209,9 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
         }
         for key, r in results.items()
     ]
-    summary.comparisons = [_compare(results[a], results[b], a, b) for a, b in COMPARISONS]
+    first = declared.name()
+    pairs = [(first if a == "gloss" else a, b) for a, b in COMPARISONS]
+    summary.comparisons = [_compare(results[a], results[b], a, b) for a, b in pairs if a != b]
     report = segments.run(project, runs=[r.name for r in results.values()], command="gloss segments")
     summary.steps.append(("segments", "ran"))
     summary.plot = report.plot

@@ -20,6 +20,7 @@ from gloss_cli.transitions import DECAY, RECENT, WINDOW
 # How equal scores are ordered, named in every description: a retriever's ties go by item id, a fusion's to the
 # item found first (the earlier list or query)
 TIE_ORDER = "equal scores: retrieval by item id, fusion by the list that found the item first"
+CANDIDATES = "candidates.parquet"  # gloss rerank's scored pools, in its stage (rerank_stage)
 MAX_SEEN_EXTRA = 100  # extra depth retrieved per query so that excluded history items can be replaced
 TRANSITIONS_PARAMS = {"window": WINDOW, "recent": RECENT, "decay": DECAY}
 TRANSITIONS_TEXT = (

@@ -126,7 +126,16 @@ def check(recipe: Recipe) -> None:
     def bad(message: str, hint: str) -> GlossError:
         return GlossError(f"Recipe: {message}", hint)
 
+    for key in ("queries", "candidates"):
+        value = getattr(recipe, key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad(f"{key}={value!r} is not a whole number.", f"E.g. {key}=2.")
+    for key in ("merge", "seen", "order", "users"):
+        if not isinstance(getattr(recipe, key), str):
+            raise bad(f"{key}={getattr(recipe, key)!r} is not a word.", f"E.g. {key}={getattr(Recipe, key)}.")
     lists = recipe.lists
+    if not isinstance(lists, tuple) or not all(isinstance(part, str) for part in lists):
+        raise bad(f"lists={lists!r} is not a list of names.", "E.g. lists=lis,model.")
     if not lists or len(set(lists)) != len(lists) or any(part not in LISTS for part in lists):
         raise bad(f"lists={','.join(lists)} is not a list of distinct {', '.join(LISTS)}.", "E.g. lists=lis,model.")
     if list(lists) != [part for part in LISTS if part in lists]:

@@ -33,11 +33,10 @@ from gloss_cli.models import load_trained, pick_device, read_meta
 from gloss_cli.project import Project
 from gloss_cli.prompt import item_text
 from gloss_cli.queries import lis_queries
-from gloss_cli.ranking import TRANSITIONS_PARAMS, as_array, rank_users, rerank_stage, transitions_lists
+from gloss_cli.ranking import CANDIDATES, TRANSITIONS_PARAMS, as_array, rank_users, rerank_stage, transitions_lists
 from gloss_cli.recipe import DEFAULT_RERANK, PRESETS, Recipe
 from gloss_cli.retrieval import hybrid_parts
 
-CANDIDATES = "candidates.parquet"
 MAX_NEW_TOKENS = 50  # prompts are cut as generation cuts them: room for a 50-token answer
 
 

@@ -15,7 +15,9 @@ from gloss_cli.options import (
     JsonOpt,
     ProjectOpt,
     QuietOpt,
+    RecipeOpt,
     RetrieverOpt,
+    recipe_of,
 )
 
 
@@ -59,6 +61,7 @@ def run(
         ),
     ] = None,
     retriever: RetrieverOpt = "bm25",
+    recipe: RecipeOpt = None,
     model: Annotated[
         str | None,
         typer.Option(
@@ -75,8 +78,9 @@ def run(
     """Run the whole pipeline: data, train, index, generate, eval (model vs LIS), segments; done stages are skipped.
 
     CPU default: LoRA with the completion loss for 3 minutes (a time budget) on short prompts, then 2 beams for
-    300 test users; the table leads with the declared recipe (transitions + LIS + the model's 2 queries) and
-    prints paired CIs against LIS and against the same lists without the model (benchmarks/main_job.json: the
+    300 test users; the table leads with the declared recipe (--recipe, default gloss: transitions + LIS + the
+    model's 2 queries), then its parts and the paper's protocol, and prints paired CIs against LIS and against the
+    same lists without the model (benchmarks/main_job.json: the
     whole README command, install included, and its rows on a 2-core machine).
 
     [dim]Examples:[/]
@@ -99,6 +103,7 @@ def run(
         retriever=retriever,
         model=model,
         backend=backend,
+        recipe=recipe_of(recipe).explicit() if recipe is not None else None,
     )
     reporter = RichReporter(quiet)
     proj = Project(project)
