@@ -91,6 +91,23 @@ def timed(script: str, cwd: Path, env: dict[str, str], log: Path) -> tuple[float
 
 
 README_BLOCK = re.compile(r"(<!-- main-job-benchmark -->\n)(.*?)(<!-- /main-job-benchmark -->)", re.S)
+# Rows measured before `gloss run`'s rows were recipes (issue 20) keyed the declared row "recipe" and the paper's
+# model row "model-paper", and said how lists merge as "protocol" (paper: top-1 per query; fused, transitions: rank
+# fusion) instead of a "recipe" record: a file measured then reads as today's keys.
+OLD_KEYS = {"recipe": "gloss", "model-paper": "paper"}
+
+
+def row_key(key: str) -> str:
+    """A row's key as `gloss run` names it today (its recipe preset: gloss eval --recipe KEY)."""
+    return OLD_KEYS.get(key, key)
+
+
+def merge_of(row: dict[str, object]) -> str:
+    """How the row's lists merge: top1 (GLoSS's top-1 per query) or rrf (reciprocal-rank fusion)."""
+    recipe = row.get("recipe")
+    if isinstance(recipe, dict):
+        return str(recipe["merge"])
+    return "top1" if row.get("protocol") == "paper" else "rrf"
 
 
 def _minutes(seconds: float) -> str:
@@ -114,12 +131,12 @@ def readme_block(result: dict[str, object]) -> str:
             f" Training ran {train.get('steps')} steps in its time budget at {train.get('tokens_per_s')} tokens/s "
             f"(validation loss {train.get('best_val_loss')}; `gloss train {train.get('replay')}` replays it)."
         )
-    lines += ["", "| row | lists | protocol | history | users | Recall@5 | NDCG@5 |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| row (recipe) | lists | merge | history | users | Recall@5 | NDCG@5 |", "|" + "---|" * 7]
     for i, r in enumerate(result["rows"]):  # type: ignore[attr-defined]
         bold = "**" if i == 0 else ""
         history = "excluded" if r["exclude_seen"] else "kept"
         lines.append(
-            f"| {r['key']} | {bold}{r['label']}{bold} | {r['protocol']} | {history} | {r['users']} | "
+            f"| {row_key(r['key'])} | {bold}{r['label']}{bold} | {merge_of(r)} | {history} | {r['users']} | "
             f"{bold}{r['recall@5']:.4f}{bold} | {bold}{r['ndcg@5']:.4f}{bold} |"
         )
     lines += ["", "| paired, the same users (bootstrap 95 % CI) | Recall@5 | NDCG@5 |", "|---|---|---|"]
@@ -128,7 +145,7 @@ def readme_block(result: dict[str, object]) -> str:
             f"{c[k]['diff']:+.4f} [{c[k]['lo']:+.4f}, {c[k]['hi']:+.4f}] ({c[k]['relative']:+.0%})"
             for k in ("recall@5", "ndcg@5")
         ]
-        lines.append(f"| {c['a']} - {c['b']} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {row_key(c['a'])} - {row_key(c['b'])} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 

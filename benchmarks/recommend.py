@@ -1,6 +1,9 @@
 """Latency of `gloss recommend`: seconds per user with the model and the index loaded once (issue target: a median
 of at most 1.5 s per user after warm-up, on 2 CPU cores, with the default model, 5 beams x 5 returns, <= 50 new
-tokens, a BM25 or MiniLM index).
+tokens, a BM25 or MiniLM index). ``--recipe`` (default ``model``: the model's 5 queries, fused, history excluded, the
+recipe benchmarks/README.md measured, gloss recommend's default before recipes) takes any retrieval-order recipe, e.g.
+``--recipe gloss`` (gloss recommend's default today: the transitions list, the last item's title and the model's
+first 2 queries).
 
 It drives the same :class:`gloss_cli.recommend.Recommender` that ``gloss recommend`` uses, on a trained project:
 loads it once, recommends for ``--warmup`` users (not timed), then for ``--n`` users one at a time (each call timed
@@ -10,6 +13,7 @@ skipping the warm-up ones; their full histories are the prompts (left-truncated 
 
     python benchmarks/recommend.py --project runs/cpu-beauty --n 20
     python benchmarks/recommend.py --project runs/cpu-beauty --retriever minilm --backend hf
+    python benchmarks/recommend.py --project runs/cpu-beauty --recipe gloss
 """
 
 from __future__ import annotations
@@ -38,17 +42,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--retriever", default="bm25", help="bm25 or a dense retriever (minilm, e5, ...)")
     parser.add_argument("--backend", default=None, help="llama-cpp or hf (default: gloss recommend's)")
     parser.add_argument("-k", type=int, default=10, help="items per user")
+    parser.add_argument("--recipe", default="model", help="a recipe (gloss recipes lists the presets)")
     args = parser.parse_args(argv)
 
     import polars as pl
     import torch
 
     from gloss_cli.project import Project
+    from gloss_cli.recipe import parse
     from gloss_cli.recommend import Recommender
 
     project = Project(args.project)
+    recipe = parse(args.recipe)
     t0 = time.perf_counter()
-    rec = Recommender(project, retriever=args.retriever, backend=args.backend, k=args.k)
+    rec = Recommender(project, recipe=recipe, retriever=args.retriever, backend=args.backend, k=args.k)
     load = time.perf_counter() - t0
     users = pl.read_parquet(project.path("data/test.parquet"), columns=["user_id"]).sort("user_id")
     ids = users.get_column("user_id").head(args.warmup + args.n).to_list()
@@ -67,8 +74,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     backend = rec.options.backend
     print(
-        f"{len(totals)} users (test users by user_id after {args.warmup} warm-up), backend {backend}, "
-        f"retriever {args.retriever}, k {args.k}, torch threads {torch.get_num_threads()}, "
+        f"{len(totals)} users (test users by user_id after {args.warmup} warm-up), recipe {recipe.name()}, "
+        f"backend {backend}, retriever {args.retriever}, k {args.k}, torch threads {torch.get_num_threads()}, "
         f"history length median {statistics.median(lengths):.0f} items; load {load:.1f} s",
         file=sys.stderr,
     )

@@ -67,7 +67,7 @@ def require_k_within_catalog(ks: list[int], items: int, option: str = "-k") -> N
 def retrieval_bytes(queries: int, depth: int, items: int) -> int:
     """Memory of a retrieval's results: per query ``depth`` (at most the catalog) int64 keys and float32 scores,
     three times over (the retriever's arrays, the copies that merging makes, the lists it builds). Measured on Beauty,
-    LIS at -k 12000 with --exclude-seen: 8.6 GiB resident for an estimate of 9.1 GiB."""
+    LIS at -k 12000 with the history excluded: 8.6 GiB resident for an estimate of 9.1 GiB."""
     return 3 * queries * min(depth, items) * (8 + 4)
 
 
@@ -85,5 +85,6 @@ def check_retrieval(root: Path, split: str, cutoff: int, *, queries: int, depth:
     require_memory(
         retrieval_bytes(users * queries, depth, stats["items"]),
         f"Retrieving the top {cutoff:,} items for {users:,} users x {queries} quer{'y' if queries == 1 else 'ies'}",
-        f"Pass a smaller {option} or fewer --num-queries, or use a machine with more free memory.",
+        f"Pass a smaller {option} or a recipe with fewer queries (--recipe ... queries=N), or use a machine with "
+        "more free memory.",
     )

@@ -58,7 +58,7 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("train", ("data",), "gloss train --dataset {dataset}"),
     Stage("index", ("data",), "gloss index --retriever bm25"),
     Stage("generate", ("data", "train"), "gloss generate --split test"),
-    Stage("eval", ("data",), "gloss eval --baseline lis"),
+    Stage("eval", ("data",), "gloss eval"),
     Stage("segments", ("data",), "gloss segments"),
 )
 # Stages that status lists when they have run and never asks for: (stage, the pipeline stage it comes before).

@@ -127,7 +127,7 @@ def _where(path: Path, label: str, entry: Any, user_key: str) -> str:
 def _check_rows(rows: list[_Row], path: Path, split: pl.DataFrame, titles: dict[str, str], n: int) -> list[_Row]:
     """The rows, one per user in file order, checked against the split and the catalog."""
     if n < 1:
-        raise GlossError(f"--num-queries must be at least 1, got {n}.", "Pass --num-queries 5 (the paper's).")
+        raise GlossError(f"The recipe reads {n} queries per user.", "Use queries=5 (the paper's) or at least 1.")
     split_rows = {r["user_id"]: r for r in split.select("user_id", "target", "history").iter_rows(named=True)}
     kept: dict[str, _Row] = {}
     differ: list[_Row] = []
@@ -148,7 +148,8 @@ def _check_rows(rows: list[_Row], path: Path, split: pl.DataFrame, titles: dict[
         if len(row.queries) < n:
             raise GlossError(
                 f"{row.where}: {len(row.queries)} generated sequences, expected {n}.",
-                f"Generate {n} sequences per user (--num-return {n}), or pass --num-queries {len(row.queries)}.",
+                f"Generate {n} sequences per user (--num-return {n}), or use a recipe with queries="
+                f"{len(row.queries)} (e.g. --recipe 'paper queries={len(row.queries)}').",
             )
         if row.user in kept:
             if _fields(kept[row.user]) != _fields(row):
@@ -174,7 +175,7 @@ def _fields(row: _Row) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
 
 
 def _as_queryset(source: str, rows: list[_Row], split: pl.DataFrame, n: int) -> QuerySet:
-    # The split's own histories (equal to the file's, checked): exclude-seen and --with-lis read the project's data.
+    # The split's own histories (equal to the file's, checked): seen=excluded and the LIS list read the project's data.
     histories = dict(zip(split.get_column("user_id").to_list(), split.get_column("history").to_list(), strict=True))
     return QuerySet(
         source,

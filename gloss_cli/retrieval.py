@@ -130,7 +130,7 @@ class BM25Retriever:
         """Each text's top ``k`` items by BM25 score, then key (:func:`top_k`), scores exactly as bm25s computes them
         (``BM25.get_scores_from_ids``, float32), but selected by gloss rather than by ``BM25.retrieve``, whose choice
         among tied items depends on bm25s's version and backend. Items that share no token with the query score 0:
-        they still fill the list, lowest keys first, so every list holds ``k`` items (the fused protocol fills to K).
+        they still fill the list, lowest keys first, so every list holds ``k`` items (merge=rrf fills to K).
         """
         import bm25s
 
@@ -157,7 +157,7 @@ class BM25Retriever:
 class QueryVectorCache:
     """Query vectors kept between evaluations (one ``.npz``: 16-byte BLAKE2 keys of the texts, float32 rows, and the
     encoder they came from). A query's vector depends on the encoder alone, so evaluating the same queries again
-    under another protocol, K or ``--with-lis`` encodes only the texts not seen before. A file from another encoder,
+    under another recipe or K encodes only the texts not seen before. A file from another encoder,
     or one that cannot be read, counts as empty and is replaced."""
 
     def __init__(self, path: Path, resolved: str) -> None:

@@ -45,7 +45,8 @@ def eval_runs(project: Project, runs: list[str] | None) -> list[str]:
     available = [name.removeprefix("eval/") for name in stages if name.startswith("eval/")]
     if not available:
         raise GlossError(
-            f"No eval runs in {project.root}.", "Run 'gloss eval --baseline lis' (and a model eval) first."
+            f"No eval runs in {project.root}.",
+            "Run 'gloss eval' first (recipe gloss; --recipe 'lis-paper users=all' needs no model).",
         )
     for run in runs or []:
         if run not in available:

@@ -6,15 +6,17 @@
 #
 # Per NAME.tgz: `gloss data` for its dataset into PROJECTS_DIR/NAME, the returned manifest, train/meta.json and
 # generated queries unpacked over it (and its catalog-only generation, if any, into PROJECTS_DIR/NAME-catalog), then
-# per retriever and project, the test split's first (where it was generated):
-#   the model's queries and LIS under the paper protocol and gloss's (fused, history excluded);
-#   LIS + model (`--with-lis`) with 2 and 5 beams on validation, and on test with the number validation picked;
-#   the transitions list first, then LIS + 2 beams, on both splits (tr-lis2-RETRIEVER-{val,test}), and the
-#   transitions baseline alone (transitions-xseen-{validation,test});
+# per retriever and project, the test split's first (where it was generated), each a recipe (`gloss recipes`) under
+# the run name docs/RESULTS.md cites:
+#   the model's queries and LIS under the paper protocol and gloss's (recipes paper, model; the LIS baseline on
+#   every user of the split: lis-paper, lis with users=all);
+#   LIS + model (lists=lis,model) with 2 and 5 queries on validation, and on test with the number validation picked;
+#   the transitions list first, then LIS + 2 queries (recipe gloss), on both splits (tr-lis2-RETRIEVER-{val,test}),
+#   and the transitions list alone on every user (transitions-xseen-{validation,test});
 #   for BM25 also the ablation rows (history excluded alone, fusion alone, LIS + model with history kept);
-#   where the run scored candidate pools (`gloss rerank`, gpu_run.sh GLOSS_RERANK): `--rerank lm` and `fused`,
-#   for each retriever's pools (rerank-{lm,fused}-RETRIEVER-{val,test}; those the transitions list led:
-#   rerank-{lm,fused}-transitions+RETRIEVER-{val,test});
+#   where the run scored candidate pools (`gloss rerank`, gpu_run.sh GLOSS_RERANK): each pool ordered by order=lm
+#   and order=fused under the recipe its stage records (rerank-{lm,fused}-POOL-RETRIEVER-{val,test}, POOL the pool
+#   recipe's name; pools scored before recipes, issue 20, are skipped with a line);
 # then `gloss segments` over the BM25 rows. An evaluation that already has its metrics is skipped, so a stopped
 # run resumes. Dense retrievers encode every query on the CPU: minutes per evaluation of a whole test split.
 set -euo pipefail
@@ -39,43 +41,60 @@ PY
 }
 for r in "${retrievers[@]}"; do
   echo "== $name, $r"
-  t "model-$r-paper-test" --retriever "$r" --protocol paper
-  t "lis-$r-paper-test" --retriever "$r" --baseline lis --protocol paper
-  t "model-$r-fused-xseen-test" --retriever "$r" --protocol fused --exclude-seen
-  t "lis-$r-fused-xseen-test" --retriever "$r" --baseline lis --protocol fused --exclude-seen
+  t "model-$r-paper-test" --retriever "$r" --recipe paper
+  t "lis-$r-paper-test" --retriever "$r" --recipe "lis-paper users=all"
+  t "model-$r-fused-xseen-test" --retriever "$r" --recipe model
+  t "lis-$r-fused-xseen-test" --retriever "$r" --recipe "lis users=all"
   for n in 2 5; do
-    e "lis$n-$r-val" --retriever "$r" --split validation --protocol fused --exclude-seen --with-lis --num-queries "$n"
+    e "lis$n-$r-val" --retriever "$r" --split validation --recipe "lists=lis,model queries=$n"
   done
   n=$(picked "$r")
-  t "lis$n-$r-test" --retriever "$r" --protocol fused --exclude-seen --with-lis --num-queries "$n"
+  t "lis$n-$r-test" --retriever "$r" --recipe "lists=lis,model queries=$n"
   for s in validation test; do  # transitions, then LIS + 2 beams (session 10's (5) and (6))
     [ $s = validation ] && x=e || x=t
-    $x "tr-lis2-$r-${s/validation/val}" --retriever "$r" --split $s --protocol fused --exclude-seen --with-lis \
-      --with-transitions --num-queries 2
+    $x "tr-lis2-$r-${s/validation/val}" --retriever "$r" --split $s --recipe gloss
   done
-  e "model-$r-paper-validation" --retriever "$r" --split validation --protocol paper
-  e "model-$r-fused-xseen-validation" --retriever "$r" --split validation --protocol fused --exclude-seen
+  e "model-$r-paper-validation" --retriever "$r" --split validation --recipe paper
+  e "model-$r-fused-xseen-validation" --retriever "$r" --split validation --recipe model
   if [ "$r" = bm25 ]; then
-    t model-bm25-paper-xseen-test --retriever bm25 --protocol paper --exclude-seen
-    t model-bm25-fused-test --retriever bm25 --protocol fused
-    t lis2-bm25-noxseen-test --retriever bm25 --protocol fused --with-lis --num-queries 2
+    t model-bm25-paper-xseen-test --retriever bm25 --recipe "paper seen=excluded"
+    t model-bm25-fused-test --retriever bm25 --recipe "model seen=kept"
+    t lis2-bm25-noxseen-test --retriever bm25 --recipe "lists=lis,model queries=2 seen=kept"
     [ -z "$test" ] || gloss segments -p "$p" -q --run model-bm25-paper-test --run lis-bm25-paper-test \
       --run model-bm25-fused-xseen-test --run lis-bm25-fused-xseen-test --run "lis$n-bm25-test"
   fi
 done
-e transitions-xseen-validation --split validation --baseline transitions --exclude-seen
-t transitions-xseen-test --baseline transitions --exclude-seen
-local pool split r lead
-for pool in "$p"/rerank/*/; do  # rerank/<split>[-transitions][-<retriever>] (no retriever: BM25's pools)
-  pool=$(basename "$pool") split=${pool%%-*} r=bm25 lead=
-  [ "$pool" = "$split" ] || r=${pool#*-}
-  if [ "${r%%-*}" = transitions ]; then
-    lead=--with-transitions r=${r#transitions}; r=${r#-}; r=${r:-bm25}
-  fi
-  for how in lm fused; do
-    e "rerank-$how-${lead:+transitions+}$r-${split/validation/val}" --split "$split" --rerank "$how" --retriever "$r" $lead
-  done
-done
+e transitions-xseen-validation --split validation --recipe "transitions users=all"
+t transitions-xseen-test --recipe "transitions users=all"
+local run split r recipe
+while IFS=$'\t' read -r run split r recipe; do  # each scored pool, ordered both ways (rerank_pools)
+  e "$run" --split "$split" --retriever "$r" --recipe "$recipe"
+done < <(rerank_pools "$p")
+}
+rerank_pools() {  # PROJECT: per pool that `gloss rerank` scored and per order (lm, fused), one line of
+  # run name, split, retriever and recipe (explicit form), tab-separated: the recipe the stage records, reordered
+  python3 - "$1" <<'PY'
+import dataclasses, json, sys
+from gloss_cli.recipe import from_dict
+from gloss_cli.retrieval import index_key
+
+stages = json.load(open(f"{sys.argv[1]}/manifest.json"))["stages"]
+for stage, record in stages.items():
+    params = record.get("params") or {}
+    if not stage.startswith("rerank/"):
+        continue
+    if "recipe" not in params:
+        print(f"skipped {stage}: scored before recipes (issue 20), in a folder gloss no longer reads", file=sys.stderr)
+        continue
+    pool, split = from_dict(params["recipe"]), params["split"]
+    head = f"rerank/{split}-{pool.name()}-{params['candidates']}-"
+    r = params["retriever"] if params["retriever"] != "none" else stage.removeprefix(head)
+    for how in ("lm", "fused"):
+        recipe = dataclasses.replace(pool, order=how, candidates=params["candidates"])
+        short = {"validation": "val"}.get(split, split)
+        run = f"rerank-{how}-{pool.name()}-{index_key(r)}-{short}".replace("/", "_")
+        print(run, split, r, recipe.explicit(), sep="\t")
+PY
 }
 unpack() {  # TGZ PROJECT [PREFIX]: `gloss data` for the run's dataset, then its records (under PREFIX/ in TGZ) over it
   local tgz=$1 p=$2 prefix=${3:-} dataset

@@ -9,17 +9,20 @@
 #               (0: none, only validation; unset: all)
 #               GLOSS_VALIDATION=0: no validation generation (a run whose reported configuration was declared before)
 #               GLOSS_EVAL: retrievers to evaluate with there (e.g. "bm25 minilm"): test and validation splits,
-#               protocols paper and fused --exclude-seen, and the LIS baseline under both (device time is
-#               scarce: scripts/evaluate_returned.sh evaluates the returned runs on a CPU instead)
+#               the recipes paper and model (the model's queries under the paper's merge and gloss's), the LIS
+#               baseline under both on every user (lis-paper, lis: users=all) and LIS + the model's 2 or 5 queries
+#               (device time is scarce: scripts/evaluate_returned.sh evaluates the returned runs on a CPU instead)
 #               GLOSS_GPU: the GPU index to run on (machines with several GPUs; generation takes turns per GPU)
 #               GLOSS_CATALOG=1: the trained model also generates with --catalog-only (validation and test, whatever
 #               GLOSS_TEST_LIMIT says) in a copy of the project, NAME-catalog (data and train only); =only: and
 #               its unconstrained generation is of the validation split only
-#               GLOSS_RERANK: `gloss rerank` flags (e.g. "--candidates 20 --num-queries 2"): after generation the
-#               model scores each user's pool of candidates, validation and test (whatever GLOSS_TEST_LIMIT says)
-#               GLOSS_RERANK_RETRIEVERS: the pools it scores (default bm25: a retriever's, or transitions+RETRIEVER:
-#               led by the transitions list), each on validation; on test only the one whose
-#               `gloss eval --rerank fused` validation Recall@5 is highest (the first listed on a tie)
+#               GLOSS_RERANK: the `--recipe` flag of `gloss rerank` and `gloss eval`, a reranked recipe (e.g.
+#               "--recipe rerank", or "--recipe 'lists=lis,model queries=2 order=fused candidates=20'"; `gloss
+#               recipes` lists the presets): after generation the model scores each user's pool of candidates
+#               (the recipe's list, its top candidates), validation and test (whatever GLOSS_TEST_LIMIT says)
+#               GLOSS_RERANK_RETRIEVERS: the retrievers whose pools it scores (default bm25; the transitions list
+#               is the recipe's: lists=transitions,...), each on validation; on test only the one whose
+#               `gloss eval $GLOSS_RERANK` validation Recall@5 is highest (the first listed on a tie)
 #               GLOSS_AFTER: runs (names) whose logs must say finished or FAILED before this job begins (timings
 #               taken with the GPU to itself)
 #         bash scripts/gpu_run.sh evaluate NAME                 (GLOSS_EVAL's evaluations of a generated run)
@@ -77,15 +80,13 @@ after_train() {  # the steps after `gloss train`: generation (validation, test),
     if [ -n "${GLOSS_RERANK:-}" ]; then
       local r rs=${GLOSS_RERANK_RETRIEVERS:-bm25}
       rerank=$(for r in $rs; do
-        echo "lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank --split validation $(pool_flags "$r") \
+        echo "lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank --split validation --retriever $r \
           $GLOSS_RERANK -p '$runs/$name'
-          g eval --split validation --rerank fused $(pool_flags "$r") --name rerank-fused-$r-val"
+          g eval --split validation --retriever $r $GLOSS_RERANK --name rerank-$r-val"
       done)
       [ "$test_step" = ":" ] || rerank+="
         best=\$(python3 scripts/pick_rerank.py '$runs/$name' $rs); echo \"test rerank: \$best (validation)\"
-        case \$best in transitions+*) flags=\"--retriever \${best#transitions+} --with-transitions\" ;;
-          *) flags=\"--retriever \$best\" ;; esac
-        lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank --split test \$flags \
+        lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank --split test --retriever \$best \
           $GLOSS_RERANK -p '$runs/$name'"
     fi
     local val_step="gen --split validation ${GLOSS_GEN_FLAGS:-}"
@@ -97,24 +98,18 @@ after_train() {  # the steps after `gloss train`: generation (validation, test),
       $catalog
       $(eval_steps)"
 }
-pool_flags() {  # POOL: the flags of `gloss rerank` / `gloss eval --rerank` for bm25, bm25+e5, transitions+bm25, ...
-  case $1 in
-    transitions+*) echo "--retriever ${1#transitions+} --with-transitions" ;;
-    *) echo "--retriever $1" ;;
-  esac
-}
-eval_steps() {  # GLOSS_EVAL's evaluations, retriever by retriever, the test split's first
+eval_steps() {  # GLOSS_EVAL's evaluations, retriever by retriever, the test split's first (gloss recipes: the presets)
   for r in ${GLOSS_EVAL:-}; do
-    for p in "paper" "fused --exclude-seen"; do
-      echo "g eval --retriever $r --protocol $p || true
-        g eval --retriever $r --baseline lis --protocol $p || true"
+    for p in "paper:lis-paper" "model:lis"; do  # the paper's merge (history kept), then gloss's (fused, excluded)
+      echo "g eval --retriever $r --recipe ${p%%:*} || true
+        g eval --retriever $r --recipe '${p#*:} users=all' || true"
     done
     for n in 2 5; do  # LIS + model fusion; validation picks the number of beams
-      echo "g eval --retriever $r --protocol fused --exclude-seen --with-lis --num-queries $n --name lis$n-$r-test || true
-        g eval --retriever $r --split validation --protocol fused --exclude-seen --with-lis --num-queries $n --name lis$n-$r-val || true"
+      echo "g eval --retriever $r --recipe 'lists=lis,model queries=$n' --name lis$n-$r-test || true
+        g eval --retriever $r --split validation --recipe 'lists=lis,model queries=$n' --name lis$n-$r-val || true"
     done
-    for p in "paper" "fused --exclude-seen"; do
-      echo "g eval --retriever $r --split validation --protocol $p || true"
+    for p in paper model; do
+      echo "g eval --retriever $r --split validation --recipe $p || true"
     done
   done
 }

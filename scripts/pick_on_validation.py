@@ -1,7 +1,8 @@
 """Pick one LIS + model configuration per dataset on the validation split, across runs (docs/RESULTS.md).
 
 Every candidate is an evaluation that scripts/evaluate_returned.sh wrote in a project: `lis{2,5}-{retriever}-val`
-(`gloss eval --split validation --protocol fused --exclude-seen --with-lis --num-queries N`). The candidate with
+(`gloss eval --split validation --recipe "lists=lis,model queries=N"`: LIS + the model's first N queries, fused,
+history excluded; runs evaluated before recipes, issue 20, ranked the same under the same names). The candidate with
 the highest validation Recall@5 is the pick (the earlier run wins a tie); its test row, `lis{N}-{retriever}-test`,
 is the number to report. Prints a Markdown table of every candidate with the test rows that exist:
 

@@ -2,8 +2,9 @@
 
     python3 scripts/pick_rerank.py PROJECT RETRIEVER...
 
-Prints the retriever whose `gloss eval --split validation --rerank fused --retriever R --name rerank-fused-R-val`
-has the highest Recall@5, the first listed on a tie; validation only, never test.
+Prints the retriever whose `gloss eval --split validation $GLOSS_RERANK --retriever R --name rerank-R-val` (the
+recipe's reranked order of the pools `gloss rerank` scored with R) has the highest Recall@5, the first listed on a
+tie; validation only, never test.
 """
 
 import json
@@ -12,7 +13,7 @@ from pathlib import Path
 
 project, *retrievers = sys.argv[1:]
 recall = {
-    r: json.loads((Path(project) / f"eval/rerank-fused-{r}-val/metrics.json").read_text())["metrics"]["recall@5"]
+    r: json.loads((Path(project) / f"eval/rerank-{r}-val/metrics.json").read_text())["metrics"]["recall@5"]
     for r in retrievers
 }
 print(max(retrievers, key=lambda r: (recall[r], -retrievers.index(r))))

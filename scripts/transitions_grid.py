@@ -5,8 +5,8 @@
 For each setting (window 1 or 3; forward pairs only, or both directions; the 1, 3, 5 or 10 most recent history
 items, each older one's votes times the decay; with or without dividing by the next item's popularity ** 0.5) it
 prints the validation Recall@5 of the transitions list alone, and fused at position 0, 1 or 2 among the lists of
-LIS + 2 beams (fused, history excluded, as gloss eval --with-lis --num-queries 2). Validation only: the test split
-is never read.
+LIS + 2 beams (fused, history excluded: gloss eval --recipe "lists=lis,model queries=2"). Validation only: the test
+split is never read.
 """
 
 import sys
@@ -17,10 +17,11 @@ import polars as pl
 
 from gloss_cli.console import Reporter
 from gloss_cli.data import load_items, load_split
-from gloss_cli.evaluate import merge_user, with_lis_query
+from gloss_cli.evaluate import with_lis_query
 from gloss_cli.index import open_index
 from gloss_cli.project import Project
 from gloss_cli.queries import load_generated
+from gloss_cli.ranking import merge_user
 
 K, DEPTH = 5, 105
 project = Project(Path(sys.argv[1]))
@@ -94,7 +95,7 @@ def fused(extra: list[list[int]] | None, position: int) -> list[list[int]]:
             row[: len(extra[u][:DEPTH])] = extra[u][:DEPTH]
             rows.insert(position, row)
         merged = merge_user(
-            np.stack(rows), np.zeros((len(rows), keys.shape[2]), np.float32), seen[u], protocol="fused", depth=K
+            np.stack(rows), np.zeros((len(rows), keys.shape[2]), np.float32), seen[u], merge="rrf", depth=K
         )
         out.append([k for k, _, _ in merged[:K]])
     return out

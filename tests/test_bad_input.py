@@ -25,6 +25,8 @@ from gloss_cli.cli import app
 from tests.conftest import synthetic_rows, write_gz_csv
 
 runner = CliRunner()
+# The Last-Item-Search baseline under the paper's protocol on every user of the split (no generate stage needed)
+LIS_ALL = ["--recipe", "lis-paper users=all"]
 Setup = Callable[[pytest.MonkeyPatch], None]
 
 
@@ -192,8 +194,8 @@ def _split_deleted(_: pytest.MonkeyPatch) -> None:
 
 
 def _eval_files_deleted(_: pytest.MonkeyPatch) -> None:
-    assert runner.invoke(app, ["eval", "--baseline", "lis", "-p", "proj", "-q"]).exit_code == 0
-    Path("proj/eval/lis-bm25-paper-test/per_user.parquet").unlink()
+    assert runner.invoke(app, ["eval", *LIS_ALL, "-p", "proj", "-q"]).exit_code == 0
+    Path("proj/eval/lis-top1-kept-allusers-bm25-test/per_user.parquet").unlink()
 
 
 def _schema_zero(_: pytest.MonkeyPatch) -> None:
@@ -214,8 +216,10 @@ class Case:
 
 
 DATA = ["data", "--source", "src", "-p", "proj", "-q"]
-EVAL_JSON = ["eval", "--queries", "bad.json", "-p", "proj", "-q"]
-EVAL_JSONL = ["eval", "--queries", "bad.jsonl", "-p", "proj", "-q"]
+# the paper's recipe reads the file's 5 queries per user
+EVAL_JSON = ["eval", "--recipe", "paper", "--queries", "bad.json", "-p", "proj", "-q"]
+EVAL_JSONL = ["eval", "--recipe", "paper", "--queries", "bad.jsonl", "-p", "proj", "-q"]
+EVAL = ["eval", "-p", "proj"]
 INTER, ITEMS = "interactions.csv.gz", "items.csv.gz"
 
 CASES: dict[str, Case] = {
@@ -333,27 +337,28 @@ CASES: dict[str, Case] = {
     ),
     "jsonl users: user_id a list": Case(
         _jsonl(_jsonl_field(user_id=["U000"])),
-        ["eval", "--baseline", "lis", "--match-generated", "--queries", "bad.jsonl", "-p", "proj", "-q"],
+        ["eval", "--recipe", "lis-paper", "--queries", "bad.jsonl", "-p", "proj", "-q"],
         "Cannot read the users of",
     ),
     "jsonl users: user_id null": Case(
         _jsonl(_jsonl_field(user_id=None)),
-        ["eval", "--baseline", "lis", "--match-generated", "--queries", "bad.jsonl", "-p", "proj", "-q"],
+        ["eval", "--recipe", "lis-paper", "--queries", "bad.jsonl", "-p", "proj", "-q"],
         "user_id: Input should be a valid string (got null)",
     ),
     # numeric bounds, checked before any work
-    "--num-queries 0": Case(
-        None, ["eval", "--queries", "q.json", "--num-queries", "0", "-p", "proj"], "'--num-queries'"
+    "recipe queries=0": Case(
+        None, [*EVAL, "--queries", "q.json", "--recipe", "paper queries=0"], "lists has model but queries is below 1"
     ),
-    "--num-queries -1": Case(
-        None, ["eval", "--queries", "q.json", "--num-queries", "-1", "-p", "proj"], "greater than"
+    "recipe queries=-1": Case(
+        None, [*EVAL, "--queries", "q.json", "--recipe", "paper queries=-1"], "lists has model but queries is below 1"
     ),
-    "-k 0": Case(None, ["eval", "--baseline", "lis", "-k", "0", "-p", "proj"], "Invalid value for '--k' / '-k'"),
-    "-k past the catalog": Case(
-        None, ["eval", "--baseline", "lis", "-k", "100000", "-p", "proj"], "-k 100,000 is more than the catalog's"
+    "recipe queries=two": Case(
+        None, [*EVAL, "--queries", "q.json", "--recipe", "paper queries=two"], "queries=two is not a whole number"
     ),
+    "-k 0": Case(None, [*EVAL, *LIS_ALL, "-k", "0"], "Invalid value for '--k' / '-k'"),
+    "-k past the catalog": Case(None, [*EVAL, *LIS_ALL, "-k", "100000"], "-k 100,000 is more than the catalog's"),
     "eval that would not fit in memory": Case(
-        _little_memory, ["eval", "--baseline", "lis", "-k", "20", "-p", "proj"], "of memory; 1,000 B is available"
+        _little_memory, [*EVAL, *LIS_ALL, "-k", "20"], "of memory; 1,000 B is available"
     ),
     "train --lr 0": Case(None, ["train", "--lr", "0", "-p", "proj"], "Invalid value for '--lr': 0.0 is not greater"),
     "train --epochs 0": Case(None, ["train", "--epochs", "0", "-p", "proj"], "Invalid value for '--epochs'"),
@@ -361,23 +366,23 @@ CASES: dict[str, Case] = {
     "train --max-minutes -1": Case(None, ["train", "--max-minutes", "-1", "-p", "proj"], "'--max-minutes'"),
     "train --stop-at-step -2": Case(None, ["train", "--stop-at-step", "-2", "-p", "proj"], "'--stop-at-step'"),
     "train config: lr nan": Case(_nan_lr, ["train", "--config", "train.toml", "-p", "proj"], "lr must be a finite"),
-    "a split deleted": Case(
-        _split_deleted, ["eval", "--baseline", "lis", "-p", "proj"], "data/test.parquet is missing"
-    ),
+    "a split deleted": Case(_split_deleted, [*EVAL, *LIS_ALL], "data/test.parquet is missing"),
     "segments after an eval's files were deleted": Case(
         _eval_files_deleted, ["segments", "-p", "proj"], "per_user.parquet is missing since stage 'eval/"
     ),
     "a manifest with schema_version 0": Case(
-        _schema_zero, ["eval", "--baseline", "lis", "-p", "proj"], "has schema 0, which no gloss version wrote"
+        _schema_zero, [*EVAL, *LIS_ALL], "has schema 0, which no gloss version wrote"
     ),
-    "--project naming a file": Case(_a_file, ["eval", "--baseline", "lis", "-p", "afile"], "is a file, not a project"),
-    "an index file changed on disk": Case(
-        _index_file_changed, ["eval", "--baseline", "lis", "-p", "proj"], "changed since stage 'index/bm25'"
-    ),
+    "--project naming a file": Case(_a_file, ["eval", *LIS_ALL, "-p", "afile"], "is a file, not a project"),
+    "an index file changed on disk": Case(_index_file_changed, [*EVAL, *LIS_ALL], "changed since stage 'index/bm25'"),
     "generate --beams 0": Case(None, ["generate", "--beams", "0", "-p", "proj"], "Invalid value for '--beams'"),
-    "rerank --candidates 0": Case(None, ["rerank", "--candidates", "0", "-p", "proj"], "'--candidates'"),
-    "rerank --candidates past the catalog": Case(
-        None, ["rerank", "--candidates", "5000", "-p", "proj"], "--candidates 5,000 is more than the catalog's 37 items"
+    "rerank candidates=0": Case(
+        None, ["rerank", "--recipe", "rerank candidates=0", "-p", "proj"], "Recipe: candidates=0 is below 1"
+    ),
+    "rerank candidates past the catalog": Case(
+        None,
+        ["rerank", "--recipe", "rerank candidates=5000", "-p", "proj"],
+        "candidates= 5,000 is more than the catalog's 37 items",
     ),
     "rerank that would not fit in memory": Case(
         _little_memory, ["rerank", "--split", "test", "-p", "proj"], "users x 3 queries needs about"
@@ -392,36 +397,66 @@ CASES: dict[str, Case] = {
         ["train", "--max-minutes", "1", "--schedule-steps", "5", "-p", "proj"],
         "--schedule-steps replays a --max-minutes run",
     ),
-    # a flag the run would not read (issue 20): refused, never ignored
-    "eval --baseline lis with a queries file": Case(
+    # a recipe that cannot be computed (issue 20): one line before any work
+    "recipe: empty": Case(None, [*EVAL, "--recipe", " "], "The recipe is empty"),
+    "recipe: unknown preset": Case(None, [*EVAL, "--recipe", "magic"], "Unknown recipe 'magic'"),
+    "recipe: unknown key": Case(None, [*EVAL, "--recipe", "gloss beams=3"], "Recipe: cannot read 'beams=3'"),
+    "recipe: a key without a value": Case(None, [*EVAL, "--recipe", "lis seen="], "Recipe: cannot read 'seen='"),
+    "recipe: a key twice": Case(None, [*EVAL, "--recipe", "seen=kept seen=excluded"], "Recipe: seen is given twice"),
+    "recipe: bad value": Case(None, [*EVAL, "--recipe", "lis seen=never"], "Recipe: seen=never is unknown"),
+    "recipe: unknown list": Case(None, [*EVAL, "--recipe", "lists=lis,popular"], "is not a list of distinct"),
+    "recipe: a list twice": Case(None, [*EVAL, "--recipe", "lists=lis,lis"], "is not a list of distinct"),
+    "recipe: lists out of order": Case(
+        None, [*EVAL, "--recipe", "lists=model,lis"], "lists=model,lis: lists are fused in the order"
+    ),
+    "recipe: merge=top1 with transitions": Case(
+        None, [*EVAL, "--recipe", "no-model merge=top1"], "the transitions list is ranked, not a query"
+    ),
+    "recipe: order=fused with merge=top1": Case(
+        None, [*EVAL, "--recipe", "paper order=fused"], "order=fused reorders a pool filled to its depth"
+    ),
+    "recipe: users=all with model": Case(
+        None, [*EVAL, "--recipe", "model users=all"], "users=all with the model's queries"
+    ),
+    "recipe: queries without model": Case(
+        None, [*EVAL, "--recipe", "lis queries=3"], "queries=3 but lists has no model"
+    ),
+    "recipe: candidates=0": Case(None, [*EVAL, "--recipe", "rerank-lm candidates=0"], "candidates=0 is below 1"),
+    "recommend: a bad recipe": Case(
+        None, ["recommend", "--user", "U001", "--recipe", "paper users=all", "-p", "proj"], "users=all with the model"
+    ),
+    # a flag the recipe would not read (issue 20): refused, never ignored
+    "eval: a queries file with users=all": Case(
         None,
-        ["eval", "--baseline", "lis", "--queries", "/nonexistent.json", "-p", "proj"],
-        "--queries does not apply to --baseline lis alone",
+        [*EVAL, "--recipe", "lis users=all", "--queries", "/nonexistent.json"],
+        "--queries gives the model's queries, or the users to score: recipe lis-rrf-xseen-allusers reads neither",
     ),
-    "eval --baseline lis --num-queries": Case(
-        None, ["eval", "--baseline", "lis", "--num-queries", "3", "-p", "proj"], "--num-queries does not apply to"
-    ),
-    "eval --baseline transitions --protocol": Case(
+    "eval: --retriever with the transitions recipe": Case(
         None,
-        ["eval", "--baseline", "transitions", "--protocol", "paper", "--retriever", "e5", "-p", "proj"],
-        "--retriever does not apply to --baseline transitions",
+        [*EVAL, "--recipe", "transitions", "--retriever", "e5"],
+        "--retriever does not apply to recipe transitions",
     ),
-    "eval --baseline transitions --protocol alone": Case(
-        None, ["eval", "--baseline", "transitions", "--protocol", "fused", "-p", "proj"], "--protocol does not apply"
+    "eval: --encoder with the transitions recipe": Case(
+        None, [*EVAL, "--recipe", "transitions users=all", "--encoder", "mpnet"], "--encoder does not apply to recipe"
     ),
-    "eval --rerank --num-queries": Case(
+    "eval: --encoder with a rerank recipe": Case(
+        None, [*EVAL, "--recipe", "rerank", "--encoder", "mpnet"], "--encoder does not apply to recipe rerank"
+    ),
+    "eval: --queries with a rerank recipe": Case(
+        None, [*EVAL, "--recipe", "rerank-lm", "--queries", "q.json"], "--queries does not apply to recipe rerank-lm"
+    ),
+    "rerank: a recipe with nothing to score": Case(
+        None, ["rerank", "--recipe", "gloss", "-p", "proj"], "Recipe gloss keeps the retrieval order"
+    ),
+    "recommend: a rerank recipe": Case(
         None,
-        ["eval", "--rerank", "fused", "--num-queries", "2", "-p", "proj"],
-        "--num-queries does not apply to --rerank",
+        ["recommend", "--user", "U001", "--recipe", "rerank", "-p", "proj"],
+        "gloss recommend ranks in retrieval order; recipe rerank reorders scored pools",
     ),
-    "eval --rerank --exclude-seen": Case(
-        None, ["eval", "--rerank", "lm", "--exclude-seen", "-p", "proj"], "--exclude-seen does not apply to --rerank"
-    ),
-    "eval --rerank --with-lis": Case(
-        None, ["eval", "--rerank", "lm", "--with-lis", "-p", "proj"], "--with-lis does not apply to --rerank"
-    ),
-    "eval --match-generated without a baseline": Case(
-        None, ["eval", "--match-generated", "-p", "proj"], "--match-generated applies to a baseline"
+    "recommend: --backend with a no-model recipe": Case(
+        None,
+        ["recommend", "--user", "U001", "--recipe", "no-model", "--backend", "hf", "-p", "proj"],
+        "--backend does not apply to recipe no-model: it generates nothing",
     ),
     # click's usage errors, in gloss's form
     "unknown option": Case(None, ["eval", "--frobnicate", "-p", "proj"], "No such option: --frobnicate"),

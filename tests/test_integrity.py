@@ -37,7 +37,7 @@ def _states() -> dict[str, str]:
 def test_a_changed_input_stops_the_stage_and_names_what_to_rebuild(data: Project, synthetic: Path) -> None:
     items = pl.read_parquet("p/data/items.parquet")
     items.head(items.height - 1).write_parquet("p/data/items.parquet")  # one item fewer
-    result = runner.invoke(app, ["eval", "--baseline", "lis", "-p", "p"])
+    result = runner.invoke(app, ["eval", "--recipe", "lis-paper users=all", "-p", "p"])
     assert result.exit_code == 1
     error, hint = result.stderr.splitlines()
     assert error.startswith("error: data/items.parquet changed since stage 'data' wrote it")
@@ -48,7 +48,7 @@ def test_a_changed_input_stops_the_stage_and_names_what_to_rebuild(data: Project
     assert "modified" in table and f"next: {_redo(synthetic)}" in table
 
     assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "p", "-q"]).exit_code == 0  # the hint's fix
-    assert runner.invoke(app, ["eval", "--baseline", "lis", "-p", "p", "-q"]).exit_code == 0
+    assert runner.invoke(app, ["eval", "--recipe", "lis-paper users=all", "-p", "p", "-q"]).exit_code == 0
 
 
 def test_a_missing_input_is_named_too(data: Project) -> None:
@@ -62,7 +62,7 @@ def test_a_touched_input_still_works(data: Project) -> None:
     path = Path("p/data/items.parquet")
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
-    result = runner.invoke(app, ["eval", "--baseline", "lis", "-p", "p", "-q"])
+    result = runner.invoke(app, ["eval", "--recipe", "lis-paper users=all", "-p", "p", "-q"])
     assert result.exit_code == 0, result.output
     assert _states()["data"] == "done"
 
@@ -98,7 +98,7 @@ def test_an_upstream_stage_is_verified_when_a_stage_starts(tmp_path: Path) -> No
 
 def test_same_bytes_keep_the_fingerprint(data: Project, synthetic: Path) -> None:
     """mtimes are in the record, not in the fingerprint: re-running data on the same source leaves eval done."""
-    assert runner.invoke(app, ["eval", "--baseline", "lis", "-p", "p", "-q"]).exit_code == 0
+    assert runner.invoke(app, ["eval", "--recipe", "lis-paper users=all", "-p", "p", "-q"]).exit_code == 0
     before = data.stage("data")
     assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "p", "-q"]).exit_code == 0
     after = data.stage("data")

@@ -43,11 +43,13 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
         _ok(["data", "--source", str(source), "-p", str(project), "-q"])
         args = ["train", "--model", str(tiny), "--epochs", "1", "--max-steps", "1", "--batch-size", "4"]
         _ok([*args, "-p", str(project), "-q"])
-        _ok(["eval", "--baseline", "lis", "-k", "5", "-k", "10", "--name", "base-lis", "-p", str(project), "-q"])
+        args = ["eval", "--recipe", "lis-paper users=all", "-k", "5", "-k", "10", "--name", "base-lis"]
+        _ok([*args, "-p", str(project), "-q"])
     return project, source, tiny
 
 
-# (the command's arguments, off their defaults and some by their short names; the stage it records)
+# (the command's arguments, off their defaults and some by their short names, as a shell reads them; the stage it
+# records)
 CASES = [
     ("data --source {source} --dedup --train-examples all-prefixes -d beauty", "data"),
     ("train -m {tiny} --epochs 1 --max-steps 1 --batch-size 2 --lr 0.001 --seed 3 --loss completion", "train"),
@@ -56,8 +58,11 @@ CASES = [
         "generate/validation",
     ),
     ("index -r bm25", "index/bm25"),
-    ("eval --baseline lis --protocol fused --exclude-seen -k 10 -k 5 --name mine --split validation", "eval/mine"),
-    ("rerank -s validation --num-queries 0 --candidates 5 --batch-size 2", "rerank/validation"),
+    ("eval -R 'lis users=all' -k 10 -k 5 --name mine --split validation", "eval/mine"),
+    (
+        "rerank -s validation --recipe 'lists=lis order=fused candidates=5 users=all' --batch-size 2",
+        "rerank/validation-lis-rrf-xseen-allusers-5-bm25",
+    ),
     ("segments --run base-lis -k 10 --cold 4 --power 9", "segments"),
 ]
 
@@ -67,7 +72,7 @@ def test_the_recorded_invocation_remakes_the_stage(base: tuple[Path, Path, Path]
     project, source, tiny = base
     shutil.copytree(project, "a")
     shutil.copytree(project, "b")
-    args = line.format(source=source, tiny=tiny).split()
+    args = shlex.split(line.format(source=source, tiny=tiny))
     _ok([*args, "-p", "a", "-q", "--json"])
     first = Project("a").stage(stage)
     assert first is not None
@@ -86,10 +91,10 @@ def test_the_recorded_invocation_remakes_the_stage(base: tuple[Path, Path, Path]
 
 def test_eval_records_every_option_in_declaration_order(base: tuple[Path, Path, Path]) -> None:
     shutil.copytree(base[0], "p")
-    _ok(["eval", "--baseline", "lis", "--protocol", "fused", "--exclude-seen", "-k", "10", "--name", "mine", "-p", "p"])
+    _ok(["eval", "--name", "mine", "--recipe", "lis users=all", "-k", "10", "-p", "p"])
     record = Project("p").stage("eval/mine")
     assert record is not None
-    assert record["invocation"] == "gloss eval --k 10 --protocol fused --exclude-seen --baseline lis --name mine"
+    assert record["invocation"] == "gloss eval --k 10 --recipe 'lis users=all' --name mine"
     Path("p/eval/mine/metrics.json").write_text("{}")
     status = json.loads(runner.invoke(app, ["status", "-p", "p", "--json"]).stdout)
     row = next(s for s in status["stages"] if s["name"] == "eval/mine")
@@ -101,7 +106,7 @@ def test_a_stage_built_on_the_way_keeps_its_own_command(base: tuple[Path, Path, 
     """eval builds a missing index; the index's redo command is gloss index, not the eval line."""
     shutil.copytree(base[0], "p")
     shutil.rmtree("p/index")
-    _ok(["eval", "--baseline", "lis", "--name", "again", "-p", "p", "-q"])
+    _ok(["eval", "--recipe", "lis-paper users=all", "--name", "again", "-p", "p", "-q"])
     record = Project("p").stage("index/bm25")
     assert record and "invocation" not in record and record["command"] == "gloss index --retriever bm25"
 

@@ -134,7 +134,7 @@ def test_writers_started_at_once_never_overlap(tmp_path: Path) -> None:
 
 def test_a_running_holder_is_named_and_a_killed_one_taken_over(with_data: Project, synthetic: Path) -> None:
     proc = _start(SLOW_STAGE, "p")
-    refused = runner.invoke(app, ["eval", "--baseline", "lis", "-p", "p"])
+    refused = runner.invoke(app, ["eval", "--recipe", "lis-paper users=all", "-p", "p"])
     assert refused.exit_code == 1
     error, hint = refused.stderr.splitlines()
     assert f"is locked by 'gloss slow' (pid {proc.pid}, user " in error and socket.gethostname() in error
@@ -142,7 +142,7 @@ def test_a_running_holder_is_named_and_a_killed_one_taken_over(with_data: Projec
     proc.kill()  # SIGKILL: no cleanup runs; its holder file and temp folder stay behind
     proc.wait()
     assert (with_data.root / LOCK).is_file() and list(with_data.root.glob(".tmp-slow-*"))
-    result = runner.invoke(app, ["eval", "--baseline", "lis", "-p", "p"])
+    result = runner.invoke(app, ["eval", "--recipe", "lis-paper users=all", "-p", "p"])
     assert result.exit_code == 0, result.output
     assert f"took over the lock of 'gloss slow' (pid {proc.pid}" in result.stderr
     assert "removed what an interrupted gloss left" in result.stderr and ".tmp-slow-" in result.stderr
@@ -211,7 +211,7 @@ def test_leftovers_are_removed_when_a_stage_starts(with_data: Project) -> None:
     (root / ".tmp-data-x1" / "items.parquet").write_text("half")
     (root / ".old-data-x2").mkdir()
     (root / ".manifest.json.x3.tmp").write_text("{")
-    result = runner.invoke(app, ["eval", "--baseline", "lis", "-p", "p"])
+    result = runner.invoke(app, ["eval", "--recipe", "lis-paper users=all", "-p", "p"])
     assert result.exit_code == 0, result.output
     assert result.stderr.count("removed what an interrupted gloss left") == 1
     assert not list(root.glob(".tmp-*")) and not list(root.glob(".old-*")) and not list(root.glob(".*.tmp"))

@@ -85,7 +85,7 @@ def test_eval_writes_progress_lines_to_a_log(synthetic: Path, monkeypatch: pytes
     """End to end: the CliRunner's stderr is not a terminal, like nohup's or Slurm's."""
     assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "p", "-q"]).exit_code == 0
     monkeypatch.setenv("GLOSS_PROGRESS_INTERVAL", "0")
-    result = runner.invoke(app, ["eval", "--baseline", "lis", "-p", "p"])
+    result = runner.invoke(app, ["eval", "--recipe", "lis-paper users=all", "-p", "p"])
     assert result.exit_code == 0, result.output
     lines = [m for m in map(LINE.match, result.stderr.splitlines()) if m and m["task"] == "retrieve (bm25)"]
     assert lines and lines[-1]["done"] == lines[-1]["total"] and lines[-1]["pct"] == "100", result.stderr

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_lis_bm25_paper_protocol_reproduces_glosss_numbers(shared_data: Path) -> None:
     assert runner.invoke(app, ["data", "--source", str(shared_data / "beauty"), "-p", "b", "-q"]).exit_code == 0
-    result = runner.invoke(app, ["eval", "--baseline", "lis", "-p", "b", "--json", "-q"])
+    result = runner.invoke(app, ["eval", "--recipe", "lis-paper users=all", "-p", "b", "--json", "-q"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["users"] == 22_363
@@ -34,12 +34,13 @@ def test_transitions_baseline_on_beauty(shared_data: Path) -> None:
     """docs/RESULTS.md, session 10: the transitions list alone on every Beauty test user, and with the LIS query."""
     assert runner.invoke(app, ["data", "--source", str(shared_data / "beauty"), "-p", "b", "-q"]).exit_code == 0
     alone = json.loads(
-        runner.invoke(app, ["eval", "--baseline", "transitions", "--exclude-seen", "-p", "b", "--json", "-q"]).stdout
+        runner.invoke(app, ["eval", "--recipe", "transitions users=all", "-p", "b", "--json", "-q"]).stdout
     )
     assert alone["users"] == 22_363
     assert alone["metrics"]["recall@5"] == pytest.approx(0.0680, abs=0.0001)
     assert alone["metrics"]["ndcg@5"] == pytest.approx(0.0503, abs=0.0001)
-    args = ["eval", "--baseline", "lis", "--with-transitions", "--protocol", "fused", "--exclude-seen"]
+    args = ["eval", "--recipe", "no-model users=all"]  # the transitions list, then the last item's title, fused
     with_lis = json.loads(runner.invoke(app, [*args, "-p", "b", "--json", "-q"]).stdout)
+    assert with_lis["users"] == 22_363
     assert with_lis["metrics"]["recall@5"] == pytest.approx(0.0729, abs=0.0001)
     assert with_lis["metrics"]["ndcg@5"] == pytest.approx(0.0528, abs=0.0001)

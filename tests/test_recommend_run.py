@@ -32,6 +32,7 @@ def trained(synthetic: Path, tiny: Path) -> Path:
 def test_recommend_for_a_known_user_excludes_history(trained: Path) -> None:
     seq = pl.read_parquet(trained / "data/sequences.parquet").row(0, named=True)
     args = ["recommend", "--user", seq["user_id"], "-p", "p", "-k", "4", "--backend", "hf", "--json", "-q"]
+    args += ["--recipe", "model"]  # the model's 5 queries alone, fused, history excluded
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
@@ -69,24 +70,32 @@ def test_recommend_builds_a_missing_index_under_the_project_lock(
 def test_recommend_with_lis_searches_the_last_title_first(trained: Path) -> None:
     seq = pl.read_parquet(trained / "data/sequences.parquet").row(2, named=True)
     titles = dict(pl.read_parquet(trained / "data/items.parquet").iter_rows())
-    args = ["recommend", "--user", seq["user_id"], "-p", "p", "-k", "4", "--backend", "hf", "--with-lis"]
+    args = ["recommend", "--user", seq["user_id"], "-p", "p", "-k", "4", "--backend", "hf"]
+    args += ["--recipe", "lists=lis,model queries=5"]
     doc = json.loads(runner.invoke(app, [*args, "--json", "-q"]).stdout)
     assert len(doc["queries"]) == 6 and doc["queries"][0] == {"text": titles[seq["item_ids"][-1]], "score": 0.0}
     assert all(0 <= i["query"] < 6 for i in doc["items"]) and 0 < len(doc["items"]) <= 4
     assert not {i["item_id"] for i in doc["items"]} & set(seq["item_ids"])
     table = runner.invoke(app, [*args, "-q"])
-    assert table.exit_code == 0 and "#1 is the last item's title" in table.stdout
+    caption = " ".join(table.stdout.split())
+    assert table.exit_code == 0 and "recipe lis+model5-rrf-xseen: the last item's title, then the first 5" in caption
 
 
 def test_recommend_with_transitions_fuses_what_followed_first(trained: Path) -> None:
+    """The default recipe (gloss): the transitions list, the last item's title, then the model's first 2 titles."""
     from gloss_cli.recommend import TRANSITIONS_QUERY
     from gloss_cli.transitions import recommend, transition_counts
 
     sequences = pl.read_parquet(trained / "data/sequences.parquet")
     seq = sequences.row(2, named=True)
-    args = ["recommend", "--user", seq["user_id"], "-p", "p", "-k", "4", "--backend", "hf", "--with-transitions"]
-    doc = json.loads(runner.invoke(app, [*args, "--with-lis", "--json", "-q"]).stdout)
-    assert len(doc["queries"]) == 7 and doc["queries"][0] == {"text": TRANSITIONS_QUERY, "score": 0.0}
+    args = ["recommend", "--user", seq["user_id"], "-p", "p", "-k", "4", "--backend", "hf"]
+    doc = json.loads(runner.invoke(app, [*args, "--json", "-q"]).stdout)
+    assert len(doc["queries"]) == 4 and doc["queries"][0] == {"text": TRANSITIONS_QUERY, "score": 0.0}
+    titles = dict(pl.read_parquet(trained / "data/items.parquet").iter_rows())
+    assert doc["queries"][1] == {"text": titles[seq["item_ids"][-1]], "score": 0.0}
+    assert doc == json.loads(runner.invoke(app, [*args, "--recipe", "gloss", "--json", "-q"]).stdout) | {
+        "timings_s": doc["timings_s"]
+    }
     assert not {i["item_id"] for i in doc["items"]} & set(seq["item_ids"])
     # counted from every known sequence (the deployed case): the user's own list, its first item fused first
     n = pl.col("item_ids").list.len()
@@ -96,11 +105,31 @@ def test_recommend_with_transitions_fuses_what_followed_first(trained: Path) -> 
     own = recommend(transition_counts(every), [seq["item_ids"]], depth=4, exclude_seen=True)[0]
     found = {i["item_id"] for i in doc["items"] if i["query"] == 0}
     assert found <= set(own) and (not own or own[0] in {i["item_id"] for i in doc["items"]})
-    table = runner.invoke(app, [*args, "--with-lis", "-q"])
-    assert table.exit_code == 0 and "#1 is what followed the latest items" in table.stdout
-    assert "#2 is the last item's title" in table.stdout
-    bad = runner.invoke(app, [*args, "--protocol", "paper"])
-    assert bad.exit_code == 1 and "--with-transitions fuses ranked lists" in bad.output
+    table = runner.invoke(app, [*args, "-q"])
+    caption = " ".join(table.stdout.split())
+    assert table.exit_code == 0 and "recipe gloss: the transitions list, then the last item's title" in caption
+    bad = runner.invoke(app, [*args, "--recipe", "gloss merge=top1"])
+    assert bad.exit_code == 1 and "the transitions list is ranked, not a query" in bad.output
+
+
+def test_recommend_without_the_model_needs_no_training(synthetic: Path) -> None:
+    """A recipe without the model's queries loads no model: recommend works on data alone."""
+    from gloss_cli.transitions import recommend, transition_counts
+
+    assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "p", "-q"]).exit_code == 0
+    sequences = pl.read_parquet("p/data/sequences.parquet")
+    seq = sequences.row(2, named=True)
+    args = ["recommend", "--user", seq["user_id"], "-p", "p", "-k", "4", "--json", "-q"]
+    alone = json.loads(runner.invoke(app, [*args, "--recipe", "transitions"]).stdout)
+    n = pl.col("item_ids").list.len()
+    every = sequences.select(
+        "user_id", history=pl.col("item_ids").list.slice(0, n - 1), target=pl.col("item_ids").list.last()
+    )
+    own = recommend(transition_counts(every), [seq["item_ids"]], depth=4, exclude_seen=True)[0]
+    assert [i["item_id"] for i in alone["items"]] == own and alone["timings_s"]["generation"] == 0
+    lis = json.loads(runner.invoke(app, [*args, "--recipe", "no-model"]).stdout)
+    assert len(lis["queries"]) == 2 and 0 < len(lis["items"]) <= 4
+    assert not {i["item_id"] for i in lis["items"]} & set(seq["item_ids"])
 
 
 def test_recommend_table_and_profile(trained: Path) -> None:
@@ -159,18 +188,21 @@ def test_run_chains_every_stage_then_skips_them(synthetic: Path, tiny: Path, mon
     doc = json.loads(result.stdout)
     assert [name for name, how in doc["steps"][:5]] == ["data", "train", "index/bm25", "generate/test", "eval"]
     assert all(how == "ran" for _, how in doc["steps"][:4])
-    keys = ["recipe", "no-model", "lis", "transitions", "model", "model-paper", "lis-paper"]
+    keys = ["gloss", "no-model", "lis", "transitions", "model", "paper", "lis-paper"]
     assert [r["key"] for r in doc["runs"]] == keys and {r["users"] for r in doc["runs"]} == {6}
-    assert [r["source"] for r in doc["runs"]][:2] == ["transitions+model+lis", "transitions+lis"]
+    lists = [r["recipe"]["lists"] for r in doc["runs"]]
+    assert lists[:2] == [["transitions", "lis", "model"], ["transitions", "lis"]]
     recipe = doc["runs"][0]["description"]
-    assert "then the first 2 generated queries;" in recipe, recipe
+    assert "then the first 2 generated queries:" in recipe, recipe
+    # 2 beams were generated: the model rows read the first 2 (the gloss row declares 2)
+    assert [r["recipe"]["queries"] for r in doc["runs"]] == [2, 0, 0, 0, 2, 2, 0]
     # the CPU plan: a time budget, short prompts, 2 beams; the paired comparisons over the same 6 users
     trained = json.loads(Path("p/manifest.json").read_text())["stages"]["train"]["params"]
     assert trained["max_minutes"] == 3.0 and trained["max_seq_len"] == 1024 and trained["lr"] == 2e-3
     generated = json.loads(Path("p/manifest.json").read_text())["stages"]["generate/test"]["params"]
     assert (generated["beams"], generated["num_return"]) == (2, 2)
     pairs = [(c["a"], c["b"], c["users"]) for c in doc["comparisons"]]
-    assert pairs == [("recipe", "lis", 6), ("recipe", "no-model", 6), ("model-paper", "lis-paper", 6)]
+    assert pairs == [("gloss", "lis", 6), ("gloss", "no-model", 6), ("paper", "lis-paper", 6)]
     for c in doc["comparisons"]:
         for metric in ("recall@5", "ndcg@5"):
             d = c[metric]

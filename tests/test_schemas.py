@@ -89,7 +89,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _eval(world: Path, path: Path) -> Result:
-    return runner.invoke(app, ["eval", "--queries", str(path), "-p", str(world / "proj"), "--json", "-q"])
+    """The paper's recipe: it reads the file's 5 queries per user (a valid set of titles, as _valid_queries says)."""
+    args = ["eval", "--recipe", "paper", "--queries", str(path), "-p", str(world / "proj"), "--json", "-q"]
+    return runner.invoke(app, args)
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,9 @@ def test_sliding_window_layers(tokenizer: Any, tmp_path: Path) -> None:  # noqa:
     check(tiny_gemma(tokenizer, tmp_path), tokenizer)
 
 
-# `gloss rerank` and `gloss eval --rerank` on the synthetic dataset with the tiny model
+# `gloss rerank` and `gloss eval --recipe <a reranked recipe>` on the synthetic dataset with the tiny model
+# the pool of LIS + the model's first 2 queries, history excluded, its top 6 (the list 'gloss eval' ranks)
+POOL = "lists=lis,model queries=2 candidates=6"
 
 
 def test_rerank_scores_each_pool_and_eval_orders_it(
@@ -87,17 +89,17 @@ def test_rerank_scores_each_pool_and_eval_orders_it(
     invoke("generate", "--split", "test", "--max-new-tokens", "12", "--batch-size", "4", "--limit", "8")
     states = {s["name"]: s["state"] for s in json.loads(invoke("status", "--json").stdout)["stages"]}
     assert not any(name.startswith("rerank") for name in states)  # optional: never asked for
-    out = json.loads(invoke("rerank", "--split", "test", "--candidates", "6", "--json").stdout)
-    frame = pl.read_parquet("proj/rerank/test/candidates.parquet")
+    out = json.loads(invoke("rerank", "--recipe", f"{POOL} order=fused", "--json").stdout)  # split: test
+    stage = "rerank/test-lis+model2-rrf-xseen-6-bm25"
+    frame = pl.read_parquet(f"proj/{stage}/candidates.parquet")
     states = {s["name"]: s["state"] for s in json.loads(invoke("status", "--json").stdout)["stages"]}
-    assert states["rerank/test"] == "done"
+    assert states[stage] == "done"
     assert frame["user_id"].n_unique() == out["metrics"]["users"] == 8  # the users generate covered
     assert frame.group_by("user_id").len()["len"].max() == 6
     assert frame.group_by("user_id").agg(pl.col("pool_rank").min())["pool_rank"].to_list() == [1] * 8
-    # the pool is `gloss eval`'s fused list (LIS + 2 queries, history excluded) at that depth, in that order
-    fused_flags = ("--protocol", "fused", "--exclude-seen", "--with-lis", "--num-queries", "2", "-k", "6")
-    invoke("eval", "--split", "test", *fused_flags)
-    trec = Path("proj/eval/model+lis-bm25-fused-xseen-test-8u/run.trec").read_text().splitlines()
+    # the pool is `gloss eval`'s list of the same recipe in retrieval order, at that depth, in that order
+    invoke("eval", "--split", "test", "--recipe", "lists=lis,model queries=2", "-k", "6")
+    trec = Path("proj/eval/lis+model2-rrf-xseen-bm25-test-8u/run.trec").read_text().splitlines()
     fused: dict[str, list[str]] = {}
     for line in trec:
         user, _, item, *_ = line.split()
@@ -115,27 +117,29 @@ def test_rerank_scores_each_pool_and_eval_orders_it(
     ids = target_ids(trained.tokenizer, [item_text(titles[row["item_id"]])])[0]
     assert row["tokens"] == len(ids)
     assert row["logprob"] == pytest.approx(plain(trained.model, trained.tokenizer, prompt, ids), abs=1e-3)
-    for how in ("lm", "fused"):
-        res = json.loads(invoke("eval", "--split", "test", "--rerank", how, "--json").stdout)
-        assert res["users"] == 8 and res["protocol"] == f"rerank-{how}"
-        assert f"rerank {how}: each user's top-6 pool" in res["protocol_description"]
-        per_user = pl.read_parquet(f"proj/eval/rerank-{how}-bm25-test/per_user.parquet")
+    for how in ("lm", "fused"):  # both orders of the one scored pool
+        res = json.loads(invoke("eval", "--split", "test", "--recipe", f"{POOL} order={how}", "--json").stdout)
+        assert res["users"] == 8 and res["recipe"]["order"] == how and res["source"] == stage
+        assert res["run"] == f"lis+model2-rrf-xseen-{how}6-bm25-test"
+        assert "its top 6 reordered by" in res["protocol_description"]
+        per_user = pl.read_parquet(f"proj/eval/{res['run']}/per_user.parquet")
         assert per_user["n_recommended"].to_list() == [5] * 8
-    lm = [line.split()[2] for line in Path("proj/eval/rerank-lm-bm25-test/run.trec").read_text().splitlines()]
+    lm_run = "proj/eval/lis+model2-rrf-xseen-lm6-bm25-test"
+    lm = [line.split()[2] for line in Path(f"{lm_run}/run.trec").read_text().splitlines()]
     best = (
         frame.with_columns(v=pl.col("logprob") / pl.col("tokens"))
         .sort("user_id", "v", descending=[False, True])
         .group_by("user_id", maintain_order=True)
         .head(5)
     )
-    first_user = pl.read_parquet("proj/eval/rerank-lm-bm25-test/per_user.parquet")["user_id"][0]
+    first_user = pl.read_parquet(f"{lm_run}/per_user.parquet")["user_id"][0]
     assert lm[:5] == best.filter(pl.col("user_id") == first_user)["item_id"].to_list()
     # fused: 1 / (1 + pool rank) + 1 / (1 + the model's rank), ties to the pool's order
     mine = frame.filter(pl.col("user_id") == first_user).with_columns(v=pl.col("logprob") / pl.col("tokens"))
     model_rank = {item: r + 1 for r, item in enumerate(mine.sort("v", descending=True)["item_id"])}
     value = {i: 1 / (1 + r) + 1 / (1 + model_rank[i]) for i, r in zip(mine["item_id"], mine["pool_rank"], strict=True)}
     want = sorted(value, key=lambda i: (-value[i], mine.filter(pl.col("item_id") == i)["pool_rank"][0]))[:5]
-    fused_run = Path("proj/eval/rerank-fused-bm25-test/run.trec").read_text().splitlines()
+    fused_run = Path("proj/eval/lis+model2-rrf-xseen-fused6-bm25-test/run.trec").read_text().splitlines()
     assert [line.split()[2] for line in fused_run[:5]] == want
 
 
@@ -146,52 +150,64 @@ def test_rerank_bad_input_says_what_to_do(synthetic: Path, tiny: Path) -> None: 
     from typer.testing import CliRunner
 
     from gloss_cli.cli import app
-    from gloss_cli.rerank import stage_name
+    from gloss_cli.ranking import rerank_stage
+    from gloss_cli.recipe import PRESETS, parse
     from tests.test_torch_beam import invoke
 
     runner = CliRunner()
     invoke("data", "--source", str(synthetic))
-    bad = runner.invoke(app, ["eval", "--rerank", "lm", "-p", "proj"])
-    assert bad.exit_code == 1 and "Stage 'rerank/test' has not run" in bad.output and "Traceback" not in bad.output
+    bad = runner.invoke(app, ["eval", "--recipe", "rerank-lm", "-p", "proj"])
+    assert bad.exit_code == 1 and "Stage 'rerank/test-gloss-20-bm25' has not run" in bad.output
+    assert "Traceback" not in bad.output
     invoke("train", "--model", str(tiny), "--max-steps", "1", "--batch-size", "8")
     bad = runner.invoke(app, ["rerank", "--split", "test", "-p", "proj"])  # the pool needs the generated queries
     assert bad.exit_code == 1 and "gloss generate --split test" in bad.output
-    bad = runner.invoke(app, ["rerank", "--candidates", "0", "-p", "proj"])
-    assert bad.exit_code == 1 and "'--candidates'" in bad.output and "greater than or equal to 1" in bad.output
+    bad = runner.invoke(app, ["rerank", "--recipe", "rerank candidates=0", "-p", "proj"])
+    assert bad.exit_code == 1 and "Recipe: candidates=0 is below 1" in bad.output
+    bad = runner.invoke(app, ["rerank", "--recipe", "lis users=all", "-p", "proj"])
+    assert bad.exit_code == 1 and "there is nothing for the model to score" in bad.output
     assert not Path("proj/rerank").exists()
-    lis_pool = ["rerank", "--split", "test", "--num-queries", "0", "--candidates", "3", "-p", "proj", "-q"]
+    lis = "lists=lis candidates=3 users=all"  # LIS's top 3 for every test user: no generation needed
+    lis_pool = ["rerank", "--split", "test", "--recipe", f"{lis} order=lm", "-p", "proj", "-q"]
     ok = runner.invoke(app, lis_pool)
-    assert ok.exit_code == 0, ok.output  # LIS's pool needs no generation
-    bad = runner.invoke(app, ["eval", "--split", "test", "--rerank", "best", "-p", "proj"])
-    assert bad.exit_code == 1 and "Unknown rerank order 'best'" in bad.output
-    for flags in (["--encoder", "mpnet"], ["--baseline", "lis"], ["--protocol", "fused"]):
-        bad = runner.invoke(app, ["eval", "--split", "test", "--rerank", "lm", *flags, "-p", "proj"])
-        assert bad.exit_code == 1 and "does not apply to --rerank: the pools were made by 'gloss rerank'" in bad.output
-    bad = runner.invoke(app, ["eval", "--split", "test", "--rerank", "lm", "--retriever", "minilm", "-p", "proj"])
-    assert bad.exit_code == 1 and "gloss rerank --split test --retriever minilm" in bad.output
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(app, ["eval", "--split", "test", "--recipe", f"{lis} order=best", "-p", "proj"])
+    assert bad.exit_code == 1 and "Recipe: order=best is unknown" in bad.output
+    for flags in (["--encoder", "mpnet"], ["--queries", "q.json"]):
+        bad = runner.invoke(app, ["eval", "--split", "test", "--recipe", f"{lis} order=lm", *flags, "-p", "proj"])
+        error = bad.output.splitlines()[0]
+        assert bad.exit_code == 1 and error.startswith(f"error: {flags[0]} ") and "lis-rrf-xseen-lm3-allusers" in error
+    args = ["eval", "--split", "test", "--recipe", f"{lis} order=lm", "--retriever", "minilm", "-p", "proj"]
+    bad = runner.invoke(app, args)
+    assert bad.exit_code == 1 and "gloss rerank --split test --retriever minilm --recipe" in bad.output
     assert not Path("proj/eval").exists()
     # another retriever's pools go beside BM25's, and --retriever picks which ones eval orders
     ok = runner.invoke(app, [*lis_pool, "--retriever", "minilm"])
     assert ok.exit_code == 0, ok.output
     pools = {
-        r: pl.read_parquet(f"proj/rerank/{d}/candidates.parquet")
-        for r, d in (("bm25", "test"), ("minilm", "test-minilm"))
+        r: pl.read_parquet(f"proj/rerank/test-lis-rrf-xseen-allusers-3-{r}/candidates.parquet")
+        for r in ("bm25", "minilm")
     }
     assert not pools["bm25"].equals(pools["minilm"])
-    assert stage_name("test", "dense") == "rerank/test-minilm"  # the default encoder's pools, by its index key
-    assert stage_name("validation", "org/model+bm25") == "rerank/validation-org_model+bm25"  # path-safe
+    rerank = PRESETS["rerank"]
+    assert rerank_stage("test", rerank, "dense") == "rerank/test-gloss-20-minilm"  # the default encoder's index key
+    assert rerank_stage("validation", rerank, "org/model+bm25") == "rerank/validation-gloss-20-org_model+bm25"
+    assert rerank_stage("test", PRESETS["rerank-lm"], "bm25") == rerank_stage("test", rerank, "bm25")  # one pool
     for retriever, frame in pools.items():
-        res = json.loads(invoke("eval", "--split", "test", "--rerank", "lm", "--retriever", retriever, "--json").stdout)
-        assert res["retriever"] == retriever and res["run"] == f"rerank-lm-{retriever}-test"
+        args = ["eval", "--split", "test", "--recipe", f"{lis} order=lm", "--retriever", retriever, "--json"]
+        res = json.loads(invoke(*args).stdout)
+        assert res["retriever"] == retriever and res["run"] == f"lis-rrf-xseen-lm3-allusers-{retriever}-test"
         trec = Path(f"proj/eval/{res['run']}/run.trec").read_text().splitlines()
         assert {line.split()[2] for line in trec} <= set(frame["item_id"])
-    # pools that the transitions list led go beside them too, and eval --with-transitions orders those
-    bad = runner.invoke(app, ["eval", "--split", "test", "--rerank", "lm", "--with-transitions", "-p", "proj"])
-    assert bad.exit_code == 1 and "gloss rerank --split test --retriever bm25 --with-transitions" in bad.output
-    ok = runner.invoke(app, [*lis_pool, "--with-transitions"])
+    # pools that the transitions list led go beside them too, and a recipe with transitions orders those
+    led_recipe = "lists=transitions,lis candidates=3 users=all"
+    bad = runner.invoke(app, ["eval", "--split", "test", "--recipe", f"{led_recipe} order=lm", "-p", "proj"])
+    assert bad.exit_code == 1 and "gloss rerank --split test --retriever bm25 --recipe" in bad.output
+    ok = runner.invoke(app, ["rerank", "--split", "test", "--recipe", f"{led_recipe} order=lm", "-p", "proj", "-q"])
     assert ok.exit_code == 0, ok.output
-    led = pl.read_parquet("proj/rerank/test-transitions/candidates.parquet")
-    assert stage_name("test", "bm25+e5", transitions=True) == "rerank/test-transitions-bm25+e5"
+    stage = rerank_stage("test", parse(f"{led_recipe} order=lm"), "bm25")
+    assert stage == "rerank/test-transitions+lis-rrf-xseen-allusers-3-bm25"
+    led = pl.read_parquet(f"proj/{stage}/candidates.parquet")
     from gloss_cli.transitions import recommend, transition_counts
 
     test = pl.read_parquet("proj/data/test.parquet")
@@ -205,7 +221,8 @@ def test_rerank_bad_input_says_what_to_do(synthetic: Path, tiny: Path) -> None: 
     # weight 1 at rank 1 (1/2) against the LIS query's 1/4: the transitions list's first item is in every pool of 3
     assert all(own[0] in pool_of[u] for u, own in zip(test["user_id"].to_list(), firsts, strict=True) if own)
     assert not led.equals(pools["bm25"])
-    res = json.loads(invoke("eval", "--split", "test", "--rerank", "fused", "--with-transitions", "--json").stdout)
-    assert res["run"] == "rerank-fused-transitions+bm25-test" and "the transitions list" in res["protocol_description"]
+    res = json.loads(invoke("eval", "--split", "test", "--recipe", f"{led_recipe} order=fused", "--json").stdout)
+    assert res["run"] == "transitions+lis-rrf-xseen-fused3-allusers-bm25-test"
+    assert "the transitions list" in res["protocol_description"]
     manifest = json.loads(Path("proj/manifest.json").read_text())
-    assert manifest["stages"]["rerank/test-transitions"]["params"]["transitions"]["window"] == 3
+    assert manifest["stages"][stage]["params"]["transitions"]["window"] == 3

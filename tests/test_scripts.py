@@ -1,4 +1,4 @@
-"""scripts/pick_on_validation.py: the cross-run validation pick that docs/RESULTS.md reports."""
+"""scripts/: the cross-run validation picks that docs/RESULTS.md reports, and the flags every script passes."""
 
 from __future__ import annotations
 
@@ -47,3 +47,49 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     empty = _project(tmp_path / "empty", {})
     result = _pick(f"E={empty}")
     assert result.returncode == 1 and "no validation candidate" in result.stderr
+
+
+def test_pick_rerank_takes_the_best_validation_rerank_and_the_first_listed_on_a_tie(tmp_path: Path) -> None:
+    project = _project(tmp_path / "p", {"rerank-bm25-val": (0.05, 0.03), "rerank-e5-val": (0.06, 0.04)})
+    script = REPO / "scripts" / "pick_rerank.py"
+
+    def pick(*retrievers: str) -> str:
+        done = subprocess.run([sys.executable, str(script), str(project), *retrievers], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert pick("bm25", "e5") == "e5" and pick("bm25") == "bm25"
+    (project / "eval" / "rerank-e5-val" / "metrics.json").write_text(
+        json.dumps({"metrics": {"recall@5": 0.05, "ndcg@5": 0.04}})
+    )
+    assert pick("e5", "bm25") == "e5" and pick("bm25", "e5") == "bm25"
+
+
+# gloss eval, rerank and recommend flags that recipes replaced (issue 20): an example that used one would fail
+REMOVED_FLAGS = (
+    "--baseline",
+    "--protocol",
+    "--exclude-seen",
+    "--include-seen",
+    "--with-lis",
+    "--with-transitions",
+    "--num-queries",
+    "--match-generated",
+    "--candidates",
+    "--rerank ",
+)
+
+
+def test_scripts_benchmarks_and_the_readme_use_no_removed_flag() -> None:
+    files = [REPO / "README.md", REPO / "benchmarks" / "README.md"]
+    files += sorted((REPO / "scripts").glob("*.sh")) + sorted((REPO / "scripts").glob("*.py"))
+    files += sorted((REPO / "benchmarks").glob("*.py"))
+    found = [
+        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+        for path in files
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if any(flag in line for flag in REMOVED_FLAGS)
+    ]
+    assert found == []
+    for script in sorted((REPO / "scripts").glob("*.sh")):  # and every shell script parses
+        assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0, script

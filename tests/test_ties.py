@@ -17,7 +17,7 @@ import pytest
 
 from gloss_cli.backends.dense import DenseIndex, build_dense_index
 from gloss_cli.console import Tick
-from gloss_cli.evaluate import merge_user, rank_items, reranked, with_lead_list
+from gloss_cli.ranking import as_array, merge_user, reranked, with_lead_list
 from gloss_cli.retrieval import BM25Retriever, DenseRetriever, HybridRetriever, top_k
 from gloss_cli.transitions import recommend
 
@@ -170,11 +170,11 @@ def test_hybrid_of_bm25_keeps_its_key_order(bm25: BM25Retriever) -> None:
     assert hybrid.search(["red lipstick matte"], 3)[0].tolist() == [[2, 5, 7]]
 
 
-# -- the eval protocols' merges -------------------------------------------------------------------------------
+# -- the recipes' merges --------------------------------------------------------------------------------------
 def test_paper_merge_ties_go_to_the_earlier_query() -> None:
     keys = np.array([[8], [3], [8], [1]])
     scores = np.array([[2.0], [2.0], [1.0], [2.5]], dtype=np.float32)
-    merged = merge_user(keys, scores, set(), protocol="paper", depth=1)
+    merged = merge_user(keys, scores, set(), merge="top1", depth=1)
     # 8 found by query 0 (its best score kept), 3 by query 1: equal scores, 8 first although 3 < 8
     assert merged == [(1, 2.5, 3), (8, 2.0, 0), (3, 2.0, 1)]
 
@@ -182,18 +182,18 @@ def test_paper_merge_ties_go_to_the_earlier_query() -> None:
 def test_fused_merge_ties_go_to_the_earlier_query_then_the_better_rank() -> None:
     # weights 1/(q+1) / (1 + rank): q0's third item and q1's first are both worth 1/4; q1's second and q2's first 1/6
     keys = np.array([[10, 11, 4], [2, 12, -1], [1, -1, -1]])
-    merged = merge_user(keys, np.zeros(keys.shape, np.float32), set(), protocol="fused", depth=3)
+    merged = merge_user(keys, np.zeros(keys.shape, np.float32), set(), merge="rrf", depth=3)
     assert [key for key, _, _ in merged] == [10, 11, 4, 2, 12, 1]
     assert merged[2][1] == merged[3][1] == 0.25 and merged[4][1] == merged[5][1]
     # a history item leaves the list and the ranks close up: q0's 4 moves to rank 2 (1/3), 11 is gone
-    merged = merge_user(keys, np.zeros(keys.shape, np.float32), {11}, protocol="fused", depth=3)
+    merged = merge_user(keys, np.zeros(keys.shape, np.float32), {11}, merge="rrf", depth=3)
     assert [key for key, _, _ in merged] == [10, 4, 2, 12, 1]
 
 
 def test_a_lead_list_wins_its_ties_with_the_queries() -> None:
     lead = np.array([[5, 9, 6]])  # the transitions list, fused first
     keys, scores = with_lead_list(np.array([[[2, 7, -1]]]), np.ones((1, 1, 3), np.float32), lead)
-    ranked = rank_items(keys, scores, [set()], protocol="fused", depth=3, k=5)
+    ranked = as_array([merge_user(keys[0], scores[0], set(), merge="rrf", depth=3)[:5]], 5)
     assert ranked.tolist() == [[5, 9, 6, 2, 7]]  # 6 (lead, rank 3) and 2 (query 1, rank 1) tie at 1/4
 
 
@@ -217,9 +217,9 @@ def test_reranked_ties_go_to_the_better_pool_rank_whatever_the_row_order() -> No
     for order in ([1, 2, 3, 4, 5], [5, 2, 3, 1, 4], [4, 3, 5, 1, 2]):
         frame = _pool(order, logprob)
         # lm: -1 (pool 1, 2, 4), then -2 (pool 3, 5)
-        assert reranked(frame, ["U"], key_of, how="lm", k=5).tolist() == [[1, 2, 4, 3, 5]]
+        assert reranked(frame, ["U"], key_of, order="lm", k=5).tolist() == [[1, 2, 4, 3, 5]]
         # fused: lm ranks 1, 2, 4, 3, 5 -> P3 = 1/4 + 1/5 = P4 = 1/5 + 1/4: the better pool rank first
-        assert reranked(frame, ["U"], key_of, how="fused", k=5).tolist() == [[1, 2, 3, 4, 5]]
+        assert reranked(frame, ["U"], key_of, order="fused", k=5).tolist() == [[1, 2, 3, 4, 5]]
 
 
 # -- transitions ----------------------------------------------------------------------------------------------

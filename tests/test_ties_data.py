@@ -23,6 +23,7 @@ from tests.conftest import synthetic_rows, write_gz_csv
 from tests.reference import reference_splits
 
 runner = CliRunner()
+LIS = "lis-top1-kept-allusers-bm25"  # the run name of gloss eval --recipe "lis-paper users=all", less its split
 
 
 @pytest.fixture(autouse=True)
@@ -184,7 +185,7 @@ def test_file_policy_is_todays_output_exactly(synthetic: Path) -> None:
 def test_the_policy_is_a_data_param_and_named_by_eval(tmp_path: Path) -> None:
     src = write_source(tmp_path / "sorted", tied_rows(id_sorted=True))
     cli("data", "--source", str(src), "-p", "p", "-q")
-    doc = cli("eval", "--baseline", "lis", "-p", "p", "-q", "--json")
+    doc = cli("eval", "--recipe", "lis-paper users=all", "-p", "p", "-q", "--json")
     assert "same-day ties in file order (ascending item id)" in doc["protocol_description"]
     before = Project("p").stage("data")
     cli("data", "--source", str(src), "-p", "p", "-q", "--ties", "shuffle", "--seed", "3")
@@ -193,17 +194,17 @@ def test_the_policy_is_a_data_param_and_named_by_eval(tmp_path: Path) -> None:
     assert (after["params"]["ties"], after["params"]["ties_seed"]) == ("shuffle", 3)
     assert after["fingerprint"] != before["fingerprint"]
     states = {s.name: s.state for s in Project("p").status()}
-    assert states["eval/lis-bm25-paper-test"] == "stale"  # made from the file-order data
+    assert states["eval/lis-top1-kept-allusers-bm25-test"] == "stale"  # made from the file-order data
     assert after["invocation"] == shlex.join(
         ["gloss", "data", "--source", str(src), "--ties", "shuffle", "--seed", "3"]
     )
-    doc = cli("eval", "--baseline", "lis", "-p", "p", "-q", "--json")
+    doc = cli("eval", "--recipe", "lis-paper users=all", "-p", "p", "-q", "--json")
     assert "same-day ties shuffled (seed 3)" in doc["protocol_description"]
     assert (
         "same-day ties shuffled (seed 3)"
         in json.loads(Path(doc["folder"], "metrics.json").read_text())["protocol_description"]
     )
-    table = runner.invoke(app, ["eval", "--baseline", "transitions", "-p", "p"])
+    table = runner.invoke(app, ["eval", "--recipe", "transitions seen=kept users=all", "-p", "p"])
     assert table.exit_code == 0 and "same-day ties shuffled (seed 3)" in table.stdout
     # a record from before --ties used the file's order
     assert tie_policy({"params": {"dataset": "beauty"}, "metrics": {}}) == "same-day ties in file order"
@@ -225,7 +226,7 @@ def test_order_index_timestamps_are_unmeasurable_and_refuse_a_shuffle(tmp_path: 
     before = Path("p/manifest.json").read_text()
     refused(["data", "-d", "toys", "--source", str(src), "-p", "p", "--ties", "shuffle"], "Cannot shuffle same-day")
     assert Path("p/manifest.json").read_text() == before
-    doc = cli("eval", "--baseline", "lis", "-p", "p", "-q", "--json")
+    doc = cli("eval", "--recipe", "lis-paper users=all", "-p", "p", "-q", "--json")
     assert "same-day ties not measurable" in doc["protocol_description"]
     refused(["segments", "--by", "ties", "-p", "p"], "Cannot split toys users by same-day ties")
 
@@ -234,16 +235,16 @@ def test_order_index_timestamps_are_unmeasurable_and_refuse_a_shuffle(tmp_path: 
 def test_segments_by_ties_add_up_and_match_the_stats(tmp_path: Path) -> None:
     src = write_source(tmp_path / "sorted", tied_rows(id_sorted=True))
     stats = cli("data", "--source", str(src), "-p", "p", "--json", "-q")["stats"]["ties"]
-    cli("eval", "--baseline", "lis", "-p", "p", "-q")
-    cli("eval", "--baseline", "lis", "--split", "validation", "-p", "p", "-q")
+    cli("eval", "--recipe", "lis-paper users=all", "-p", "p", "-q")
+    cli("eval", "--recipe", "lis-paper users=all", "--split", "validation", "-p", "p", "-q")
     doc = cli("segments", "--by", "ties", "-p", "p", "--json", "-q")
     assert doc["by"] == "ties" and doc["cold"] is None
     users = {(r["run"], r["segment"]): r["users"] for r in doc["segments"]}
-    for run, split in (("lis-bm25-paper-test", "test_targets"), ("lis-bm25-paper-validation", "validation_targets")):
+    for run, split in ((f"{LIS}-test", "test_targets"), (f"{LIS}-validation", "validation_targets")):
         assert users[run, "same-day"] == stats[split]["same_day"]
         assert users[run, "same-day"] + users[run, "later day"] == stats[split]["users"]
-    per_user = pl.read_parquet("p/eval/lis-bm25-paper-test/per_user.parquet")
-    row = next(r for r in doc["segments"] if r["run"] == "lis-bm25-paper-test" and r["segment"] == "same-day")
+    per_user = pl.read_parquet(f"p/eval/{LIS}-test/per_user.parquet")
+    row = next(r for r in doc["segments"] if r["run"] == f"{LIS}-test" and r["segment"] == "same-day")
     tied = {f"U{u:03d}" for u in range(USERS) if PATTERN_TIES[u % 4][0]}
     assert row["recall@5"] == pytest.approx(per_user.filter(pl.col("user_id").is_in(tied))["recall@5"].mean())
     assert Path(doc["plot"]).read_bytes()[:4] == b"\x89PNG"

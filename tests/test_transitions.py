@@ -1,5 +1,5 @@
 """The transitions list (gloss_cli.transitions): counted from the train split only, checked against a plain loop,
-and its two uses in gloss eval (--baseline transitions, --with-transitions)."""
+and its uses in gloss eval (the recipes transitions, no-model and gloss, which fuse it first)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gloss_cli.cli import app
+from gloss_cli.console import Reporter
 from gloss_cli.transitions import DECAY, RECENT, ROUND, WINDOW, recommend, transition_counts
 from tests.test_eval import _assert_refused, _gloss_file, _project
 
@@ -108,14 +109,16 @@ def test_all_prefix_examples_count_each_pair_once(synthetic: Path) -> None:
 def test_baseline_and_fusion_end_to_end(synthetic: Path, tmp_path: Path) -> None:
     project = _project(synthetic)
     base = json.loads(
-        runner.invoke(app, ["eval", "--baseline", "transitions", "--exclude-seen", "-p", "p", "--json", "-q"]).stdout
+        runner.invoke(app, ["eval", "--recipe", "transitions users=all", "-p", "p", "--json", "-q"]).stdout
     )
-    assert base["run"] == "transitions-xseen-test" and base["retriever"] == "none"
-    assert base["protocol_description"].startswith("baseline transitions: the items that followed")
-    summary = json.loads((project / "eval/transitions-xseen-test/metrics.json").read_text())
+    run_name = "transitions-rrf-xseen-allusers-test"  # no retriever in the name: the list retrieves nothing
+    assert base["run"] == run_name and base["retriever"] == "none"
+    assert base["protocol_description"].startswith(f"recipe {run_name[:-5]}: the transitions list")
+    assert "transitions: the items that followed" in base["protocol_description"]
+    summary = json.loads((project / f"eval/{run_name}/metrics.json").read_text())
     assert summary["transitions"] == {"window": WINDOW, "recent": RECENT, "decay": DECAY, "counted_from": "train split"}
     manifest = json.loads((project / "manifest.json").read_text())
-    assert set(manifest["stages"]["eval/transitions-xseen-test"]["upstream"]) == {"data"}  # no index, no model
+    assert set(manifest["stages"][f"eval/{run_name}"]["upstream"]) == {"data"}  # no index, no model
     test = pl.read_parquet(project / "data/test.parquet")
     expected = recommend(
         transition_counts(pl.read_parquet(project / "data/train.parquet")),
@@ -124,30 +127,27 @@ def test_baseline_and_fusion_end_to_end(synthetic: Path, tmp_path: Path) -> None
         exclude_seen=True,
     )
     run: dict[str, list[str]] = defaultdict(list)
-    for line in (project / "eval/transitions-xseen-test/run.trec").read_text().splitlines():
+    for line in (project / f"eval/{run_name}/run.trec").read_text().splitlines():
         run[line.split()[0]].append(line.split()[2])
     assert [run.get(u, []) for u in test["user_id"].to_list()] == expected
 
     _gloss_file(project, tmp_path / "q.json")
-    args = ["eval", "--queries", str(tmp_path / "q.json"), "-p", "p", "--json", "-q", "--exclude-seen"]
-    fused = json.loads(
-        runner.invoke(
-            app, [*args, "--protocol", "fused", "--with-lis", "--with-transitions", "--num-queries", "2"]
-        ).stdout
-    )
+    args = ["eval", "--queries", str(tmp_path / "q.json"), "-p", "p", "--json", "-q"]
+    fused = json.loads(runner.invoke(app, [*args, "--recipe", "gloss"]).stdout)
     # a run made from a queries file carries the file's content hash (two files cannot share a run)
-    assert re.fullmatch(r"transitions\+file\+lis-bm25-fused-xseen-test-[0-9a-f]{8}", fused["run"])
-    assert fused["source"] == "transitions+file+lis"
-    assert "lists in order: the transitions list" in fused["protocol_description"]
+    assert re.fullmatch(r"gloss-bm25-test-[0-9a-f]{8}", fused["run"])
+    assert fused["recipe"]["lists"] == ["transitions", "lis", "model"] and fused["source"] == "file:q.json+lis"
+    assert "recipe gloss: the transitions list, then the last item's title" in fused["protocol_description"]
     lists: dict[str, list[str]] = defaultdict(list)
     for line in Path(fused["folder"], "run.trec").read_text().splitlines():
         lists[line.split()[0]].append(line.split()[2])
     # the same as fusing, by hand, the transitions lists before the three queries' lists
-    from gloss_cli.console import Reporter
-    from gloss_cli.evaluate import retrieve, with_lis_query
+    from gloss_cli.evaluate import with_lis_query
     from gloss_cli.index import open_index
     from gloss_cli.project import Project
     from gloss_cli.queries import load_gloss_json
+    from gloss_cli.ranking import as_array, rank_users
+    from gloss_cli.recipe import PRESETS, parse
 
     items = pl.read_parquet(project / "data/items.parquet")
     key_of = {item: i for i, item in enumerate(items["item_id"].to_list())}
@@ -160,19 +160,17 @@ def test_baseline_and_fusion_end_to_end(synthetic: Path, tmp_path: Path) -> None
     ):
         lead[u, : len(row)] = [key_of[i] for i in row]
     index, _ = open_index(Project(project), "bm25", reporter=Reporter())
-    ranked = retrieve(index, qs, key_of, protocol="fused", exclude_seen=True, k=5, reporter=Reporter(), lead=lead)
+    seen = [{key_of[i] for i in h} for h in qs.histories]
+    ranked = as_array(rank_users(PRESETS["gloss"], qs.queries, seen, k=5, retriever=index, lead=lead), 5)
     ids = items["item_id"].to_list()
     assert {u: [ids[k] for k in row if k >= 0] for u, row in zip(qs.users, ranked.tolist(), strict=True)} == lists
-    assert (
-        ranked.tolist()
-        != retrieve(index, qs, key_of, protocol="fused", exclude_seen=True, k=5, reporter=Reporter()).tolist()
-    )
+    without = rank_users(parse("lists=lis,model queries=2"), qs.queries, seen, k=5, retriever=index, lead=None)
+    assert ranked.tolist() != as_array(without, 5).tolist()
 
 
 def test_the_lead_list_is_fused_as_the_first_query() -> None:
-    from gloss_cli.console import Reporter
-    from gloss_cli.evaluate import retrieve
-    from gloss_cli.queries import QuerySet
+    from gloss_cli.ranking import as_array, rank_users
+    from gloss_cli.recipe import parse
 
     class Fixed:
         name = description = "fixed"
@@ -181,25 +179,26 @@ def test_the_lead_list_is_fused_as_the_first_query() -> None:
             keys = np.array([[1, 2, 3, 4, 5][:k], [2, 1, 6, 7, 8][:k]], dtype=np.int64)
             return keys, np.zeros(keys.shape, dtype=np.float32)
 
-    qs = QuerySet("generate/test", ["u"], ["t"], [["h"]], [["a", "b"]])
-    plain = retrieve(Fixed(), qs, {"h": 9}, protocol="fused", exclude_seen=True, k=3, reporter=Reporter())
+    queries, seen = [["a", "b"]], [{9}]
+    plain = rank_users(parse("model queries=2"), queries, seen, k=3, retriever=Fixed(), lead=None)
     # weights 1 / (1 + rank), times 1/2 and 1/3 for the two queries: 1 = 1/4 + 1/9, 2 = 1/6 + 1/6, 3 = 1/8;
     # the lead [6, 9 (seen, skipped), 3] comes first, weight 1: 6 = 1/2 + 1/12, 3 = 1/3 + 1/8
-    led = retrieve(
-        Fixed(), qs, {"h": 9}, protocol="fused", exclude_seen=True, k=3, reporter=Reporter(), lead=np.array([[6, 9, 3]])
+    led = rank_users(
+        parse("lists=transitions,model queries=2"), queries, seen, k=3, retriever=Fixed(), lead=np.array([[6, 9, 3]])
     )
-    assert plain.tolist() == [[1, 2, 3]] and led.tolist() == [[6, 3, 1]]
+    assert as_array(plain, 3).tolist() == [[1, 2, 3]] and as_array(led, 3).tolist() == [[6, 3, 1]]
+    assert [q for _, _, q in led[0]] == [0, 0, 1]  # the list that found each item first: the lead is list 0
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--with-transitions"], "--with-transitions fuses the transitions list"),  # the paper protocol
-        (["--with-transitions", "--baseline", "transitions"], "--with-transitions fuses"),
-        (["--baseline", "transitions", "--with-lis"], "--with-lis does not apply to --baseline transitions"),
-        (["--baseline", "transitions", "--protocol", "fused"], "--protocol does not apply to --baseline transitions"),
-        (["--baseline", "popular"], "Unknown baseline 'popular'"),
-        (["--rerank", "fused", "--with-transitions"], "Stage 'rerank/test-transitions' has not run"),
+        (["--recipe", "transitions merge=top1"], "the transitions list is ranked, not a query: merge=top1"),
+        (["--recipe", "paper lists=transitions,model"], "merge=top1 cannot take it"),
+        (["--recipe", "lists=lis,transitions"], "lists are fused in the order transitions, lis, model"),
+        (["--recipe", "transitions", "--retriever", "e5"], "--retriever does not apply to recipe transitions"),
+        (["--recipe", "popular"], "Unknown recipe 'popular'"),
+        (["--recipe", "no-model order=fused"], "Stage 'rerank/test-no-model-20-bm25' has not run"),
     ],
 )
 def test_transitions_misuse_is_refused(synthetic: Path, extra: list[str], message: str) -> None:
