@@ -62,8 +62,10 @@ class EvalResult:
         return self.recipe.exclude_seen
 
     def describe(self) -> str:
-        label = "generated" if not self.source.startswith("file:") else f"({self.source})"
-        text = self.recipe.describe(generated_label=label)
+        from_file = self.source.startswith("file:")
+        label = f"({self.source}) generated" if from_file else "generated"
+        users = f"the users of {self.source.removeprefix('file:')}" if from_file else None
+        text = self.recipe.describe(generated_label=label, users_label=users)
         if "transitions" in self.recipe.lists:
             text += f"; transitions: {TRANSITIONS_TEXT} (the train split's)"
         retrieval = f"; retriever {self.retriever}" if self.retriever != "none" else ""
@@ -186,6 +188,11 @@ def run(
             f"--queries gives the model's queries, or the users to score: recipe {recipe.name()} reads neither.",
             "Drop --queries, or use a recipe with model in lists or users=generated.",
         )
+    if queries_file is not None and not recipe.uses_model and not is_generated_file(queries_file):
+        raise GlossError(
+            f"Recipe {recipe.name()} reads no queries, and a GLoSS JSON file gives no users of its own here.",
+            "Use a recipe with model in lists, or pass gloss generate's queries.jsonl to score its users.",
+        )
     if recipe.reranked:
         if queries_file is not None:
             raise GlossError(
@@ -209,9 +216,11 @@ def run(
     query_stages: tuple[str, ...] = ()
     if recipe.uses_model:
         qs, query_stages = load_queries(project, split, split_df, titles, queries_file=queries_file, n=recipe.queries)
+        source = qs.source
         if "lis" in recipe.lists:
             qs = with_lis_query(qs, titles)
     else:
+        source = f"file:{queries_file.name}" if queries_file is not None else ""  # the file's users
         qs = lis_queries(split_df, titles)
         if "lis" not in recipe.lists:
             qs = dataclasses.replace(qs, source="", queries=[])
@@ -262,7 +271,7 @@ def run(
                 recipe,
                 split,
                 meta["key"],
-                qs.source if recipe.uses_model else "",
+                source,
                 ks,
                 len(qs.users),
                 metrics,

@@ -58,9 +58,10 @@ def data_stats(project_root: Path) -> dict[str, Any] | None:
 def require_k_within_catalog(ks: list[int], items: int, option: str = "-k") -> None:
     """A cut-off past the catalog's size ranks every item and says nothing more: it is a mistake."""
     if max(ks) > items:
+        sep = "" if option.endswith("=") else " "  # a recipe's key (candidates=) or an option (-k)
         raise GlossError(
-            f"{option} {max(ks):,} is more than the catalog's {items:,} items.",
-            f"Pass {option} {items} or less.",
+            f"{option}{sep}{max(ks):,} is more than the catalog's {items:,} items.",
+            f"Pass {option}{sep}{items} or less.",
         )
 
 

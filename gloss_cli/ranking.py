@@ -138,10 +138,10 @@ def rank_users(
         keys = np.full((n, 0, k), -1, dtype=np.int64)
         scores = np.zeros((n, 0, k), dtype=np.float32)
     if lead is not None:
-        width = max(keys.shape[2], k)
-        if keys.shape[2] < width:  # no queries: the lead list alone sets the width
-            keys = np.full((n, per_user, width), -1, dtype=np.int64)
-            scores = np.zeros((n, per_user, width), dtype=np.float32)
+        if keys.shape[2] < k:  # pad every list to k columns, so that the lead list keeps its first k items
+            pad = ((0, 0), (0, 0), (0, k - keys.shape[2]))
+            keys = np.pad(keys, pad, constant_values=-1)
+            scores = np.pad(scores, pad, constant_values=0.0)
         keys, scores = with_lead_list(keys, scores, lead)
     return [merge_user(keys[u], scores[u], excluded[u], merge=recipe.merge, depth=depth)[:k] for u in range(n)]
 

@@ -51,6 +51,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         check(self)
+        if not self.reranked:  # the pool's depth means nothing in retrieval order: one recipe, one name
+            object.__setattr__(self, "candidates", Recipe.candidates)
 
     @property
     def uses_model(self) -> bool:
@@ -88,7 +90,7 @@ class Recipe:
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name(), **dataclasses.asdict(self), "lists": list(self.lists)}
 
-    def describe(self, *, generated_label: str = "generated") -> str:
+    def describe(self, *, generated_label: str = "generated", users_label: str | None = None) -> str:
         """The ranking in words, for every printed metric (the caller adds split, users, ties)."""
         parts = []
         for part in self.lists:
@@ -117,7 +119,7 @@ class Recipe:
             }[self.order]
             text += f"; its top {self.candidates} reordered by {by}"
         users = "the users gloss generate covered" if self.users == "generated" else "every user of the split"
-        return f"{text}; {users}"
+        return f"{text}; {users_label or users}"
 
 
 def check(recipe: Recipe) -> None:

@@ -431,6 +431,11 @@ CASES: dict[str, Case] = {
         [*EVAL, "--recipe", "lis users=all", "--queries", "/nonexistent.json"],
         "--queries gives the model's queries, or the users to score: recipe lis-rrf-xseen-allusers reads neither",
     ),
+    "eval: a GLoSS JSON file with a no-model recipe": Case(
+        None,
+        [*EVAL, "--recipe", "lis", "--queries", "q.json"],
+        "Recipe lis reads no queries, and a GLoSS JSON file gives no users of its own here",
+    ),
     "eval: --retriever with the transitions recipe": Case(
         None,
         [*EVAL, "--recipe", "transitions", "--retriever", "e5"],

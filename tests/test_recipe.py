@@ -206,3 +206,33 @@ def test_the_hybrid_retriever_fuses_its_parts_with_the_same_fusion() -> None:
         assert keys[row, : len(want)].tolist() == [key for key, _, _ in want]
         assert scores[row, : len(want)].tolist() == pytest.approx([value for _, value, _ in want])
     assert keys.tolist() == [[4, 2, 9], [3, 5, -1]]  # 4 and 2 tie: the first part's order
+
+
+def test_the_pool_depth_counts_only_when_the_order_reranks() -> None:
+    # a retrieval-order recipe has no pool: its candidates cannot make a second name for the same ranking
+    assert parse("gloss candidates=6") == PRESETS["gloss"] and parse("gloss candidates=6").name() == "gloss"
+    assert parse("rerank candidates=6").pool() == PRESETS["gloss"]
+    assert parse("rerank candidates=6").candidates == 6
+
+
+class _Fixed:
+    """A retriever that returns the same two items for every query, fewer columns than K."""
+
+    name = "fixed"
+    description = "fixed"
+
+    def search(self, texts: list[str], k: int, *, tick: Any = None) -> tuple[Any, Any]:
+        keys = np.array([[7, 8]] * len(texts), dtype=np.int64)
+        return keys, np.array([[2.0, 1.0]] * len(texts), dtype=np.float32)
+
+
+def test_a_lead_list_keeps_what_the_queries_found_when_they_return_fewer_than_k() -> None:
+    from gloss_cli.ranking import rank_users
+
+    lead = np.array([[1, 2, 3, 4, 5]], dtype=np.int64)
+    merged = rank_users(
+        parse("no-model"), [["Title: x"]], [set()], k=5, retriever=_Fixed(), lead=lead  # type: ignore[arg-type]
+    )
+    keys = [key for key, _, _ in merged[0]]
+    # lead weight 1: 1/2, 1/3, 1/4, 1/5 ...; the title's list weight 1/2: item 7 at 0.5/2 ties item 3 (lead first)
+    assert keys == [1, 2, 3, 7, 4]
