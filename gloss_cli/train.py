@@ -281,6 +281,8 @@ class TrainResult:
     folder: Path
     format: str
     schedule_steps: int = 0  # where the learning rate reached 0 (a time budget plans it from the speed)
+    # the most CUDA memory torch held at once in the training loop and its validation passes (MiB; None: no GPU)
+    gpu_peak_mib: float | None = None
 
     def replay(self) -> str | None:
         """The flags that repeat a run its time budget cut, step for step, on any machine."""
@@ -310,7 +312,7 @@ class TrainResult:
             "device": self.device,
             # the skipped steps' examples stay in train/meta.json: thousands of row numbers are no metric
             "losses": [{k: v for k, v in asdict(e).items() if k != "skipped_examples"} for e in self.epochs],
-        }
+        } | ({"gpu_peak_mib": self.gpu_peak_mib} if self.gpu_peak_mib is not None else {})
 
 
 @contextlib.contextmanager
@@ -620,8 +622,13 @@ def _train_into(project: Project, config: TrainConfig, ref: ModelRef, out: Path,
         f"({train.truncated:,} histories cut to --max-seq-len {config.max_seq_len}); {config.method} on {device}"
     )
     loop = _Loop(_prepare_model(config, location, device), tokenizer, config, device, out)
+    if device == "cuda":  # the peak from here: the weights, optimizer state and activations; loading's transients not
+        torch.cuda.reset_peak_memory_stats()
     with _no_cudnn_attention():
         logs, best_epoch, best, stopped = _fit(loop, train, val, reporter)
+    from gloss_cli.generate import gpu_peak_mib
+
+    peak = gpu_peak_mib()
     tokenizer.save_pretrained(out / "tokenizer")
     examples, truncated = (len(train.ids), len(val.ids)), train.truncated + val.truncated
     form = "full" if config.method == "full" else "peft-lora"
@@ -643,6 +650,7 @@ def _train_into(project: Project, config: TrainConfig, ref: ModelRef, out: Path,
         out.parent / "train",
         form,
         loop.schedule.end if loop.schedule else loop.step,
+        peak,
     )
 
 

