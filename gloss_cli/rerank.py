@@ -16,6 +16,7 @@ EOS), tokens.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +25,17 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from gloss_cli import distributed, shards
 from gloss_cli.console import Reporter
 from gloss_cli.data import load_items, load_split
+from gloss_cli.distributed import world
 from gloss_cli.errors import GlossError
 from gloss_cli.evaluate import TRANSITIONS_PARAMS, generated_users, retrieve, transitions_lists, with_lis_query
 from gloss_cli.examples import target_ids
 from gloss_cli.generate import fit_prompts, gpu_peak_mib
 from gloss_cli.index import open_index
 from gloss_cli.models import load_trained, pick_device, read_meta
-from gloss_cli.project import Project
+from gloss_cli.project import Project, StageRun
 from gloss_cli.prompt import item_text
 from gloss_cli.queries import lis_queries, load_generated
 from gloss_cli.retrieval import hybrid_parts, index_key
@@ -97,6 +100,9 @@ def run(
     if batch_size < 0:
         raise GlossError(f"--batch-size must be >= 0 (got {batch_size}).", "Pass 0 for the default.")
     hybrid_parts(retriever)  # a malformed hybrid name fails before any work
+    here = world()
+    if here.several:
+        distributed.init_process_group(pick_device())
     project.require("data")
     train_record = project.require("train")
     items = load_items(project.path("data"))
@@ -113,7 +119,7 @@ def run(
         stages = (stage,)
     else:
         qs = lis_queries(split_df, titles)
-    index, meta = open_index(project, retriever, query_cache=True, reporter=reporter)
+    index, meta = open_index(project, retriever, query_cache=here.main, reporter=reporter)  # rank 0 writes it
     params = {
         "split": split,
         "retriever": meta["key"],
@@ -128,7 +134,9 @@ def run(
     upstream = ("data", "train", *meta["stages"], *stages)
     libraries = ("torch", "transformers", "peft", "bm25s")
     stage_dir = stage_name(split, retriever, transitions=with_transitions)
-    with project.run_stage(stage_dir, params, command=command, libraries=libraries, upstream=upstream) as st:
+    # ranks > 0 never take the lock nor write the stage: they score their share of the users for rank 0
+    writing = project.run_stage(stage_dir, params, command=command, libraries=libraries, upstream=upstream)
+    with writing if here.main else contextlib.nullcontext(StageRun(stage_dir, project.path(stage_dir), params)) as st:
         key_of = {item: i for i, item in enumerate(item_ids)}
         lead = transitions_lists(project, qs, key_of, depth=candidates, exclude_seen=True) if with_transitions else None
         pools = retrieve(
@@ -151,12 +159,12 @@ def run(
         needed = sorted({k for row in pool_lists for k in row})
         ids_of = dict(zip(needed, target_ids(tokenizer, [item_text(titles[item_ids[k]]) for k in needed]), strict=True))
         size = batch_size or (64 if device == "cuda" else 4)
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: fail fast on memory
+        # longest first (fail fast on memory); under torchrun this process's share of one process's batches
+        batches = shards.share(shards.length_batches(prompts, size), here)
         logprob: list[list[float]] = [[] for _ in prompts]
         t0 = time.perf_counter()
-        with reporter.progress("scoring candidates", len(order)) as tick:
-            for start in range(0, len(order), size):
-                batch = order[start : start + size]
+        with reporter.progress("scoring candidates", sum(len(b) for b in batches)) as tick:
+            for batch in batches:
                 enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
                 scores = score_continuations(
                     model,
@@ -169,6 +177,12 @@ def run(
                 for i, values in zip(batch, scores, strict=True):
                     logprob[i] = values
                 tick.advance(len(batch))
+        scored = distributed.gather({i: logprob[i] for batch in batches for i in batch})  # on rank 0: all ranks'
+        if not here.main:
+            return RerankResult(split, st.dir, len(prompts), candidates, time.perf_counter() - t0, pool_recall, None)
+        for share in scored:
+            for i, values in share.items():
+                logprob[i] = values
         seconds = time.perf_counter() - t0
         rows = [(u, i, r) for u, pool in enumerate(pool_lists) for r, i in enumerate(pool)]
         pl.DataFrame(
@@ -196,6 +210,6 @@ def run(
             pool_recall,
             gpu_peak_mib(),
         )
-        st.params |= {"device": device, "batch_size": size}
+        st.params |= {"device": device, "batch_size": size, "world_size": here.size}
         st.metrics = result.metrics()
     return result

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 import typer
 
-from gloss_cli.console import RichReporter, print_json
+from gloss_cli.console import Reporter, RichReporter, print_json
+from gloss_cli.distributed import world
 from gloss_cli.options import (
     DEFAULT_PROJECT_PATH,
     MAX_BATCH,
@@ -58,17 +60,22 @@ def rerank(
     --candidates items, fused, history items excluded. Each candidate gets log p(its title | the user's prompt)
     from the model. Writes rerank/<split>/candidates.parquet (another retriever than BM25:
     rerank/<split>-<retriever>/; --with-transitions: rerank/<split>-transitions[-<retriever>]/).
+    Under torchrun --nproc-per-node N -m gloss_cli rerank ..., N processes (one per GPU) share the pools and rank 0
+    writes the same file.
 
     [dim]Examples:[/]
 
       gloss rerank --split validation && gloss eval --split validation --rerank fused
 
       gloss rerank --split test --num-queries 0 --candidates 50     # rerank LIS's top 50, no generation needed
+
+      torchrun --nproc-per-node 4 -m gloss_cli rerank --split test   # 4 GPUs, a quarter of the pools each
     """
     from gloss_cli.project import Project
     from gloss_cli.rerank import run
 
-    reporter = RichReporter(quiet)
+    here = world()  # under torchrun: rank 0 takes the lock, writes the stage and prints; the others score
+    reporter = RichReporter(quiet) if here.main else Reporter()
     proj = Project(project)
     from gloss_cli.evaluate import MAX_SEEN_EXTRA
     from gloss_cli.limits import check_retrieval
@@ -79,7 +86,7 @@ def rerank(
     )
     command = f"gloss rerank --split {split} --retriever {retriever} --num-queries {num_queries}"
     command += f" --candidates {candidates}" + (" --with-transitions" if with_transitions else "")
-    with proj.lock(command, reporter):
+    with proj.lock(command, reporter) if here.main else contextlib.nullcontext():
         result = run(
             proj,
             split,
@@ -92,6 +99,8 @@ def rerank(
             command=command,
             reporter=reporter,
         )
+    if not here.main:
+        return
     metrics = result.metrics()
     if json_:
         print_json({"project": str(proj.root), "path": str(result.path), "metrics": metrics})
