@@ -172,3 +172,10 @@ def wait_all() -> None:
 
         with _together():
             dist.barrier(group=group)
+
+
+def leave() -> None:
+    """This process is done with its collectives: the process group goes (NCCL warns at exit otherwise)."""
+    global _cpu_group
+    _cpu_group = None
+    destroy_process_group()

@@ -514,6 +514,7 @@ def _sharded(
     if len(done) < len(rows):
         mine |= _share(project, folder, rows, meta, options, budget, done, recorded, reporter, params)
     reports = distributed.gather(mine)  # every process is done with its share
+    distributed.leave()
     if not here.main:
         part = shards.part_path(folder, here)
         return GenerateResult(split, part, 0, mine["users_new"], len(done), mine["seconds"], mine["new_tokens"], {})

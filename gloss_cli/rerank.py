@@ -119,7 +119,11 @@ def run(
         stages = (stage,)
     else:
         qs = lis_queries(split_df, titles)
-    index, meta = open_index(project, retriever, query_cache=here.main, reporter=reporter)  # rank 0 writes it
+    if here.main:
+        index, meta = open_index(project, retriever, query_cache=True, reporter=reporter)
+    distributed.wait_all()  # a missing index is a stage: rank 0 builds it, under its lock, before the others read it
+    if not here.main:
+        index, meta = open_index(project, retriever, build_missing=False, reporter=reporter)
     params = {
         "split": split,
         "retriever": meta["key"],
@@ -178,6 +182,7 @@ def run(
                     logprob[i] = values
                 tick.advance(len(batch))
         scored = distributed.gather({i: logprob[i] for batch in batches for i in batch})  # on rank 0: all ranks'
+        distributed.leave()
         if not here.main:
             return RerankResult(split, st.dir, len(prompts), candidates, time.perf_counter() - t0, pool_recall, None)
         for share in scored:
