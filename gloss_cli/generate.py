@@ -8,7 +8,9 @@ Output ``generate/<split>/queries.jsonl``, one line per user, exactly::
 The file is append-only and resumable: each line is written and flushed as it is made, the file is fsynced after
 every batch, and a restarted run reads the user_ids already there (cutting off a partial last line left by a kill)
 and generates only the others. ``settings.json`` beside it holds the settings that shape the output; a restart
-with different ones is refused rather than mixing two kinds of queries in one file.
+with different ones is refused rather than mixing two kinds of queries in one file. Under torchrun each process
+appends its share of the users to a part file and rank 0 merges the parts into the file one process writes
+(``gloss_cli.shards``).
 
 Generation backends are chosen by name and meet the small :class:`Generator` protocol: ``hf`` (transformers,
 batched with left padding) lives here, and searches with gloss's batched beam search
@@ -22,6 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from gloss_cli import distributed, shards
 from gloss_cli.console import Reporter
+from gloss_cli.distributed import world
 from gloss_cli.errors import GlossError
 from gloss_cli.examples import fit_history
 from gloss_cli.models import Trained, read_meta
@@ -259,40 +264,26 @@ def open_generator(train_dir: Path, meta: dict[str, Any], options: GenerateOptio
 
 def read_done(path: Path) -> set[str]:
     """user_ids already in ``path``. A partial last line (a run killed mid-write) is cut off the file."""
-    if not path.is_file():
-        return set()
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        os.truncate(path, end)
-    done: set[str] = set()
-    for n, line in enumerate(data[:end].splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            done.add(json.loads(line)["user_id"])
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise GlossError(
-                f"{path}, line {n} is not a queries record.", "Delete the file, or pass --overwrite."
-            ) from None
-    return done
+    return set(shards.read_lines(path))
 
 
 def _check_settings(folder: Path, settings: dict[str, Any], overwrite: bool) -> None:
-    path, queries = folder / SETTINGS, folder / QUERIES
+    path, queries, parts = folder / SETTINGS, folder / QUERIES, folder / shards.PARTS
     if overwrite:
         queries.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
+        shutil.rmtree(parts, ignore_errors=True)
+    written = [p for p in (queries, *shards.part_files(folder)) if p.is_file() and p.stat().st_size]
     if path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
-        if changed and queries.is_file() and queries.stat().st_size:
+        if changed and written:
             raise GlossError(
-                f"{queries} was generated with other settings ({', '.join(changed)} differ).",
+                f"{written[0]} was generated with other settings ({', '.join(changed)} differ).",
                 "Pass --overwrite to start it again, or repeat the earlier settings to resume.",
             )
-    elif queries.is_file() and queries.stat().st_size:
-        raise GlossError(f"{queries} has no {SETTINGS} beside it.", "Pass --overwrite to start it again.")
+    elif written:
+        raise GlossError(f"{written[0]} has no {SETTINGS} beside it.", "Pass --overwrite to start it again.")
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
@@ -324,19 +315,24 @@ class GenerateResult:
     new_tokens: int
     settings: dict[str, Any]
     gpu_peak_mib: float | None = None  # the most CUDA memory torch held at once while generating (None: no GPU)
+    ranks: list[dict[str, Any]] | None = None  # under torchrun: what each process generated, and how fast
 
     def metrics(self) -> dict[str, Any]:
         per_s = self.users_new / self.seconds if self.seconds else None
-        return {
-            "users": self.users_in_file,
-            "users_new": self.users_new,
-            "users_skipped": self.users_skipped,
-            "seconds": round(self.seconds, 3),
-            "users_per_s": round(per_s, 4) if per_s else None,
-            "s_per_user": round(1 / per_s, 4) if per_s else None,
-            "new_tokens": self.new_tokens,
-            "tokens_per_s": round(self.new_tokens / self.seconds, 1) if self.seconds else None,
-        } | ({"gpu_peak_mib": self.gpu_peak_mib} if self.gpu_peak_mib is not None else {})
+        return (
+            {
+                "users": self.users_in_file,
+                "users_new": self.users_new,
+                "users_skipped": self.users_skipped,
+                "seconds": round(self.seconds, 3),
+                "users_per_s": round(per_s, 4) if per_s else None,
+                "s_per_user": round(1 / per_s, 4) if per_s else None,
+                "new_tokens": self.new_tokens,
+                "tokens_per_s": round(self.new_tokens / self.seconds, 1) if self.seconds else None,
+            }
+            | ({"gpu_peak_mib": self.gpu_peak_mib} if self.gpu_peak_mib is not None else {})
+            | ({"world_size": len(self.ranks), "ranks": self.ranks} if self.ranks else {})
+        )
 
 
 def gpu_peak_mib() -> float | None:
@@ -351,17 +347,19 @@ def _write_queries(
     generator: Generator,
     rows: list[dict[str, Any]],
     prompts: list[str],
+    batches: list[list[int]],
     path: Path,
     options: GenerateOptions,
     tick: Any,
+    done: set[str] | frozenset[str] = frozenset(),
 ) -> None:
-    batch_size = options.batch_size or generator.default_batch_size
-    # longest prompts first: the largest batch comes first, so a too-large --batch-size fails at once
-    order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
-    done, t0 = 0, time.perf_counter()
+    """Generate ``batches`` (indices of ``rows``), appending each user's line to ``path`` as it is made. A user in
+    ``done`` is generated with its batch but not written: a batch is always made whole, so that its beams are those
+    one process finds."""
+    count, t0 = 0, time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+        for batch in batches:
             results = generator.generate(
                 [prompts[i] for i in batch],
                 beams=options.beams,
@@ -369,6 +367,8 @@ def _write_queries(
                 max_new_tokens=options.max_new_tokens,
             )
             for i, beams in zip(batch, results, strict=True):
+                if rows[i]["user_id"] in done:
+                    continue
                 record = rows[i] | {
                     "queries": [clean_query(text) for text, _ in beams],
                     "scores": [round(float(score), 6) for _, score in beams],
@@ -376,9 +376,9 @@ def _write_queries(
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
                 fh.flush()
             os.fsync(fh.fileno())
-            done += len(batch)
+            count += len(batch)
             tick.advance(len(batch))
-            rate = done / max(time.perf_counter() - t0, 1e-9)
+            rate = count / max(time.perf_counter() - t0, 1e-9)
             tick.update(description=f"generating · {rate:.2f} users/s · {generator.new_tokens:,} tokens")
 
 
@@ -407,11 +407,23 @@ def run(
     command: str = "gloss generate",
     reporter: Reporter | None = None,
 ) -> GenerateResult:
-    """The ``generate/<split>`` stage: queries for every selected user not yet in the file."""
+    """The ``generate/<split>`` stage: queries for every selected user not yet in the file. Under torchrun each
+    process generates its share of the users (``gloss_cli.shards``) and rank 0, which alone holds the project lock,
+    merges them and records the stage."""
     reporter = reporter or Reporter()
     if split not in SPLITS:
         raise GlossError(f"Unknown split '{split}'.", f"Use one of: {', '.join(SPLITS)}.")
     options.check()
+    here = world()
+    if here.several:
+        if options.backend != "hf":
+            raise GlossError(
+                "--backend llama-cpp runs as one process (llama.cpp uses every core itself).",
+                "Run it without torchrun, or pass --backend hf.",
+            )
+        from gloss_cli.models import pick_device
+
+        distributed.init_process_group(pick_device())
     data_record = project.require("data")
     train_record = project.require("train")
     meta = read_meta(project.path("train"))
@@ -425,36 +437,128 @@ def run(
     if not options.catalog_only:
         settings.pop("catalog_only")  # as files written before the option have it
     params = {"split": split, **asdict(options), "users": list(users) if users else None, "limit": limit}
+    rows = list(frame.select("user_id", "target", "history").iter_rows(named=True))
+    if not here.main:  # ranks > 0 never take the lock nor write the manifest: their share of the users only
+        return _sharded(project, split, rows, meta, options, budget, settings, reporter)
     with project.run_stage(
         f"generate/{split}", params, command=command, libraries=LIBRARIES, upstream=("data", "train"), in_place=True
     ) as stage:
         path = stage.dir / QUERIES
         _check_settings(stage.dir, settings, overwrite)
+        stage.params["world_size"] = here.size
+        if here.several or (stage.dir / shards.PARTS).is_dir():  # one process resuming N's parts: N = 1 now
+            result = _sharded(project, split, rows, meta, options, budget, settings, reporter, stage.params)
+            stage.metrics = result.metrics()
+            return result
         done = read_done(path)
-        todo = frame.filter(~frame["user_id"].is_in(list(done)))
-        skipped = frame.height - todo.height
+        todo = [r for r in rows if r["user_id"] not in done]
+        skipped = len(rows) - len(todo)
         if skipped:
-            reporter.info(f"resuming: {skipped:,} of {frame.height:,} users are already in {path.name}")
+            reporter.info(f"resuming: {skipped:,} of {len(rows):,} users are already in {path.name}")
         t0, new_tokens = time.perf_counter(), 0
-        if todo.height:
-            generator = open_generator(project.path("train"), meta, options, reporter)
-            titles = _titles(project)
-            if options.catalog_only:
-                assert isinstance(generator, HFGenerator)  # options.check() saw to it
-                generator.restrict_to([item_text(t) for t in titles.values()])
-            stage.params["generator"] = generator.describe()
-            stage.params["batch_size"] = options.batch_size or generator.default_batch_size
-            rows = list(todo.select("user_id", "target", "history").iter_rows(named=True))
-            prompts = fit_prompts(generator.count_tokens, [[titles[i] for i in r["history"]] for r in rows], budget)
-            with reporter.progress("generating", total=len(rows)) as tick:
+        if todo:
+            generator, prompts = _prepare(project, todo, meta, options, budget, reporter)
+            size = options.batch_size or generator.default_batch_size
+            stage.params |= {"generator": generator.describe(), "batch_size": size}
+            with reporter.progress("generating", total=len(todo)) as tick:
                 t0 = time.perf_counter()
-                _write_queries(generator, rows, prompts, path, options, tick)
+                _write_queries(generator, todo, prompts, shards.length_batches(prompts, size), path, options, tick)
             new_tokens = generator.new_tokens
         seconds = time.perf_counter() - t0
         found = len(read_done(path))
-        result = GenerateResult(split, path, found, todo.height, skipped, seconds, new_tokens, settings, gpu_peak_mib())
+        result = GenerateResult(split, path, found, len(todo), skipped, seconds, new_tokens, settings, gpu_peak_mib())
         stage.metrics = result.metrics()
     return result
+
+
+def _prepare(
+    project: Project,
+    rows: list[dict[str, Any]],
+    meta: dict[str, Any],
+    options: GenerateOptions,
+    budget: int,
+    reporter: Reporter,
+) -> tuple[Generator, list[str]]:
+    """The generator, and the prompts of ``rows``."""
+    generator = open_generator(project.path("train"), meta, options, reporter)
+    titles = _titles(project)
+    if options.catalog_only:
+        assert isinstance(generator, HFGenerator)  # options.check() saw to it
+        generator.restrict_to([item_text(t) for t in titles.values()])
+    return generator, fit_prompts(generator.count_tokens, [[titles[i] for i in r["history"]] for r in rows], budget)
+
+
+def _sharded(
+    project: Project,
+    split: str,
+    rows: list[dict[str, Any]],
+    meta: dict[str, Any],
+    options: GenerateOptions,
+    budget: int,
+    settings: dict[str, Any],
+    reporter: Reporter,
+    params: dict[str, Any] | None = None,
+) -> GenerateResult:
+    """This process's share of ``rows`` into its part file; on rank 0 (which gets the stage's ``params``), first the
+    users the parts and queries.jsonl already hold, at the end the merge into queries.jsonl."""
+    here, folder = world(), project.path(f"generate/{split}")
+    path, users = folder / QUERIES, [r["user_id"] for r in rows]
+    known: tuple[set[str], int] = (set(), 0)
+    if here.main:  # read (and a partial last line cut) before any process appends to a part
+        known = set(shards.read_all([path, *shards.part_files(folder)])).intersection(users), shards.batch_size(folder)
+    done, recorded = distributed.broadcast(known)
+    if done:
+        reporter.info(f"resuming: {len(done):,} of {len(rows):,} users are already generated")
+    t0 = time.perf_counter()
+    mine: dict[str, Any] = {"rank": here.rank, "users_new": 0, "new_tokens": 0, "seconds": 0.0}
+    if len(done) < len(rows):
+        mine |= _share(project, folder, rows, meta, options, budget, done, recorded, reporter, params)
+    reports = distributed.gather(mine)  # every process is done with its share
+    distributed.leave()
+    if not here.main:
+        part = shards.part_path(folder, here)
+        return GenerateResult(split, part, 0, mine["users_new"], len(done), mine["seconds"], mine["new_tokens"], {})
+    lines = shards.merge(folder, path, users) if (folder / shards.PARTS).is_dir() else len(read_done(path))
+    peaks = [r["gpu_peak_mib"] for r in reports if "gpu_peak_mib" in r]
+    new, tokens = sum(r["users_new"] for r in reports), sum(r["new_tokens"] for r in reports)
+    seconds, peak = time.perf_counter() - t0, max(peaks) if peaks else None
+    return GenerateResult(split, path, lines, new, len(done), seconds, tokens, settings, peak, reports)
+
+
+def _share(
+    project: Project,
+    folder: Path,
+    rows: list[dict[str, Any]],
+    meta: dict[str, Any],
+    options: GenerateOptions,
+    budget: int,
+    done: set[str],
+    recorded: int,
+    reporter: Reporter,
+    params: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Generate this process's batches that are not all in ``done``; what it did, for rank 0's metrics."""
+    here, users = world(), [r["user_id"] for r in rows]
+    generator, prompts = _prepare(project, rows, meta, options, budget, reporter)
+    # every process cuts the same batches; an automatic size (the run's first, if it recorded one) leaves each
+    # process at least one batch
+    size = distributed.all_min(
+        options.batch_size or recorded or min(generator.default_batch_size, -(-len(rows) // here.size))
+    )
+    batches = shards.length_batches(prompts, size)
+    if here.main:
+        shards.write_plan(folder, [users[i] for batch in batches for i in batch], size, here.size)
+        if params is not None:
+            params |= {"generator": generator.describe(), "batch_size": size}
+    distributed.wait_all()  # the plan is on disk before any part has a line
+    share = [b for b in shards.share(batches, here) if any(users[i] not in done for i in b)]
+    with reporter.progress(f"generating ({here.rank + 1} of {here.size})", total=sum(map(len, share))) as tick:
+        t0 = time.perf_counter()
+        _write_queries(generator, rows, prompts, share, shards.part_path(folder, here), options, tick, done)
+    new = sum(users[i] not in done for b in share for i in b)
+    mine = {"users_new": new, "new_tokens": generator.new_tokens, "seconds": round(time.perf_counter() - t0, 3)}
+    peak = gpu_peak_mib()
+    return mine | ({"gpu_peak_mib": peak} if peak is not None else {})
 
 
 def _titles(project: Project) -> dict[str, str]:

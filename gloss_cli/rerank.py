@@ -13,6 +13,7 @@ user_id, item_id, pool_rank (1 = the list's first), logprob (summed over the tit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -22,15 +23,17 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from gloss_cli import distributed, shards
 from gloss_cli.console import Reporter
 from gloss_cli.data import load_items, load_split
+from gloss_cli.distributed import world
 from gloss_cli.errors import GlossError
 from gloss_cli.evaluate import generated_users, load_queries, with_lis_query
 from gloss_cli.examples import target_ids
 from gloss_cli.generate import fit_prompts, gpu_peak_mib
 from gloss_cli.index import open_index
 from gloss_cli.models import load_trained, pick_device, read_meta
-from gloss_cli.project import Project
+from gloss_cli.project import Project, StageRun
 from gloss_cli.prompt import item_text
 from gloss_cli.queries import lis_queries
 from gloss_cli.ranking import CANDIDATES, TRANSITIONS_PARAMS, as_array, rank_users, rerank_stage, transitions_lists
@@ -89,6 +92,9 @@ def run(
     candidates = recipe.candidates
     if "transitions" not in recipe.lists or len(recipe.lists) > 1:
         hybrid_parts(retriever)  # a malformed hybrid name fails before any work
+    here = world()
+    if here.several:
+        distributed.init_process_group(pick_device())
     project.require("data")
     train_record = project.require("train")
     items = load_items(project.path("data"))
@@ -110,7 +116,12 @@ def run(
     index = None
     meta: dict[str, Any] = {"key": "none", "stages": ()}
     if qs.per_user:
-        index, meta = open_index(project, retriever, query_cache=True, reporter=reporter)
+        if here.main:
+            index, meta = open_index(project, retriever, query_cache=True, reporter=reporter)
+        # a missing index is a stage: rank 0 builds it, under its lock, before the others read it
+        distributed.wait_all()
+        if not here.main:
+            index, meta = open_index(project, retriever, build_missing=False, reporter=reporter)
     params = {
         "split": split,
         "recipe": recipe.pool().as_dict(),
@@ -124,7 +135,9 @@ def run(
     upstream = ("data", "train", *meta["stages"], *stages)
     libraries = ("torch", "transformers", "peft", "bm25s")
     stage_dir = rerank_stage(split, recipe, retriever)
-    with project.run_stage(stage_dir, params, command=command, libraries=libraries, upstream=upstream) as st:
+    # ranks > 0 never take the lock nor write the stage: they score their share of the users for rank 0
+    writing = project.run_stage(stage_dir, params, command=command, libraries=libraries, upstream=upstream)
+    with writing if here.main else contextlib.nullcontext(StageRun(stage_dir, project.path(stage_dir), params)) as st:
         key_of = {item: i for i, item in enumerate(item_ids)}
         lead = None
         if "transitions" in recipe.lists:
@@ -154,12 +167,12 @@ def run(
         needed = sorted({k for row in pool_lists for k in row})
         ids_of = dict(zip(needed, target_ids(tokenizer, [item_text(titles[item_ids[k]]) for k in needed]), strict=True))
         size = batch_size or (64 if device == "cuda" else 4)
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: fail fast on memory
+        # longest first (fail fast on memory); under torchrun this process's share of one process's batches
+        batches = shards.share(shards.length_batches(prompts, size), here)
         logprob: list[list[float]] = [[] for _ in prompts]
         t0 = time.perf_counter()
-        with reporter.progress("scoring candidates", len(order)) as tick:
-            for start in range(0, len(order), size):
-                batch = order[start : start + size]
+        with reporter.progress("scoring candidates", sum(len(b) for b in batches)) as tick:
+            for batch in batches:
                 enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
                 scores = score_continuations(
                     model,
@@ -172,6 +185,13 @@ def run(
                 for i, values in zip(batch, scores, strict=True):
                     logprob[i] = values
                 tick.advance(len(batch))
+        scored = distributed.gather({i: logprob[i] for batch in batches for i in batch})  # on rank 0: all ranks'
+        distributed.leave()
+        if not here.main:
+            return RerankResult(split, st.dir, len(prompts), candidates, time.perf_counter() - t0, pool_recall, None)
+        for share in scored:
+            for i, values in share.items():
+                logprob[i] = values
         seconds = time.perf_counter() - t0
         rows = [(u, i, r) for u, pool in enumerate(pool_lists) for r, i in enumerate(pool)]
         pl.DataFrame(
@@ -199,6 +219,6 @@ def run(
             pool_recall,
             gpu_peak_mib(),
         )
-        st.params |= {"device": device, "batch_size": size}
+        st.params |= {"device": device, "batch_size": size, "world_size": here.size}
         st.metrics = result.metrics()
     return result

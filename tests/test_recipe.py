@@ -231,7 +231,12 @@ def test_a_lead_list_keeps_what_the_queries_found_when_they_return_fewer_than_k(
 
     lead = np.array([[1, 2, 3, 4, 5]], dtype=np.int64)
     merged = rank_users(
-        parse("no-model"), [["Title: x"]], [set()], k=5, retriever=_Fixed(), lead=lead  # type: ignore[arg-type]
+        parse("no-model"),
+        [["Title: x"]],
+        [set()],
+        k=5,
+        retriever=_Fixed(),
+        lead=lead,  # type: ignore[arg-type]
     )
     keys = [key for key, _, _ in merged[0]]
     # lead weight 1: 1/2, 1/3, 1/4, 1/5 ...; the title's list weight 1/2: item 7 at 0.5/2 ties item 3 (lead first)

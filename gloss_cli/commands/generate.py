@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 import typer
 
-from gloss_cli.console import RichReporter, print_json
+from gloss_cli.console import Reporter, RichReporter, print_json
+from gloss_cli.distributed import world
 from gloss_cli.options import (
     DEFAULT_PROJECT_PATH,
     MAX_BATCH,
@@ -71,6 +73,8 @@ def generate(
 
     Appends one JSON line per user to generate/<split>/queries.jsonl: user_id, target, history,
     queries (best beam first) and scores. Killed half way, the same command resumes where it stopped.
+    Under torchrun --nproc-per-node N -m gloss_cli generate ..., N processes (one per GPU) share the users and
+    rank 0 merges their parts into the same file.
 
     [dim]Examples:[/]
 
@@ -83,12 +87,15 @@ def generate(
       gloss generate --split validation --catalog-only   # every beam a catalog title
 
       gloss generate --users A1YJEY40AYMN6I,A2V5KA3OKOQ0W --split test --json
+
+      torchrun --nproc-per-node 4 -m gloss_cli generate --split test   # 4 GPUs, a quarter of the users each
     """
     from gloss_cli.generate import GenerateOptions
     from gloss_cli.generate import run as run_generate
 
     options = GenerateOptions(backend, beams, num_return, max_new_tokens, batch_size, dtype, search, catalog_only)
-    reporter = RichReporter(quiet)
+    here = world()  # under torchrun: rank 0 takes the lock, writes the stage and prints; the others generate
+    reporter = RichReporter(quiet) if here.main else Reporter()
     proj = Project(project)
     command = f"gloss generate --split {split}"
     defaults = GenerateOptions()
@@ -98,10 +105,12 @@ def generate(
     command += " --catalog-only" if catalog_only else ""
     command += f" --limit {limit}" if limit else ""
     command += f" --users {','.join(users)}" if users else ""
-    with proj.lock(command, reporter):
+    with proj.lock(command, reporter) if here.main else contextlib.nullcontext():
         result = run_generate(
             proj, split, options, users=users, limit=limit, overwrite=overwrite, command=command, reporter=reporter
         )
+    if not here.main:
+        return
     metrics = result.metrics()
     if json_:
         print_json({"project": str(proj.root), "path": str(result.path), "metrics": metrics})

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 import typer
 
-from gloss_cli.console import RichReporter, print_json
+from gloss_cli.console import Reporter, RichReporter, print_json
+from gloss_cli.distributed import world
 from gloss_cli.options import (
     DEFAULT_PROJECT_PATH,
     MAX_BATCH,
@@ -39,6 +41,8 @@ def rerank(
     The pool: the top 'candidates' of the recipe's own list in retrieval order (default recipe rerank: the gloss
     recipe's list, its top 20). Each candidate gets log p(its title | the user's prompt) from the model. Writes
     rerank/<split>-<pool recipe>-<candidates>-<retriever>/candidates.parquet.
+    Under torchrun --nproc-per-node N -m gloss_cli rerank ..., N processes (one per GPU) share the pools and rank 0
+    writes the same file.
 
     [dim]Examples:[/]
 
@@ -47,11 +51,14 @@ def rerank(
       gloss rerank --split validation --recipe "rerank candidates=50"
 
       gloss rerank --recipe "lists=lis order=fused candidates=50"     # LIS's top 50: no generation needed
+
+      torchrun --nproc-per-node 4 -m gloss_cli rerank --split test   # 4 GPUs, a quarter of the pools each
     """
     from gloss_cli.project import Project
     from gloss_cli.rerank import run
 
-    reporter = RichReporter(quiet)
+    here = world()  # under torchrun: rank 0 takes the lock, writes the stage and prints; the others score
+    reporter = RichReporter(quiet) if here.main else Reporter()
     proj = Project(project)
     from gloss_cli.limits import check_retrieval
     from gloss_cli.ranking import MAX_SEEN_EXTRA
@@ -68,7 +75,7 @@ def rerank(
         option="candidates=",
     )
     command = f"gloss rerank --split {split} --recipe '{chosen.explicit()}' --retriever {retriever}"
-    with proj.lock(command, reporter):
+    with proj.lock(command, reporter) if here.main else contextlib.nullcontext():
         result = run(
             proj,
             split,
@@ -79,6 +86,8 @@ def rerank(
             command=command,
             reporter=reporter,
         )
+    if not here.main:
+        return
     metrics = result.metrics()
     if json_:
         print_json({"project": str(proj.root), "path": str(result.path), "metrics": metrics})
