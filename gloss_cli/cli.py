@@ -28,6 +28,8 @@ def _usage_error(exc: UsageError, ctx: Any = None) -> NoReturn:
     (click's is 2): one ``error:`` line and a hint to read the command's help, instead of click's usage box."""
     if type(exc).__name__ == "NoArgsIsHelpError":  # a bare 'gloss': click prints the help
         raise exc
+    if os.environ.get("RANK", "0") != "0":  # torchrun's other processes parsed the same line: rank 0 says it once
+        raise typer.Exit(1) from None
     where = "gloss"
     if exc.ctx is not None:
         where = exc.ctx.command_path

@@ -112,6 +112,13 @@ def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random |
     return batches
 
 
+def label_tokens(data: Encoded, batch: list[int], *, completion_only: bool) -> int:
+    """The tokens of ``batch`` that :func:`collate`'s labels score (a causal LM predicts token t from those before
+    it, so the first is never scored): the target + EOS for the completion loss, all but the first otherwise. Counted
+    from the lengths, so every rank knows a global batch's count without the others' tensors."""
+    return sum(len(data.ids[i]) - max(data.prompt_lens[i] if completion_only else 0, 1) for i in batch)
+
+
 def collate(
     data: Encoded, batch: list[int], *, pad_id: int, completion_only: bool, multiple: int = 1
 ) -> dict[str, Any]:

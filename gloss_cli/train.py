@@ -27,10 +27,19 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from gloss_cli import __version__
+from gloss_cli import __version__, ddp
 from gloss_cli.console import Reporter
+from gloss_cli.distributed import World
 from gloss_cli.errors import GlossError
-from gloss_cli.examples import Encoded, auto_micro_batch_tokens, collate, encode_examples, length_batches, micro_batches
+from gloss_cli.examples import (
+    Encoded,
+    auto_micro_batch_tokens,
+    collate,
+    encode_examples,
+    label_tokens,
+    length_batches,
+    micro_batches,
+)
 from gloss_cli.models import DEFAULT_MODEL, ModelRef, canonical_name, resolve_model
 from gloss_cli.project import Project, file_entry
 
@@ -40,6 +49,7 @@ TRAIN_DTYPES = ("auto", "bf16", "fp32")
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "gguf", "safetensors")
 LOG_EVERY = 10  # steps between host syncs for the progress line (a .item() per step stalls the GPU)
 MAX_SKIPPED_IN_A_ROW = 20  # optimizer steps with a non-finite gradient, one after another, that end a run
+ONE = World()  # a single process
 
 
 @dataclass(frozen=True)
@@ -151,7 +161,10 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     return config
 
 
-def _rows(project: Project, config: TrainConfig) -> tuple[tuple[list[list[str]], list[str]], ...]:
+Rows = tuple[tuple[list[list[str]], list[str]], ...]  # (histories as titles, targets) of train and validation
+
+
+def _rows(project: Project, config: TrainConfig) -> Rows:
     """(histories as titles, target titles) for the train and validation splits; never the test split."""
     from gloss_cli.data import load_items, load_split
 
@@ -185,8 +198,10 @@ def _prepare_model(config: TrainConfig, location: str, device: str) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.method == "qlora":
+        # device_map needs the index: each torchrun rank has its own GPU (torch.cuda.set_device in ddp.join)
+        place = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device
         model = load_causal_lm(
-            location, dtype=torch.bfloat16, device=device, trust_remote_code=trust, quantization=quantization_4bit()
+            location, dtype=torch.bfloat16, device=place, trust_remote_code=trust, quantization=quantization_4bit()
         )
         model = prepare_model_for_kbit_training(
             model,
@@ -265,6 +280,12 @@ class EpochLog:
     val_seconds: float
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient (their loss is not in train_loss)
     skipped_examples: list[int] = field(default_factory=list)  # their examples: rows of data/train.parquet
+    # each step's loss and gradient norm before clipping (None: skipped), in meta.json only
+    step_losses: list[float | None] = field(default_factory=list)
+    step_grad_norms: list[float | None] = field(default_factory=list)
+
+
+_META_ONLY = ("skipped_examples", "step_losses", "step_grad_norms")
 
 
 @dataclass
@@ -283,6 +304,7 @@ class TrainResult:
     schedule_steps: int = 0  # where the learning rate reached 0 (a time budget plans it from the speed)
     # the most CUDA memory torch held at once in the training loop and its validation passes (MiB; None: no GPU)
     gpu_peak_mib: float | None = None
+    world_size: int = 1  # processes under torchrun; each step took world_size x --batch-size examples
 
     def replay(self) -> str | None:
         """The flags that repeat a run its time budget cut, step for step, on any machine."""
@@ -310,8 +332,8 @@ class TrainResult:
             "validation_examples": self.validation_examples,
             "truncated_histories": self.truncated,
             "device": self.device,
-            # the skipped steps' examples stay in train/meta.json: thousands of row numbers are no metric
-            "losses": [{k: v for k, v in asdict(e).items() if k != "skipped_examples"} for e in self.epochs],
+            # the skipped steps' examples and the per-step numbers stay in train/meta.json: thousands of them
+            "losses": [{k: v for k, v in asdict(e).items() if k not in _META_ONLY} for e in self.epochs],
         } | ({"gpu_peak_mib": self.gpu_peak_mib} if self.gpu_peak_mib is not None else {})
 
 
@@ -338,12 +360,15 @@ class _Diverged(Exception):
 class _Loop:
     """The optimisation loop: epochs of length-bucketed batches, validation loss, early stopping, best checkpoint."""
 
-    def __init__(self, model: Any, tokenizer: Any, config: TrainConfig, device: str, out: Path) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, config: TrainConfig, device: str, out: Path | None, world: World = ONE
+    ) -> None:
         import torch
 
         from gloss_cli.models import torch_dtype
 
         self.model, self.tokenizer, self.config, self.device, self.out = model, tokenizer, config, device, out
+        self.world = world  # under torchrun: this rank's place (ranks > 0 write nothing: out is None)
         # bf16 compute: over a bf16 base (LoRA), fp32 master weights (full), or the NF4 base (QLoRA)
         self.autocast = torch_dtype(config.dtype, device) == torch.bfloat16 or config.method == "qlora"
         # CUDA: tensor-core friendly shapes. CPU: few distinct shapes, so that glibc's allocator reuses the blocks
@@ -366,6 +391,7 @@ class _Loop:
         self.skipped = 0  # steps skipped for a non-finite gradient, this epoch
         self.skipped_examples: list[int] = []  # the examples of those steps (train-split rows)
         self.in_a_row = 0  # ... and consecutively: MAX_SKIPPED_IN_A_ROW of them end the run
+        self.logged: list[tuple[Any, int, Any]] = []  # this epoch's (loss sum, label tokens, gradient norm) a step
 
     def _parts(self, data: Encoded, batch: list[int]) -> list[tuple[dict[str, Any], int]]:
         """The batch as micro-batches with their label-token counts (counted on the host: no device sync)."""
@@ -406,14 +432,15 @@ class _Loop:
             return None
         self.model.eval()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = 0
+        count = label_tokens(data, list(range(len(data.ids))), completion_only=self.config.loss == "completion")
+        batches = length_batches(data.lengths, self.config.batch_size * 2, None)
         with torch.no_grad():
-            for batch in length_batches(data.lengths, self.config.batch_size * 2, None):
+            for batch in batches[self.world.rank :: self.world.size]:  # each rank a share; the sums add up
                 for inputs, counted in self._parts(data, batch):
                     total += self._loss(inputs).double() * counted
-                    count += counted
         self.model.train()
-        return round(float(total) / max(count, 1), 5)
+        # the same number on every rank (the early-stopping decision is shared): rank 0's
+        return ddp.from_main(round(float(ddp.sum_over_ranks(total)) / max(count, 1), 5))
 
     def _collate(self, data: Encoded, batch: list[int]) -> dict[str, Any]:
         completion = self.config.loss == "completion"
@@ -422,24 +449,27 @@ class _Loop:
         )
 
     def _step(self, data: Encoded, batch: list[int]) -> tuple[Any, int, int]:
-        """One optimizer step over ``batch``; gradients of its micro-batches add up to the whole batch's. A step
-        whose gradient is not finite (a NaN or inf loss in any micro-batch) is skipped, as a loss scaler skips it,
-        rather than written into the weights, where it would make every later loss NaN; many in a row end the run."""
+        """One optimizer step over the global ``batch``; gradients of its micro-batches (this rank's share, under
+        torchrun) add up to the whole batch's. A step whose gradient is not finite (a NaN or inf loss in any
+        micro-batch) is skipped, as a loss scaler skips it, rather than written into the weights, where it would
+        make every later loss NaN; many in a row end the run."""
         import torch
 
-        parts = self._parts(data, batch)
-        count = max(1, sum(c for _, c in parts))
+        parts = self._parts(data, ddp.share(batch, self.world))
+        count = max(1, label_tokens(data, batch, completion_only=self.config.loss == "completion"))
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         for inputs, counted in parts:
             loss = self._loss(inputs)
             (loss * (counted / count)).backward()
             total += loss.detach().double() * counted
+        ddp.sum_step(self.params, total)  # under torchrun: the ranks' shares add up to the global batch's
         norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        seen = sum(int(p["attention_mask"].sum()) for p, _ in parts)
+        seen = sum(len(data.ids[i]) for i in batch)
         if not bool(torch.isfinite(norm)):  # one device sync per step: small against a step of 64 examples
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
             self.skipped_examples.extend(batch)
+            self.logged.append((torch.zeros_like(total), 0, norm))
             if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
                 raise _Diverged(
                     f"Training diverged: {self.in_a_row} steps in a row (up to step {self.step + 1}) had a "
@@ -447,6 +477,7 @@ class _Loop:
                 )
             return torch.zeros_like(total), 0, seen
         self.in_a_row = 0
+        self.logged.append((total, count, norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, count, seen
@@ -460,6 +491,7 @@ class _Loop:
         self.skipped, self.skipped_examples = 0, []
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count, tokens, t0 = 0, 0, time.perf_counter()
+        self.logged = []
         for n, batch in enumerate(batches, 1):
             loss_sum, counted, seen = self._step(data, batch)
             scheduler.step()
@@ -476,13 +508,23 @@ class _Loop:
             if self.config.stop_at_step and self.step >= self.config.stop_at_step:
                 self.cut = "stop-at-step"
                 break
-            if self.deadline is not None and (
+            if self.deadline is not None and ddp.from_main(  # rank 0's clock decides for every rank
                 _clock() >= self.deadline
                 or (self.schedule is not None and self.schedule.moved and self.step >= self.schedule.end)
             ):
                 self.cut = "time-budget"
                 break
         return (round(float(total) / count, 5) if count else math.nan), tokens
+
+    def step_log(self) -> tuple[list[float | None], list[float | None]]:
+        """This epoch's loss and gradient norm a step (None: skipped), read from the device at once."""
+        import torch
+
+        if not self.logged:
+            return [], []
+        values = torch.stack([t.double() for s, _, n in self.logged for t in (s, n)]).tolist()  # one device sync
+        losses = [s / c if c else None for s, (_, c, _) in zip(values[::2], self.logged, strict=True)]
+        return losses, [n if math.isfinite(n) else None for n in values[1::2]]
 
     def _plan_budget(self) -> bool:
         """Under a time budget: the steps that fit, from the speed of steps 2..SCHEDULE_PROBE_STEPS, become the
@@ -496,11 +538,13 @@ class _Loop:
         elif self.step == SCHEDULE_PROBE_STEPS and self.probe_start is not None:
             per_step = (now - self.probe_start) / (SCHEDULE_PROBE_STEPS - 1)
             fits = self.step + int(max(0.0, self.deadline - now) / max(per_step, 1e-9))
-            self.schedule.end = max(self.step + 1, min(self.schedule.end, fits))
+            self.schedule.end = int(ddp.from_main(max(self.step + 1, min(self.schedule.end, fits))))  # rank 0's plan
             return self.schedule.moved
         return False
 
     def save(self) -> None:
+        if self.out is None:  # a rank other than 0: rank 0 writes the one copy of the (identical) weights
+            return
         target = self.out / ("model" if self.config.method == "full" else "adapter")
         self.model.save_pretrained(target)
 
@@ -512,8 +556,9 @@ def _fit(
 
     config = loop.config
     loop.deadline = _clock() + 60 * config.max_minutes if config.max_minutes else None
-    rng = random.Random(config.seed)
-    per_epoch = math.ceil(len(train.ids) / config.batch_size)
+    rng = random.Random(config.seed)  # every rank draws the same global batches and takes its share of each
+    global_batch = config.batch_size * loop.world.size
+    per_epoch = math.ceil(len(train.ids) / global_batch)
     total = per_epoch * config.epochs
     total = min(total, config.max_steps) if config.max_steps else total
     loop.schedule = _Schedule(total, config.warmup_ratio, min(config.schedule_steps, total))
@@ -521,7 +566,7 @@ def _fit(
     logs: list[EpochLog] = []
     best_epoch, best, bad, stopped = 0, math.inf, 0, "epochs"
     for epoch in range(1, config.epochs + 1):
-        batches = length_batches(train.lengths, config.batch_size, rng)
+        batches = length_batches(train.lengths, global_batch, rng)
         steps_before, t0 = loop.step, time.perf_counter()
         label = f"epoch {epoch}/{config.epochs}"
         try:
@@ -547,6 +592,7 @@ def _fit(
                 time.perf_counter() - t1,
                 loop.skipped,
                 sorted(loop.skipped_examples),
+                *loop.step_log(),
             )
         )
         skipped = f" ({loop.skipped} of {steps} steps skipped: non-finite gradient)" if loop.skipped else ""
@@ -594,6 +640,8 @@ def _write_meta(
         "schedule_steps": result.schedule_steps,
         "replay": result.replay(),
         "epochs": [asdict(e) for e in result.epochs],
+        "world_size": result.world_size,  # processes under torchrun; each took config.batch_size examples a step
+        "global_batch_size": result.world_size * config.batch_size,
         "config": asdict(config),
         "gloss_version": __version__,
     }
@@ -601,35 +649,37 @@ def _write_meta(
     return meta
 
 
-def _train_into(project: Project, config: TrainConfig, ref: ModelRef, out: Path, reporter: Reporter) -> TrainResult:
+def _train_into(
+    config: TrainConfig, location: str, rows: Rows, device: str, out: Path | None, reporter: Reporter, here: World
+) -> TrainResult:
     import torch
 
-    from gloss_cli.models import load_tokenizer, pick_device, weights_location
+    from gloss_cli.models import load_tokenizer
 
     torch.manual_seed(config.seed)
-    device = pick_device()
-    location = weights_location(ref, reporter)
     tokenizer = load_tokenizer(location, trust_remote_code=config.trust_remote_code)
-    (train_rows, val_rows) = _rows(project, config)
+    (train_rows, val_rows) = rows
     train = encode_examples(tokenizer, *train_rows, config.max_seq_len)
     val = encode_examples(tokenizer, *val_rows, config.max_seq_len)
-    if not train.ids:
-        raise GlossError("The train split is empty.", "Check 'gloss data' (and --limit-users).")
     if not val.ids:
         reporter.warn("no validation rows: the last epoch is kept, without early stopping")
+    on = f"{here.size} processes on {device} ({config.batch_size} examples each a step)" if here.several else device
     reporter.info(
         f"{len(train.ids):,} train / {len(val.ids):,} validation examples, {sum(train.lengths):,} train tokens "
-        f"({train.truncated:,} histories cut to --max-seq-len {config.max_seq_len}); {config.method} on {device}"
+        f"({train.truncated:,} histories cut to --max-seq-len {config.max_seq_len}); {config.method} on {on}"
     )
-    loop = _Loop(_prepare_model(config, location, device), tokenizer, config, device, out)
+    loop = _Loop(_prepare_model(config, location, device), tokenizer, config, device, out, here)
+    ddp.start(loop.params, config.seed)
     if device == "cuda":  # the peak from here: the weights, optimizer state and activations; loading's transients not
         torch.cuda.reset_peak_memory_stats()
     with _no_cudnn_attention():
         logs, best_epoch, best, stopped = _fit(loop, train, val, reporter)
+    ddp.leave()
     from gloss_cli.generate import gpu_peak_mib
 
     peak = gpu_peak_mib()
-    tokenizer.save_pretrained(out / "tokenizer")
+    if out is not None:
+        tokenizer.save_pretrained(out / "tokenizer")
     examples, truncated = (len(train.ids), len(val.ids)), train.truncated + val.truncated
     form = "full" if config.method == "full" else "peft-lora"
     if stopped == "time-budget":
@@ -647,10 +697,11 @@ def _train_into(project: Project, config: TrainConfig, ref: ModelRef, out: Path,
         device,
         *examples,
         truncated,
-        out.parent / "train",
+        Path(),  # the stage's folder, set by run()
         form,
         loop.schedule.end if loop.schedule else loop.step,
         peak,
+        here.size,
     )
 
 
@@ -687,9 +738,22 @@ def run(
         from gloss_cli.models import quantization_4bit
 
         quantization_4bit()
-    params = {"dataset": have, **asdict(config), "base_model": ref.as_dict()}
+    from gloss_cli.distributed import world
+    from gloss_cli.models import pick_device, weights_location
+
+    here, device = world(), pick_device()
+    location = weights_location(ref, reporter)  # a GGUF's safetensors copy: made once, by rank 0 before the others
+    rows = _rows(project, config)
+    if not rows[0][0]:
+        raise GlossError("The train split is empty.", "Check 'gloss data' (and --limit-users).")
+    ddp.check_examples(len(rows[0][0]), here)
+    ddp.join(device)  # under torchrun: rank 0 joins the others here, past every check above and holding the lock
+    if not here.main:  # ranks > 0 train their share and write nothing: no stage, no manifest, no lock
+        return replace(_train_into(config, location, rows, device, None, reporter, here), folder=project.path("train"))
+    params = {"dataset": have, **asdict(config), "base_model": ref.as_dict(), "world_size": here.size}
     with project.run_stage("train", params, command=command, libraries=LIBRARIES, upstream=("data",)) as stage:
-        result = _train_into(project, config, ref, stage.dir, reporter)
+        result = _train_into(config, location, rows, device, stage.dir, reporter, here)
+        result = replace(result, folder=project.path("train"))
         meta = _write_meta(stage.dir, config, ref, data_record, result)
         if export is not None:
             from gloss_cli.export import export_trained

@@ -89,8 +89,16 @@ def run(
 
       gloss run --dataset toys --full -p runs/toys
     """
+    from gloss_cli.distributed import world
+    from gloss_cli.errors import GlossError
     from gloss_cli.pipeline import RunPlan, run_all
     from gloss_cli.project import Project
+
+    if world().several:  # each process would take the project lock and run every stage: one line instead
+        raise GlossError(
+            "gloss run is one process: under torchrun every process would run every stage.",
+            "Run it without torchrun, or launch its stages with torchrun one by one: gloss train, gloss generate.",
+        )
 
     plan = RunPlan.make(
         full=full,

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gloss_cli.console import RichReporter, print_json
+from gloss_cli.console import Reporter, RichReporter, print_json
+from gloss_cli.errors import GlossError
 from gloss_cli.options import (
     DEFAULT_PROJECT_PATH,
     MAX_BATCH,
@@ -22,6 +26,7 @@ from gloss_cli.options import (
 from gloss_cli.project import Project
 
 if TYPE_CHECKING:
+    from gloss_cli.distributed import World
     from gloss_cli.train import TrainResult
 
 
@@ -68,7 +73,14 @@ def train(
         int | None,
         typer.Option(min=1, max=MAX_COUNT, help="Most epochs (default 10); early stopping may end sooner."),
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, max=MAX_BATCH, help="Examples per step (default 8).")] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=MAX_BATCH,
+            help="Examples per step (default 8); per process under torchrun, where a step takes N x this many.",
+        ),
+    ] = None,
     lr: Annotated[
         float | None,
         typer.Option(
@@ -164,10 +176,14 @@ def train(
       gloss train --export gguf                               [dim]# + train/model-q8_0.gguf for llama.cpp[/]
 
       gloss train --model HuggingFaceTB/SmolLM2-360M-Instruct --method qlora --config train.toml
+
+      torchrun --nproc-per-node 4 -m gloss_cli train --batch-size 16   [dim]# 4 GPUs, 64 examples a step[/]
     """
+    from gloss_cli.distributed import world
     from gloss_cli.train import load_config
     from gloss_cli.train import run as run_train
 
+    here = world()
     overrides: dict[str, Any] = {
         "model": model,
         "method": method,
@@ -187,22 +203,48 @@ def train(
         "trust_remote_code": True if trust_remote_code else None,
         "gradient_checkpointing": True if gradient_checkpointing else None,
     }
-    settings = load_config(config, overrides)
-    reporter = RichReporter(quiet)
-    proj = Project(project)
-    command = "gloss train" + (f" --dataset {dataset}" if dataset else "")
-    command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v not in (None, True))
-    command += " --trust-remote-code" if trust_remote_code else ""
-    command += " --gradient-checkpointing" if gradient_checkpointing else ""
-    command += f" --config {config}" if config else ""
-    command += f" --export {export}" if export else ""
-    with proj.lock(command, reporter):
-        result = run_train(proj, settings, dataset=dataset, command=command, export=export, reporter=reporter)
+    with _rank_of(here):
+        settings = load_config(config, overrides)
+        reporter = RichReporter(quiet) if here.main else Reporter()  # rank 0 speaks for a torchrun run
+        proj = Project(project)
+        command = "gloss train" + (f" --dataset {dataset}" if dataset else "")
+        command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v not in (None, True))
+        command += " --trust-remote-code" if trust_remote_code else ""
+        command += " --gradient-checkpointing" if gradient_checkpointing else ""
+        command += f" --config {config}" if config else ""
+        command += f" --export {export}" if export else ""
+        with proj.lock(command, reporter) if here.main else contextlib.nullcontext():
+            result = run_train(proj, settings, dataset=dataset, command=command, export=export, reporter=reporter)
+    if not here.main:
+        return
     if json_:
         print_json({"project": str(proj.root), "folder": str(result.folder), "metrics": result.metrics()})
         return
     _table(result)
     reporter.info(f"wrote {result.folder}; next: gloss generate --split test")
+
+
+@contextlib.contextmanager
+def _rank_of(here: World) -> Iterator[None]:
+    """Rank 0 (or a single process) as ever. Another torchrun process first waits for rank 0, which checks the
+    settings, takes the project lock and joins the others once past both; it then trains its share and writes
+    nothing. Whatever GlossError it meets rank 0 meets too (the same flags, files and collective results) and
+    reports once, so it only exits 1, unless the error concerns this rank alone (ddp.RankError: its GPU)."""
+    if here.main:
+        yield
+        return
+    from gloss_cli.ddp import RankError, join
+    from gloss_cli.models import pick_device
+
+    try:
+        join(pick_device())
+        yield
+    except RankError:
+        raise
+    except (GlossError, KeyboardInterrupt) as exc:  # Ctrl-C reaches every process: rank 0 says it once
+        if os.environ.get("GLOSS_DEBUG"):
+            raise
+        raise typer.Exit(1 if isinstance(exc, GlossError) else 130) from None
 
 
 def _table(result: TrainResult) -> None:
@@ -213,7 +255,8 @@ def _table(result: TrainResult) -> None:
     table = Table(
         title=f"gloss train: best epoch {result.best_epoch} ({result.stopped})",
         title_justify="left",
-        caption=f"{result.examples:,} examples, {result.steps:,} steps on {result.device}",
+        caption=f"{result.examples:,} examples, {result.steps:,} steps on {result.device}"
+        + (f" ({result.world_size} processes)" if result.world_size > 1 else ""),
         caption_justify="left",
     )
     skipped = any(e.skipped_steps for e in result.epochs)  # the column only when a step had a non-finite gradient
