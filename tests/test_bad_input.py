@@ -382,7 +382,7 @@ CASES: dict[str, Case] = {
     "rerank candidates past the catalog": Case(
         None,
         ["rerank", "--recipe", "rerank candidates=5000", "-p", "proj"],
-        "candidates= 5,000 is more than the catalog's 37 items",
+        "candidates=5,000 is more than the catalog's 37 items",
     ),
     "rerank that would not fit in memory": Case(
         _little_memory, ["rerank", "--split", "test", "-p", "proj"], "users x 3 queries needs about"

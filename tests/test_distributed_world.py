@@ -28,3 +28,16 @@ def test_a_wrong_environment_is_one_line(monkeypatch: pytest.MonkeyPatch, rank: 
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(GlossError, match="RANK"):
         world()
+
+
+def test_gloss_run_under_torchrun_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from gloss_cli.cli import app
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    result = CliRunner().invoke(app, ["run", "-p", "p"])
+    assert result.exit_code == 1 and "gloss run is one process" in result.output
+    assert "Traceback" not in result.output

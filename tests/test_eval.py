@@ -136,7 +136,7 @@ def test_gloss_jsonl_queries_file_and_lis_on_its_users(synthetic: Path, tmp_path
     _assert_refused(["eval", "--queries", str(tmp_path / "none.jsonl"), "-p", "p"], "does not exist", project)
     fused = json.loads(runner.invoke(app, [*args, "--recipe", "lists=lis,model queries=2 seen=kept"]).stdout)
     assert fused["run"] == f"lis+model2-rrf-kept-bm25-test-7u-{digest}"
-    assert fused["source"] == "file:queries.jsonl+lis" and fused["recipe"]["lists"] == ["lis", "model"]
+    assert fused["source"] == "file:queries.jsonl" and fused["recipe"]["lists"] == ["lis", "model"]
     params = json.loads(Path(fused["folder"], "metrics.json").read_text())
     assert params["queries_per_user"] == 3 and params["recipe"]["queries"] == 2
     assert "the last item's title, then the first 2 " in fused["protocol_description"]

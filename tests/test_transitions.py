@@ -136,7 +136,7 @@ def test_baseline_and_fusion_end_to_end(synthetic: Path, tmp_path: Path) -> None
     fused = json.loads(runner.invoke(app, [*args, "--recipe", "gloss"]).stdout)
     # a run made from a queries file carries the file's content hash (two files cannot share a run)
     assert re.fullmatch(r"gloss-bm25-test-[0-9a-f]{8}", fused["run"])
-    assert fused["recipe"]["lists"] == ["transitions", "lis", "model"] and fused["source"] == "file:q.json+lis"
+    assert fused["recipe"]["lists"] == ["transitions", "lis", "model"] and fused["source"] == "file:q.json"
     assert "recipe gloss: the transitions list, then the last item's title" in fused["protocol_description"]
     lists: dict[str, list[str]] = defaultdict(list)
     for line in Path(fused["folder"], "run.trec").read_text().splitlines():
