@@ -341,8 +341,8 @@ class TrainResult:
 def _no_cudnn_attention() -> Iterator[None]:
     """SDPA's cuDNN kernel switched off while training (SDPA then takes the memory-efficient one). On an H200 its
     backward made the gradient non-finite in 15 of the 18 micro-batches of Qwen2.5-0.5B's skipped steps and in
-    none of 15 others; the memory-efficient, math and eager attentions in none (scripts/nan_probe.py; docs/RESULTS.md,
-    session 7)."""
+    none of 15 others; the memory-efficient, math and eager attentions in none (scripts/notebook/nan_probe.py;
+    docs/notebook/2026-11-30-session-07.md)."""
     import torch
 
     before = torch.backends.cuda.cudnn_sdp_enabled()

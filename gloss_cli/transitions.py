@@ -7,9 +7,9 @@ validation nor a test item is ever counted) adds ``1 / d`` to the pair (item, th
 ``d`` up to ``WINDOW``. A user's score for an item sums those weights over their ``RECENT`` most recent history items,
 the most recent weighted 1, the one before ``DECAY``, then ``DECAY**2``, and so on.
 
-The defaults were chosen on the validation split of session 9's runs (docs/RESULTS.md, session 10): among windows
-1 and 3, forward-only or both directions, 1, 3, 5 or 10 recent items, with or without a popularity correction, this
-one was the best or near it on all three datasets.
+The defaults were chosen on the validation split of session 9's runs (docs/notebook/2026-11-30-session-10.md): among
+windows 1 and 3, forward-only or both directions, 1, 3, 5 or 10 recent items, with or without a popularity
+correction, this one was the best or near it on all three datasets.
 """
 
 from __future__ import annotations

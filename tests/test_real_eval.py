@@ -31,7 +31,7 @@ def test_lis_bm25_paper_protocol_reproduces_glosss_numbers(shared_data: Path) ->
 
 
 def test_transitions_baseline_on_beauty(shared_data: Path) -> None:
-    """docs/RESULTS.md, session 10: the transitions list alone on every Beauty test user, and with the LIS query."""
+    """docs/notebook/2026-11-30-session-10.md: the transitions list alone on every Beauty test user, and with LIS."""
     assert runner.invoke(app, ["data", "--source", str(shared_data / "beauty"), "-p", "b", "-q"]).exit_code == 0
     alone = json.loads(
         runner.invoke(app, ["eval", "--recipe", "transitions users=all", "-p", "b", "--json", "-q"]).stdout

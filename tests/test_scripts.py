@@ -22,7 +22,7 @@ def _project(root: Path, runs: dict[str, tuple[float, float]]) -> Path:
 
 
 def _pick(*args: str) -> subprocess.CompletedProcess[str]:
-    script = REPO / "scripts" / "pick_on_validation.py"
+    script = REPO / "scripts" / "notebook" / "pick_on_validation.py"
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=False)
 
 
@@ -51,7 +51,7 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
 
 def test_pick_rerank_takes_the_best_validation_rerank_and_the_first_listed_on_a_tie(tmp_path: Path) -> None:
     project = _project(tmp_path / "p", {"rerank-bm25-val": (0.05, 0.03), "rerank-e5-val": (0.06, 0.04)})
-    script = REPO / "scripts" / "pick_rerank.py"
+    script = REPO / "scripts" / "gpu" / "pick_rerank.py"
 
     def pick(*retrievers: str) -> str:
         done = subprocess.run([sys.executable, str(script), str(project), *retrievers], capture_output=True, text=True)
@@ -82,7 +82,7 @@ REMOVED_FLAGS = (
 
 def test_scripts_benchmarks_and_the_readme_use_no_removed_flag() -> None:
     files = [REPO / "README.md", REPO / "benchmarks" / "README.md"]
-    files += sorted((REPO / "scripts").glob("*.sh")) + sorted((REPO / "scripts").glob("*.py"))
+    files += sorted((REPO / "scripts").rglob("*.sh")) + sorted((REPO / "scripts").rglob("*.py"))
     files += sorted((REPO / "benchmarks").glob("*.py"))
     found = [
         f"{path.relative_to(REPO)}:{n}: {line.strip()}"
@@ -91,5 +91,5 @@ def test_scripts_benchmarks_and_the_readme_use_no_removed_flag() -> None:
         if any(flag in line for flag in REMOVED_FLAGS)
     ]
     assert found == []
-    for script in sorted((REPO / "scripts").glob("*.sh")):  # and every shell script parses
+    for script in sorted((REPO / "scripts").rglob("*.sh")):  # and every shell script parses
         assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0, script

@@ -6,7 +6,7 @@
 # The GPU image has torch, transformers, peft, accelerate and sentence-transformers; it lacks polars, typer, rich,
 # gguf, the retrieval packages (bm25s, usearch, the MiniLM and e5 encoders) and the weights.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 data=${GLOSS_DATA_DIR:-../shared/data/amazon2014}
 rm -rf .gpu && mkdir -p .gpu/bundle/wheels .gpu/data
 version() { python3 -c "from importlib.metadata import version; print(version('$1'))"; }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Evaluate, here on the CPU, the runs a GPU machine returned (scripts/gpu_run.sh wait: $OUT/NAME.tgz), as
+# Evaluate, here on the CPU, the runs a GPU machine returned (scripts/gpu/run.sh wait: $OUT/NAME.tgz), as
 # docs/RESULTS.md reports them:
 #
-#   bash scripts/evaluate_returned.sh RESULTS_DIR PROJECTS_DIR [RETRIEVER...]     (default retrievers: bm25)
+#   bash scripts/notebook/evaluate_returned.sh RESULTS_DIR PROJECTS_DIR [RETRIEVER...]     (default retrievers: bm25)
 #
 # Per NAME.tgz: `gloss data` for its dataset into PROJECTS_DIR/NAME, the returned manifest, train/meta.json and
 # generated queries unpacked over it (and its catalog-only generation, if any, into PROJECTS_DIR/NAME-catalog), then

@@ -1,4 +1,4 @@
-"""Which attention kernel makes a training step's gradient non-finite? (a diagnosis for docs/RESULTS.md, session 6)
+"""Which attention kernel makes a training step's gradient non-finite? (docs/notebook/2026-11-30-session-06.md)
 
 `gloss train` skips an optimizer step whose gradient is not finite and lists that step's examples in
 train/meta.json (``epochs[i].skipped_examples``). Qwen2.5-0.5B on an H200 skipped 3-10 % of its steps, the same
@@ -8,7 +8,7 @@ micro-batches `gloss train` made, and runs one forward and backward pass of the 
 under each attention implementation and SDPA kernel, counting non-finite losses and gradients, and the residual
 stream's largest magnitude (any layer) at real and at padding positions:
 
-    python3 scripts/nan_probe.py PROJECT [--epoch 1] [--n 256] [--budget 0] [--json OUT]
+    python3 scripts/notebook/nan_probe.py PROJECT [--epoch 1] [--n 256] [--budget 0] [--json OUT]
 """
 
 from __future__ import annotations

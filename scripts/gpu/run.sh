@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Paper-scale gloss runs on a GPU machine with no network (see docs/RESULTS.md for what they produced).
 #
-# Here:   bash scripts/gpu_bundle.sh                 (wheels + model package into .stash/gpu.NN, data into .gpu/data)
+# Here:   bash scripts/gpu/bundle.sh                 (wheels + model package into .stash/gpu.NN, data into .gpu/data)
 # There:  bash .stash/gpu.NN/put.sh                  (one call per chunk, back to back)
-#         bash scripts/gpu_run.sh start NAME DATASET [gloss train flags...]   (returns at once; the job runs on)
+#         bash scripts/gpu/run.sh start NAME DATASET [gloss train flags...]   (returns at once; the job runs on)
 #           env GLOSS_DATA_FLAGS: extra `gloss data` flags (e.g. --train-examples all-prefixes)
 #               GLOSS_GEN_FLAGS: extra `gloss generate` flags; GLOSS_TEST_LIMIT: test users to generate for
 #               (0: none, only validation; unset: all)
@@ -11,7 +11,7 @@
 #               GLOSS_EVAL: retrievers to evaluate with there (e.g. "bm25 minilm"): test and validation splits,
 #               the recipes paper and model (the model's queries under the paper's merge and gloss's), the LIS
 #               baseline under both on every user (lis-paper, lis: users=all) and LIS + the model's 2 or 5 queries
-#               (device time is scarce: scripts/evaluate_returned.sh evaluates the returned runs on a CPU instead)
+#               (device time is scarce: scripts/notebook/evaluate_returned.sh evaluates the returned runs on a CPU instead)
 #               GLOSS_GPU: the GPU index to run on (machines with several GPUs; generation takes turns per GPU)
 #               GLOSS_CATALOG=1: the trained model also generates with --catalog-only (validation and test, whatever
 #               GLOSS_TEST_LIMIT says) in a copy of the project, NAME-catalog (data and train only); =only: and
@@ -25,18 +25,18 @@
 #               `gloss eval $GLOSS_RERANK` validation Recall@5 is highest (the first listed on a tie)
 #               GLOSS_AFTER: runs (names) whose logs must say finished or FAILED before this job begins (timings
 #               taken with the GPU to itself)
-#         bash scripts/gpu_run.sh evaluate NAME                 (GLOSS_EVAL's evaluations of a generated run)
-#         bash scripts/gpu_run.sh after-train NAME              (generation and evaluations of a trained run, again)
-#         bash scripts/gpu_run.sh test NAME [generate flags]   (generate the test split of an earlier run)
-#         bash scripts/gpu_run.sh bench NAME SCRIPT [flags]   (a benchmark as a job)
-#         bash scripts/gpu_run.sh wait SECONDS        (follows the logs; copies results to $OUT when all have ended)
+#         bash scripts/gpu/run.sh evaluate NAME                 (GLOSS_EVAL's evaluations of a generated run)
+#         bash scripts/gpu/run.sh after-train NAME              (generation and evaluations of a trained run, again)
+#         bash scripts/gpu/run.sh test NAME [generate flags]   (generate the test split of an earlier run)
+#         bash scripts/gpu/run.sh bench NAME SCRIPT [flags]   (a benchmark as a job)
+#         bash scripts/gpu/run.sh wait SECONDS        (follows the logs; copies results to $OUT when all have ended)
 # Several runs may share the GPU (a 135M model leaves room); each is a project folder /root/gloss-runs/NAME.
 # Their generation steps take turns (flock): each sizes its batches from the free GPU memory, and concurrent
 # searches sized that way ran out of memory (docs/RESULTS.md, 2026-11-29); alone, each also measures its speed.
 # A command may run 10 minutes and the machine stays up only while calls follow each other, so each job runs in
 # its own session (setsid) and `wait` is called again until every log reports "finished".
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 runs=${GLOSS_RUNS:-/root/gloss-runs}
 site=${GLOSS_SITE:-/tmp/gloss-site}
 setup() {
@@ -85,7 +85,7 @@ after_train() {  # the steps after `gloss train`: generation (validation, test),
           g eval --split validation --retriever $r $GLOSS_RERANK --name rerank-$r-val"
       done)
       [ "$test_step" = ":" ] || rerank+="
-        best=\$(python3 scripts/pick_rerank.py '$runs/$name' $rs); echo \"test rerank: \$best (validation)\"
+        best=\$(python3 scripts/gpu/pick_rerank.py '$runs/$name' $rs); echo \"test rerank: \$best (validation)\"
         lock /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli rerank --split test --retriever \$best \
           $GLOSS_RERANK -p '$runs/$name'"
     fi

@@ -1,6 +1,8 @@
-"""The validation-only search that chose gloss_cli.transitions' settings (docs/RESULTS.md, session 10).
+"""The validation-only search that chose gloss_cli.transitions' settings (docs/notebook/2026-11-30-session-10.md).
 
-    python3 scripts/transitions_grid.py PROJECT [RETRIEVER]        (a project with 'gloss generate --split validation')
+    python3 scripts/notebook/transitions_grid.py PROJECT [RETRIEVER]
+
+(a project with 'gloss generate --split validation')
 
 For each setting (window 1 or 3; forward pairs only, or both directions; the 1, 3, 5 or 10 most recent history
 items, each older one's votes times the decay; with or without dividing by the next item's popularity ** 0.5) it

@@ -1,12 +1,13 @@
 """Pick one LIS + model configuration per dataset on the validation split, across runs (docs/RESULTS.md).
 
-Every candidate is an evaluation that scripts/evaluate_returned.sh wrote in a project: `lis{2,5}-{retriever}-val`
+Every candidate is an evaluation that scripts/notebook/evaluate_returned.sh wrote in a project:
+`lis{2,5}-{retriever}-val`
 (`gloss eval --split validation --recipe "lists=lis,model queries=N"`: LIS + the model's first N queries, fused,
 history excluded; runs evaluated before recipes, issue 20, ranked the same under the same names). The candidate with
 the highest validation Recall@5 is the pick (the earlier run wins a tie); its test row, `lis{N}-{retriever}-test`,
 is the number to report. Prints a Markdown table of every candidate with the test rows that exist:
 
-    python3 scripts/pick_on_validation.py "SmolLM2=runs/toys" "Qwen 0.5B=runs/qwen-toys" [--retrievers bm25 e5]
+    python3 scripts/notebook/pick_on_validation.py "SmolLM2=runs/toys" "Qwen 0.5B=runs/qwen-toys" [--retrievers bm25 e5]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Which retriever's pools `gloss rerank --split test` scores (scripts/gpu_run.sh, GLOSS_RERANK_RETRIEVERS).
+"""Which retriever's pools `gloss rerank --split test` scores (scripts/gpu/run.sh, GLOSS_RERANK_RETRIEVERS).
 
-    python3 scripts/pick_rerank.py PROJECT RETRIEVER...
+    python3 scripts/gpu/pick_rerank.py PROJECT RETRIEVER...
 
 Prints the retriever whose `gloss eval --split validation $GLOSS_RERANK --retriever R --name rerank-R-val` (the
 recipe's reranked order of the pools `gloss rerank` scored with R) has the highest Recall@5, the first listed on a
