@@ -78,7 +78,8 @@ def summary(
     for _, r in reports:
         k, pick = r["k"], r["pick"]
         p = r["test"][pick]
-        for c in r["comparisons"] or [None]:
+        for i, c in enumerate(r["comparisons"] or [None]):
+            picked = f"{pick} (`{r['candidates'][pick]}`)" if i == 0 else pick  # the recipe once per experiment
             if c is None:
                 lines.append(
                     f"| {r['experiment']} | {r['dataset']} | {pick} | {p['users']:,} | "
@@ -90,7 +91,7 @@ def summary(
                 f"{c[m]['diff']:+.4f} [{c[m]['lo']:+.4f}, {c[m]['hi']:+.4f}]" for m in (f"recall@{k}", f"ndcg@{k}")
             ]
             lines.append(
-                f"| {r['experiment']} | {r['dataset']} | {pick} (`{r['candidates'][pick]}`) | {p['users']:,} | "
+                f"| {r['experiment']} | {r['dataset']} | {picked} | {p['users']:,} | "
                 f"{p[f'recall@{k}']:.4f} / {p[f'ndcg@{k}']:.4f} | {c['b']}: {b[f'recall@{k}']:.4f} / "
                 f"{b[f'ndcg@{k}']:.4f} | {diffs[0]} | {diffs[1]} |"
             )
