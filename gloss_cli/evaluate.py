@@ -165,6 +165,49 @@ def write_outputs(
     return values
 
 
+TRAIN_TRANSITIONS = TRANSITIONS_PARAMS | {"counted_from": "train split"}  # an evaluation knows the train split only
+
+
+def recipe_queries(
+    project: Project,
+    recipe: Recipe,
+    split: str,
+    split_df: pl.DataFrame,
+    titles: dict[str, str],
+    queries_file: Path | None = None,
+) -> tuple[QuerySet, str, tuple[str, ...]]:
+    """The users a recipe ranks and their query texts in its order (the last item's title, then the model's), where
+    the model's queries came from (``generate/<split>``, ``file:<name>`` or ""), and the stages they depend on."""
+    stages: tuple[str, ...] = ()
+    if recipe.users == "generated" and not recipe.uses_model:
+        # the users that `gloss generate` covered (or the file's), so that every row compares like with like
+        split_df = split_df.filter(pl.col("user_id").is_in(generated_users(project, split, queries_file)))
+        stages = () if is_generated_file(queries_file) else (f"generate/{split}",)
+    if recipe.uses_model:
+        qs, stages = load_queries(project, split, split_df, titles, queries_file=queries_file, n=recipe.queries)
+        source = qs.source
+        if "lis" in recipe.lists:
+            qs = with_lis_query(qs, titles)
+        return qs, source, stages
+    source = f"file:{queries_file.name}" if queries_file is not None else ""  # the file's users
+    qs = lis_queries(split_df, titles)
+    if "lis" not in recipe.lists:
+        qs = dataclasses.replace(qs, source="", queries=[])
+    return qs, source, stages
+
+
+def lead_list(
+    project: Project, recipe: Recipe, qs: QuerySet, key_of: dict[str, int], *, depth: int
+) -> npt.NDArray[np.int64] | None:
+    """The recipe's transitions list per user of ``qs`` (counted from the train split), or None without one."""
+    if "transitions" not in recipe.lists:
+        return None
+    from gloss_cli.transitions import transition_counts
+
+    counts = transition_counts(load_split(project.path("data"), "train"))
+    return transitions_lists(counts, qs.histories, key_of, depth=depth, exclude_seen=recipe.exclude_seen)
+
+
 def run(
     project: Project,
     recipe: Recipe | None = None,
@@ -208,22 +251,7 @@ def run(
     titles = dict(zip(item_ids, items.get_column("title").to_list(), strict=True))
     split_df = load_split(project.path("data"), split)
     split_users = split_df.height
-    extra_stages: tuple[str, ...] = ()
-    if recipe.users == "generated" and not recipe.uses_model:
-        # the users that `gloss generate` covered (or the file's), so that every row compares like with like
-        split_df = split_df.filter(pl.col("user_id").is_in(generated_users(project, split, queries_file)))
-        extra_stages = () if is_generated_file(queries_file) else (f"generate/{split}",)
-    query_stages: tuple[str, ...] = ()
-    if recipe.uses_model:
-        qs, query_stages = load_queries(project, split, split_df, titles, queries_file=queries_file, n=recipe.queries)
-        source = qs.source
-        if "lis" in recipe.lists:
-            qs = with_lis_query(qs, titles)
-    else:
-        source = f"file:{queries_file.name}" if queries_file is not None else ""  # the file's users
-        qs = lis_queries(split_df, titles)
-        if "lis" not in recipe.lists:
-            qs = dataclasses.replace(qs, source="", queries=[])
+    qs, source, query_stages = recipe_queries(project, recipe, split, split_df, titles, queries_file)
     subset = f"-{len(qs.users)}u" if len(qs.users) < split_users else ""  # never mix subset and full-split names
     # A run that read a --queries file (its queries, or its users) carries a short hash of the file's content: two
     # files never share a run name, so the second never overwrites the first.
@@ -243,20 +271,15 @@ def run(
         "queries": qs.source or None,
         "queries_per_user": qs.per_user,
         "rrf_c": RRF_C if recipe.merge == "rrf" else None,
-        "transitions": TRANSITIONS_PARAMS | {"counted_from": "train split"} if "transitions" in recipe.lists else None,
+        "transitions": TRAIN_TRANSITIONS if "transitions" in recipe.lists else None,
     }
     if meta.get("fallback"):
         params["encoder_fallback"] = meta["fallback"]
-    upstream = tuple(dict.fromkeys(("data", *meta["stages"], *query_stages, *extra_stages)))
+    upstream = tuple(dict.fromkeys(("data", *meta["stages"], *query_stages)))
     libraries = ("bm25s", "numpy") if index is not None else ("polars", "numpy")
     with project.run_stage(f"eval/{name}", params, command=command, upstream=upstream, libraries=libraries) as stage:
         k = max(ks)
-        lead = None
-        if "transitions" in recipe.lists:
-            from gloss_cli.transitions import transition_counts
-
-            counts = transition_counts(load_split(project.path("data"), "train"))
-            lead = transitions_lists(counts, qs.histories, key_of, depth=k, exclude_seen=recipe.exclude_seen)
+        lead = lead_list(project, recipe, qs, key_of, depth=k)
         seen = [{key_of[i] for i in h} for h in qs.histories]
         merged = rank_users(recipe, qs.queries, seen, k=k, retriever=index, lead=lead, reporter=reporter)
         result = _record(

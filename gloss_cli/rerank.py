@@ -14,7 +14,6 @@ user_id, item_id, pool_rank (1 = the list's first), logprob (summed over the tit
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +27,14 @@ from gloss_cli.console import Reporter
 from gloss_cli.data import load_items, load_split
 from gloss_cli.distributed import world
 from gloss_cli.errors import GlossError
-from gloss_cli.evaluate import generated_users, load_queries, with_lis_query
+from gloss_cli.evaluate import TRAIN_TRANSITIONS, lead_list, recipe_queries
 from gloss_cli.examples import target_ids
 from gloss_cli.generate import fit_prompts, gpu_peak_mib
 from gloss_cli.index import open_index
 from gloss_cli.models import load_trained, pick_device, read_meta
 from gloss_cli.project import Project, StageRun
 from gloss_cli.prompt import item_text
-from gloss_cli.queries import lis_queries
-from gloss_cli.ranking import CANDIDATES, TRANSITIONS_PARAMS, as_array, rank_users, rerank_stage, transitions_lists
+from gloss_cli.ranking import CANDIDATES, as_array, rank_users, rerank_stage
 from gloss_cli.recipe import DEFAULT_RERANK, PRESETS, Recipe
 from gloss_cli.retrieval import hybrid_parts
 
@@ -101,18 +99,7 @@ def run(
     item_ids = items.get_column("item_id").to_list()
     titles = dict(zip(item_ids, items.get_column("title").to_list(), strict=True))
     split_df = load_split(project.path("data"), split)
-    stages: tuple[str, ...] = ()
-    if recipe.users == "generated":
-        split_df = split_df.filter(pl.col("user_id").is_in(generated_users(project, split)))
-        stages = (f"generate/{split}",)
-    if recipe.uses_model:
-        qs, stages = load_queries(project, split, split_df, titles, queries_file=None, n=recipe.queries)
-        if "lis" in recipe.lists:
-            qs = with_lis_query(qs, titles)
-    else:
-        qs = lis_queries(split_df, titles)
-        if "lis" not in recipe.lists:
-            qs = dataclasses.replace(qs, queries=[])
+    qs, _, stages = recipe_queries(project, recipe, split, split_df, titles)
     index = None
     meta: dict[str, Any] = {"key": "none", "stages": ()}
     if qs.per_user:
@@ -128,7 +115,7 @@ def run(
         "retriever": meta["key"],
         "num_queries": recipe.queries,
         "candidates": candidates,
-        "transitions": TRANSITIONS_PARAMS | {"counted_from": "train split"} if "transitions" in recipe.lists else None,
+        "transitions": TRAIN_TRANSITIONS if "transitions" in recipe.lists else None,
         "score": "log p(Title: <title> EOS | prompt), summed",
         "train": train_record["fingerprint"],
     }
@@ -139,12 +126,7 @@ def run(
     writing = project.run_stage(stage_dir, params, command=command, libraries=libraries, upstream=upstream)
     with writing if here.main else contextlib.nullcontext(StageRun(stage_dir, project.path(stage_dir), params)) as st:
         key_of = {item: i for i, item in enumerate(item_ids)}
-        lead = None
-        if "transitions" in recipe.lists:
-            from gloss_cli.transitions import transition_counts
-
-            counts = transition_counts(load_split(project.path("data"), "train"))
-            lead = transitions_lists(counts, qs.histories, key_of, depth=candidates, exclude_seen=recipe.exclude_seen)
+        lead = lead_list(project, recipe, qs, key_of, depth=candidates)
         seen = [{key_of[i] for i in h} for h in qs.histories]
         merged = rank_users(
             recipe.pool(), qs.queries, seen, k=candidates, retriever=index, lead=lead, reporter=reporter

@@ -113,3 +113,29 @@ def test_a_bad_spec_is_one_line(spec: Path, edit: tuple[str, str], message: str)
     result = runner.invoke(app, ["experiment", "run", str(spec), "-p", "x", "-q"])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
     assert not Path("x/manifest.json").exists()
+
+
+def test_experiment_summary_bad_input_is_one_line(tmp_path: Path) -> None:
+    missing = runner.invoke(app, ["experiment", "summary", str(tmp_path / "none")])
+    assert missing.exit_code == 1 and "report.json" in missing.output and "Traceback" not in missing.output
+    folder = tmp_path / "x"
+    folder.mkdir()
+    (folder / "report.json").write_text(
+        json.dumps(
+            {
+                "experiment": "x",
+                "dataset": "beauty",
+                "k": 5,
+                "pick": "p",
+                "candidates": {"p": "gloss"},
+                "test": {"p": {"users": 3, "recall@5": 0.1, "ndcg@5": 0.1}},
+                "comparisons": [],
+            }
+        ),
+        encoding="utf-8",
+    )
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# Results, no markers\n", encoding="utf-8")
+    unmarked = runner.invoke(app, ["experiment", "summary", str(folder), "--into", str(doc)])
+    assert unmarked.exit_code == 1 and "<!-- experiments -->" in unmarked.output
+    assert doc.read_text() == "# Results, no markers\n"  # nothing written
