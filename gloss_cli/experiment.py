@@ -137,7 +137,7 @@ def load_spec(path: Path) -> Spec:
             raise GlossError(f"{path}: the name {name!r} is not path-safe.", "Use letters, digits, - and _.")
     if any(r.reranked for r in (*candidates.values(), *baselines.values())):
         raise GlossError(f"{path}: reranked recipes are not part of experiments yet.", "Use order=retrieval recipes.")
-    from gloss_cli.train import _check_types, load_config  # the train config's own checks: one line each
+    from gloss_cli.train_config import _check_types, load_config  # the train config's own checks: one line each
 
     train = {str(key).replace("-", "_"): value for key, value in table("train").items()}
     _check_types(train, f"{path} [train]")

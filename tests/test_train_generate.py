@@ -191,14 +191,15 @@ def test_full_fine_tune_completion_loss_and_config_file(project: Path, tiny_mode
 def _nan_on_steps(monkeypatch: pytest.MonkeyPatch, steps: Callable[[int], bool]) -> None:
     """The training loss becomes NaN in every micro-batch of the optimizer steps (numbered from 1) ``steps`` picks."""
     import gloss_cli.train
+    import gloss_cli.train_loop
 
-    original = gloss_cli.train._Loop._loss
+    original = gloss_cli.train_loop._Loop._loss
 
     def loss(self: Any, inputs: dict[str, Any]) -> Any:
         value = original(self, inputs)
         return value * float("nan") if self.model.training and steps(self.step + 1) else value
 
-    monkeypatch.setattr(gloss_cli.train._Loop, "_loss", loss)
+    monkeypatch.setattr(gloss_cli.train_loop._Loop, "_loss", loss)
 
 
 def test_a_step_with_a_non_finite_loss_is_skipped(
@@ -227,6 +228,7 @@ def test_training_runs_without_sdpas_cudnn_kernel(
     import torch
 
     import gloss_cli.train
+    import gloss_cli.train_loop
 
     seen: list[bool] = []
     fit = gloss_cli.train._fit
@@ -245,8 +247,9 @@ def test_training_that_diverges_stops_with_one_line_and_writes_nothing(
     project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import gloss_cli.train
+    import gloss_cli.train_loop
 
-    monkeypatch.setattr(gloss_cli.train, "MAX_SKIPPED_IN_A_ROW", 3)
+    monkeypatch.setattr(gloss_cli.train_loop, "MAX_SKIPPED_IN_A_ROW", 3)
     _nan_on_steps(monkeypatch, lambda n: n >= 2)
     _one_error(invoke("train", "--model", str(tiny_model), "--method", "full", "--batch-size", "8"), "diverged")
     assert "train" not in manifest() and not Path("proj/train").exists()
@@ -256,8 +259,9 @@ def test_divergence_after_a_good_epoch_keeps_that_epoch(
     project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import gloss_cli.train
+    import gloss_cli.train_loop
 
-    monkeypatch.setattr(gloss_cli.train, "MAX_SKIPPED_IN_A_ROW", 3)
+    monkeypatch.setattr(gloss_cli.train_loop, "MAX_SKIPPED_IN_A_ROW", 3)
     _nan_on_steps(monkeypatch, lambda n: n > 6)  # epoch 1: 6 steps (47 examples, 8 a step)
     result = invoke("train", "--model", str(tiny_model), "--method", "full", "--batch-size", "8", "--epochs", "3")
     assert result.exit_code == 0, result.output
@@ -271,8 +275,9 @@ def test_no_finite_validation_loss_keeps_nothing(
     project: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import gloss_cli.train
+    import gloss_cli.train_loop
 
-    monkeypatch.setattr(gloss_cli.train._Loop, "evaluate", lambda self, data: float("nan"))
+    monkeypatch.setattr(gloss_cli.train_loop._Loop, "evaluate", lambda self, data: float("nan"))
     result = invoke("train", "--model", str(tiny_model), "--batch-size", "8", "--max-steps", "2", "--epochs", "1")
     _one_error(result, "No epoch reached a finite validation loss")
     assert "train" not in manifest() and not Path("proj/train").exists()
@@ -599,7 +604,7 @@ def test_a_time_budget_plans_the_decay_from_the_speed_and_the_replay_repeats_it(
     stops at that step with the learning rate at 0. The recorded flags replay it exactly."""
     from safetensors.numpy import load_file
 
-    from gloss_cli import train as train_module
+    from gloss_cli import train_loop as train_module
 
     schedule = train_module._Schedule(100, 0.03)
     assert schedule.warmup == 3 and schedule(2) == 1.0 and schedule(100) == 0.0

@@ -28,7 +28,8 @@ def main() -> None:
     from gloss_cli.examples import auto_micro_batch_tokens, collate, encode_examples, length_batches, micro_batches
     from gloss_cli.models import load_causal_lm, load_tokenizer, read_meta, resolve_model, weights_location
     from gloss_cli.project import Project
-    from gloss_cli.train import TrainConfig, _rows, _split_head
+    from gloss_cli.train import TrainConfig, _rows
+    from gloss_cli.train_loop import _split_head
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("project", type=Path)
