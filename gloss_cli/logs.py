@@ -177,7 +177,16 @@ def parse_times(path: Path, column: str, times: pl.Series, unit: str | None) -> 
         row = times.is_null().arg_true()[0] + 1
         raise GlossError(f"{path}, row {row}: empty {column} (the time).", "Fill it in or remove that row.")
     dtype: Any = times.dtype
-    if dtype == pl.String and unit != "iso" and times.str.contains(_INTEGER).all():
+    if dtype == pl.String and unit != "iso" and re.fullmatch(_INTEGER, times[0]):
+        # the first time is an integer: every one must be
+        integer = times.str.contains(_INTEGER)
+        if not integer.all():
+            row = (~integer).arg_true()[0] + 1
+            raise GlossError(
+                f"{path}, row {row}: time '{times[row - 1][:40]}' in '{column}' is not an integer, as the column's "
+                f"first value '{times[0][:40]}' is.",
+                "Give every row the same time format: epoch integers or ISO 8601 datetimes.",
+            )
         times, dtype = times.str.strip_chars().cast(pl.Int64, strict=False), pl.Int64
         if times.null_count():
             raise GlossError(f"{path}: time column '{column}' has integers past 64 bits.", "Check the column.")
