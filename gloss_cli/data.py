@@ -1,4 +1,5 @@
-"""`gloss data`: Amazon 2014 5-core -> items, per-user sequences, and train/validation/test examples.
+"""`gloss data`: a dataset (Amazon 2014 5-core, Amazon Reviews 2023, any interaction log) -> items, per-user
+sequences, and train/validation/test examples.
 
 Processing equals GLoSS's, so that numbers are comparable with the paper:
 
@@ -33,7 +34,7 @@ import polars as pl
 from gloss_cli.console import Reporter
 from gloss_cli.errors import GlossError
 from gloss_cli.project import Project, file_entry
-from gloss_cli.sources import MAX_RAW_TITLE_WORDS, DatasetInfo, Source, read_source, resolve_source
+from gloss_cli.sources import MAX_RAW_TITLE_WORDS, DatasetInfo, Source, locate, read_source
 
 TITLE_WORDS = 25
 MIN_INTERACTIONS = 3
@@ -99,7 +100,9 @@ def build_tables(
     ties: str = "file",
     seed: int = 0,
     items_path: Path | str = "items",
+    validation: str = "sample",
 ) -> DataTables:
+    """``validation``: "sample" (GLoSS's 5 % of users) or "all" (every user: the Amazon 2023 benchmark's)."""
     check_options(train_examples, ties)
     measurable = not order_index_timestamps(interactions)
     if ties == "shuffle" and not measurable:
@@ -114,12 +117,16 @@ def build_tables(
             "Items without a title are dropped, as GLoSS does: the items file needs item_id,title rows with titles.",
         )
     key = ["user_id", "item_id", "timestamp"]
-    inter = interactions.select(key).with_row_index("_order").join(items.select("item_id"), on="item_id", how="semi")
+    inter = (
+        interactions.select(key)
+        .with_row_index("_order")
+        .join(items.select("item_id"), on="item_id", how="semi", maintain_order="left")
+    )
     if dedup:
         inter = inter.unique(key, keep="first", maintain_order=True)
     inter = order_ties(inter, ties, seed)
     titled_users = inter.get_column("user_id").unique().to_list()
-    validation_users = sample_validation_users(titled_users)
+    validation_users = set(titled_users) if validation == "all" else sample_validation_users(titled_users)
 
     # The paper's user segments count interactions with exact duplicates removed.
     n_dedup = inter.unique(key).group_by("user_id").agg(n_dedup=pl.len())
@@ -318,7 +325,13 @@ def prepare(
     reporter: Reporter,
 ) -> DataTables:
     reporter.info(f"reading {source.kind} files from {source.interactions.parent} ({source.origin})")
-    interactions, raw_items = read_source(source)
+    published = None
+    if source.kind == "benchmark":
+        from gloss_cli.amazon2023 import read_benchmark
+
+        interactions, raw_items, published = read_benchmark(source)
+    else:
+        interactions, raw_items = read_source(source)
     reporter.info(f"{interactions.height:,} interactions, {raw_items.height:,} catalog rows")
     tables = build_tables(
         interactions,
@@ -328,7 +341,16 @@ def prepare(
         ties=ties,
         seed=seed,
         items_path=source.items,
+        validation="all" if published is not None else "sample",
     )
+    if "time_unit" in source.notes:
+        tables.stats["time_unit"] = source.notes["time_unit"]
+    if published is not None:
+        from gloss_cli.amazon2023 import benchmark_warnings, compare_with_published
+
+        tables.stats["benchmark"] = compare_with_published(tables.splits, published, train_examples)
+        for message in benchmark_warnings(info.name, tables.stats["benchmark"]):
+            reporter.warn(message)
     for message in canonical_differences(info, tables.stats):
         reporter.warn(message + (" (expected with --dedup)" if dedup else ""))
     if warning := tie_warning(info.name, tables.stats["ties"]):
@@ -354,6 +376,32 @@ def load_split(folder: Path, split: str) -> pl.DataFrame:
     return pl.read_parquet(folder / f"{split}.parquet")
 
 
+def source_params(source: Source, benchmark: str | None) -> dict[str, Any]:
+    """What the data stage records of its source. Amazon 2014 keeps the record it always had (so that a project
+    made before other datasets existed is not stale)."""
+    params: dict[str, Any] = {"kind": source.kind, "origin": source.origin}
+    if source.kind == "benchmark":
+        params["benchmark"] = benchmark
+    if source.kind == "log":
+        params["columns"] = source.columns.as_dict()
+    return params
+
+
+def check_family_options(info: DatasetInfo, benchmark: str | None, dedup: bool, ties: str) -> None:
+    if benchmark is None or info.family != "amazon2023":
+        return  # --benchmark on another dataset: refused by locate
+    if dedup:
+        raise GlossError(
+            "--dedup cannot apply to --benchmark: the benchmark files hold each user-item pair once already.",
+            "Drop --dedup.",
+        )
+    if ties != "file":
+        raise GlossError(
+            "--ties shuffle cannot apply to --benchmark: the published splits fix each user's order.",
+            "Drop --ties, or use the raw reviews (no --benchmark) to shuffle same-time items.",
+        )
+
+
 def run(
     project: Project,
     info: DatasetInfo,
@@ -365,23 +413,29 @@ def run(
     seed: int = 0,
     command: str = "gloss data",
     reporter: Reporter | None = None,
+    items: Path | None = None,
+    columns: str | None = None,
+    benchmark: str | None = None,
 ) -> dict[str, Any]:
-    """The `data` stage: resolve the source, build the tables, publish ``data/`` and record it. Returns stats."""
+    """The `data` stage: resolve the source, build the tables, publish ``data/`` and record it. Returns stats.
+    ``items`` and ``columns``: an interaction log's items file and column map; ``benchmark``: an Amazon 2023
+    benchmark variant whose published splits gloss takes."""
     reporter = reporter or Reporter()
     check_options(train_examples, ties)
+    check_family_options(info, benchmark, dedup, ties)
     project.manifest()  # a broken manifest fails before any download
-    source = resolve_source(info, source_dir, reporter)
+    source = locate(info, source_dir, reporter, items=items, columns=columns, benchmark=benchmark)
     params = {
         "dataset": info.name,
         "dedup": dedup,
         "train_examples": train_examples,
         "title_words": TITLE_WORDS,
         "min_interactions": MIN_INTERACTIONS,
-        "validation_share": VALIDATION_SHARE,
-        "validation_seed": VALIDATION_SEED,
+        "validation_share": 1.0 if benchmark else VALIDATION_SHARE,
+        "validation_seed": None if benchmark else VALIDATION_SEED,
         "ties": ties,  # the order inside a user's same-timestamp items: part of what every later stage used
         "ties_seed": seed if ties == "shuffle" else None,
-        "source": {"kind": source.kind, "origin": source.origin},
+        "source": source_params(source, benchmark),
     }
     with project.run_stage("data", params, command=command, libraries=("polars",)) as stage:
         tables = prepare(
@@ -389,7 +443,7 @@ def run(
         )
         write_tables(tables, stage.dir)
         urls = {Path(d["path"]).name: d["url"] for d in source.downloads}
-        for role, path in (("interactions", source.interactions), ("items", source.items)):
+        for role, path in source.files():
             entry = file_entry(path) | {"role": role}
             if path.name in urls:
                 entry["url"] = urls[path.name]

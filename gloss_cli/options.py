@@ -26,16 +26,22 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info messages (warnings stay).")]
 
 
-def _complete_dataset(incomplete: str) -> list[str]:
+def complete_dataset(incomplete: str) -> list[str]:
+    from gloss_cli.amazon2023 import CATEGORIES, PREFIX
     from gloss_cli.sources import DATASETS
 
-    return [name for name in DATASETS if name.startswith(incomplete)]
+    names = [*DATASETS, *(PREFIX + c for c in CATEGORIES), "log"]
+    return [name for name in names if name.startswith(incomplete)]
 
 
 DatasetOpt = Annotated[
     str,
     typer.Option(
-        "--dataset", "-d", help="beauty, toys or sports.", autocompletion=_complete_dataset, show_default=True
+        "--dataset",
+        "-d",
+        help="beauty, toys, sports (Amazon 2014) or amazon2023/<Category> (Amazon Reviews 2023).",
+        autocompletion=complete_dataset,
+        show_default=True,
     ),
 ]
 DEFAULT_PROJECT_PATH = Path(DEFAULT_PROJECT)

@@ -18,12 +18,13 @@ def data_table(info: DatasetInfo, stats: dict[str, Any]) -> None:
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_column("canonical 5-core", justify="right")
+    sample = "every user, the benchmark's" if "benchmark" in stats else "5 %, seed 42"
     rows = [
         ("users (>= 3 interactions)", "users", "test_users"),
         ("items with a title", "items", "items"),
         ("interactions kept", "interactions", "interactions"),
         ("train examples", "train_examples", None),
-        ("validation users (5 %, seed 42)", "validation_users", "validation_users"),
+        (f"validation users ({sample})", "validation_users", "validation_users"),
         ("test users (last item)", "test_users", "test_users"),
     ]
     for label, key, canon in rows:
@@ -35,6 +36,12 @@ def data_table(info: DatasetInfo, stats: dict[str, Any]) -> None:
         f"{stats['seq_len_mean']:.2f} ± {stats['seq_len_std']:.2f} (max {stats['seq_len_max']})",
         "",
     )
+    if "time_unit" in stats:
+        table.add_row("time unit", stats["time_unit"], "")
+    for split, counts in stats.get("benchmark", {}).items():
+        equal = counts["equal"] == counts["published"]
+        mark = "[green]equal ✓[/]" if equal else "[yellow]differ ✗[/]"
+        table.add_row(f"published {split} rows gloss equals", f"{counts['equal']:,} of {counts['published']:,}", mark)
     for label, value, note in tie_rows(stats.get("ties", {})):
         table.add_row(label, value, note)
     out.print(table)

@@ -1,4 +1,5 @@
-"""Where the Amazon 2014 files come from, and reading them safely.
+"""Where a dataset's files come from, and reading them safely: Amazon 2014 here; Amazon Reviews 2023
+(``amazon2023/<Category>``) in :mod:`gloss_cli.amazon2023`; any interaction log (``log``) in :mod:`gloss_cli.logs`.
 
 Order: ``--source DIR``, then ``$GLOSS_DATA_DIR/<dataset>/``, then a download of the original McAuley files
 (cached under ``$GLOSS_HOME/downloads``). A folder may hold either format:
@@ -44,6 +45,7 @@ class DatasetInfo:
     category: str  # McAuley's file-name category
     # Canonical counts after GLoSS processing (no --dedup), used to warn on any difference.
     canonical: dict[str, int] = field(default_factory=dict)
+    family: str = "amazon2014"  # "amazon2014" | "amazon2023" | "log"
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -65,14 +67,25 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+# Any interaction log: ``gloss data --source LOG_FILE --items ITEMS_FILE [--columns ...]``.
+LOG = DatasetInfo("log", "", family="log")
+
+
 def dataset_info(name: str) -> DatasetInfo:
     info = DATASETS.get(name.lower())
-    if info is None:
-        raise GlossError(
-            f"Unknown dataset '{name}'.",
-            f"Use one of: {', '.join(DATASETS)} (e.g. 'gloss data --dataset beauty').",
-        )
-    return info
+    if info is not None:
+        return info
+    if name.lower() == LOG.name:
+        return LOG
+    if name.lower().startswith("amazon2023/"):
+        from gloss_cli.amazon2023 import dataset
+
+        return dataset(name)
+    raise GlossError(
+        f"Unknown dataset '{name}'.",
+        f"Use one of: {', '.join(DATASETS)}, amazon2023/<Category> (e.g. amazon2023/All_Beauty), "
+        "or log (an interaction log: --source FILE --items FILE).",
+    )
 
 
 def gloss_home() -> Path:
@@ -81,11 +94,20 @@ def gloss_home() -> Path:
 
 @dataclass
 class Source:
-    kind: str  # "compact" | "original"
+    kind: str  # "compact" | "original" (Amazon 2014) | "amazon2023" | "benchmark" (Amazon 2023 splits) | "log"
     origin: str  # "--source" | "GLOSS_DATA_DIR" | "download"
     interactions: Path
     items: Path
     downloads: list[dict[str, Any]] = field(default_factory=list)
+    splits: dict[str, Path] = field(default_factory=dict)  # benchmark: the train / valid / test files
+    columns: Any = None  # log: its logs.ColumnMap
+    notes: dict[str, Any] = field(default_factory=dict)  # what reading found (a log's time unit)
+
+    def files(self) -> list[tuple[str, Path]]:
+        """(role, path) of every input file, as the manifest records them."""
+        if self.kind == "benchmark":
+            return [*self.splits.items(), ("items", self.items)]
+        return [("interactions", self.interactions), ("items", self.items)]
 
 
 def original_names(info: DatasetInfo) -> tuple[str, str]:
@@ -99,6 +121,53 @@ def find_in_dir(folder: Path, info: DatasetInfo, origin: str) -> Source | None:
     if (folder / reviews).is_file() and (folder / meta).is_file():
         return Source("original", origin, folder / reviews, folder / meta)
     return None
+
+
+def locate(
+    info: DatasetInfo,
+    source: Path | None,
+    reporter: Reporter,
+    *,
+    items: Path | None = None,
+    columns: str | None = None,
+    benchmark: str | None = None,
+) -> Source:
+    """The dataset's files, refusing a flag that cannot apply to its family."""
+    family = info.family
+    if family != "log":
+        flag = "--items" if items is not None else "--columns" if columns is not None else None
+        if flag:
+            raise GlossError(
+                f"{flag} applies to an interaction log (--source FILE), not to dataset {info.name}.",
+                f"Drop {flag}, or pass the log as --source FILE without --dataset.",
+            )
+        if source is not None and source.is_file():
+            raise GlossError(
+                f"--source {source} is a file; for dataset {info.name} it names a folder.",
+                "An interaction log needs --items too, without --dataset: gloss data --source LOG --items ITEMS.",
+            )
+    if benchmark is not None and family != "amazon2023":
+        raise GlossError(
+            f"--benchmark applies to Amazon 2023 datasets, not to {info.name}.",
+            "Drop --benchmark, or use --dataset amazon2023/<Category>.",
+        )
+    if family == "amazon2023":
+        from gloss_cli import amazon2023
+
+        if benchmark is not None:
+            amazon2023.check_benchmark(benchmark)
+        return amazon2023.resolve(info, source, benchmark, reporter)
+    if family == "log":
+        from gloss_cli.logs import parse_columns
+
+        if source is None or not source.is_file() or items is None:
+            what = "--items ITEMS_FILE" if source is not None and source.is_file() else "--source LOG_FILE"
+            raise GlossError(
+                f"An interaction log needs {what}.",
+                "E.g. gloss data --source log.parquet --items items.csv --columns user=uid,item=iid,time=ts.",
+            )
+        return Source("log", "--source", source, items, columns=parse_columns(columns))
+    return resolve_source(info, source, reporter)
 
 
 def resolve_source(info: DatasetInfo, source: Path | None, reporter: Reporter) -> Source:
@@ -335,6 +404,16 @@ def read_meta(path: Path) -> pl.DataFrame:
 
 def read_source(source: Source) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(interactions[user_id, item_id, timestamp], items[item_id, title]) in source-file order."""
+    if source.kind == "amazon2023":
+        from gloss_cli import amazon2023
+
+        interactions = amazon2023.read_reviews(source.interactions)
+        return interactions, amazon2023.read_meta(source.items, interactions.get_column("item_id"))
+    if source.kind == "log":
+        from gloss_cli import logs
+
+        interactions, source.notes["time_unit"] = logs.read_log(source.interactions, source.columns)
+        return interactions, logs.read_items(source.items, source.columns)
     if source.kind == "compact":
         interactions = read_csv(source.interactions, INTERACTIONS_CSV)
         items = read_csv(source.items, ITEMS_CSV)

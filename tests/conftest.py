@@ -45,7 +45,7 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("GLOSS_HOME", str(tmp_path / "home"))
-    for var in ("GLOSS_PROJECT", "GLOSS_DATA_DIR", "GLOSS_DEBUG", "GLOSS_AMAZON_URL"):
+    for var in ("GLOSS_PROJECT", "GLOSS_DATA_DIR", "GLOSS_DEBUG", "GLOSS_AMAZON_URL", "GLOSS_AMAZON2023_URL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path

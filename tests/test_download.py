@@ -120,3 +120,65 @@ def test_unreachable_server_is_one_line(monkeypatch) -> None:  # type: ignore[no
     assert result.exit_code == 1
     assert result.stderr.startswith("error: Could not download http://127.0.0.1:9/reviews_Beauty_5.json.gz")
     assert "GLOSS_DATA_DIR" in result.stderr
+
+
+# -- Amazon Reviews 2023 ----------------------------------------------------------------------------------
+@pytest.fixture
+def server2023(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """The lab's layout: raw/review_categories, raw/meta_categories and benchmark/5core/<variant>/, gzipped."""
+    from tests.amazon2023 import CATEGORY, benchmark_splits, reviews_and_meta, write_benchmark, write_jsonl
+
+    root = tmp_path / "www2023"
+    reviews, meta = reviews_and_meta()
+    write_jsonl(root / "raw/review_categories" / f"{CATEGORY}.jsonl.gz", reviews * 3)
+    write_jsonl(root / "raw/meta_categories" / f"meta_{CATEGORY}.jsonl.gz", meta)
+    write_benchmark(root / "benchmark/5core/last_out_w_his", benchmark_splits(reviews), history=True, header=True)
+    RangeHandler.ranges = []
+
+    def handler(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return RangeHandler(*args, directory=str(root), **kwargs)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    monkeypatch.setenv("GLOSS_AMAZON2023_URL", url)
+    yield url, root
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _cache2023(tmp_path: Path) -> Path:
+    return tmp_path / "home" / "downloads" / "amazon2023" / "All_Beauty"
+
+
+def test_amazon2023_download_resumes_and_records_sha256(server2023, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url, root = server2023
+    name = "raw/review_categories/All_Beauty.jsonl.gz"
+    full = (root / name).read_bytes()
+    (_cache2023(tmp_path) / name).parent.mkdir(parents=True)
+    (_cache2023(tmp_path) / (name + ".part")).write_bytes(full[:900])
+    result = runner.invoke(app, ["data", "-d", "amazon2023/All_Beauty", "-p", "p", "-q", "--json"])
+    assert result.exit_code == 0, result.output
+    assert RangeHandler.ranges == ["bytes=900-"]
+    assert (_cache2023(tmp_path) / name).read_bytes() == full
+    stage = json.loads(Path("p/manifest.json").read_text())["stages"]["data"]
+    assert stage["params"]["source"] == {"kind": "amazon2023", "origin": "download"}
+    reviews = next(e for e in stage["inputs"] if e["role"] == "interactions")
+    assert reviews["url"] == url + name and reviews["sha256"] == hashlib.sha256(full).hexdigest()
+
+
+def test_amazon2023_benchmark_download_fails_cleanly_then_resumes(server2023, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url, root = server2023
+    args = ["data", "-d", "amazon2023/All_Beauty", "--benchmark", "last_out_w_his", "-p", "p", "-q"]
+    RangeHandler.cut_after = 100  # the first file (meta) breaks off
+    first = runner.invoke(app, args)
+    assert first.exit_code == 1 and "ended early" in first.stderr and not Path("p/manifest.json").exists()
+    assert runner.invoke(app, args).exit_code == 0
+    assert RangeHandler.ranges == ["bytes=100-"]
+    stage = json.loads(Path("p/manifest.json").read_text())["stages"]["data"]
+    inputs = {e["role"]: e for e in stage["inputs"]}
+    assert inputs["test"]["url"] == url + "benchmark/5core/last_out_w_his/All_Beauty.test.csv.gz"
+    for role in ("train", "valid", "test", "items"):
+        path = root / inputs[role]["url"].removeprefix(url)
+        assert inputs[role]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert not list(_cache2023(tmp_path).rglob("*.part"))

@@ -1,0 +1,353 @@
+"""Amazon Reviews 2023 (McAuley lab, https://amazon-reviews-2023.github.io/): ``--dataset amazon2023/<Category>``.
+
+Two ways in, both with the category's meta file (``meta_<Category>.jsonl``: ``parent_asin``, ``title``, ...) for
+titles:
+
+* **raw reviews** (default): ``<Category>.jsonl`` (one review per line: ``user_id``, ``parent_asin``, ``timestamp`` in
+  ms, ``rating``, ``text``, ...), processed as GLoSS processes Amazon 2014 (titles cut to 25 words, untitled items
+  dropped, users with >= 3 interactions, leave-one-out, a 5 % validation sample). Items are ``parent_asin``; the
+  catalogue is the meta file's items that have a review. Unlike the 2023 benchmark, no 5-core filter is applied and
+  duplicate user-item reviews are kept (``--dedup`` drops exact duplicates only); the benchmark drops repeated
+  user-item reviews, keeping the earliest, then keeps the 5-core.
+* **the official benchmark splits** (``--benchmark last_out`` or ``last_out_w_his``):
+  ``<Category>.{train,valid,test}.csv`` (``user_id,parent_asin,rating,timestamp[,history]``; ``history`` is the
+  space-separated ``parent_asin``s before the row, in the ``_w_his`` variant), deduplicated and 5-core filtered by the
+  McAuley lab. gloss's test item per user is the file's test row, its validation item the valid row (for every user:
+  the benchmark has no 5 % sample), its train example the user's last train row (``--train-examples all-prefixes``:
+  every train row with a history). gloss checks that this holds and records how many rows equal the published ones:
+  all of them, unless items without a title had to be dropped (GLoSS's processing), which gloss then warns about.
+  The ``timestamp`` variants are refused: they hold several held-out items per user, and gloss evaluates one.
+
+Files are looked for, gzipped or not, in ``--source DIR`` (or ``DIR/<Category>``; split files also in
+``DIR/<variant>/``), then in ``$GLOSS_DATA_DIR/amazon2023/<Category>/``, else downloaded (resumable, sha256 recorded)
+from the lab's server (``$GLOSS_AMAZON2023_URL`` overrides it): ``raw/review_categories/<Category>.jsonl.gz``,
+``raw/meta_categories/meta_<Category>.jsonl.gz`` and ``benchmark/5core/<variant>/<Category>.<split>.csv.gz``. The
+split files are read with or without their header line. JSON lines are scanned lazily, reading only the fields
+gloss uses (a review's text never reaches memory), with polars' streaming engine.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from gloss_cli.errors import GlossError
+
+if TYPE_CHECKING:
+    from gloss_cli.console import Reporter
+    from gloss_cli.sources import DatasetInfo, Source
+
+PREFIX = "amazon2023/"
+AMAZON_2023_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/"
+# The 33 categories with their exact file-name spellings, and "Unknown" (reviews the lab could not place).
+CATEGORIES = (
+    "All_Beauty",
+    "Amazon_Fashion",
+    "Appliances",
+    "Arts_Crafts_and_Sewing",
+    "Automotive",
+    "Baby_Products",
+    "Beauty_and_Personal_Care",
+    "Books",
+    "CDs_and_Vinyl",
+    "Cell_Phones_and_Accessories",
+    "Clothing_Shoes_and_Jewelry",
+    "Digital_Music",
+    "Electronics",
+    "Gift_Cards",
+    "Grocery_and_Gourmet_Food",
+    "Handmade_Products",
+    "Health_and_Household",
+    "Health_and_Personal_Care",
+    "Home_and_Kitchen",
+    "Industrial_and_Scientific",
+    "Kindle_Store",
+    "Magazine_Subscriptions",
+    "Movies_and_TV",
+    "Musical_Instruments",
+    "Office_Products",
+    "Patio_Lawn_and_Garden",
+    "Pet_Supplies",
+    "Software",
+    "Sports_and_Outdoors",
+    "Subscription_Boxes",
+    "Tools_and_Home_Improvement",
+    "Toys_and_Games",
+    "Video_Games",
+    "Unknown",
+)
+BENCHMARKS = ("last_out", "last_out_w_his")
+REFUSED_BENCHMARKS = ("timestamp", "timestamp_w_his")
+SPLIT_FILES = ("train", "valid", "test")
+BENCHMARK_COLUMNS = ("user_id", "parent_asin", "rating", "timestamp", "history")
+REVIEW_FIELDS = {"user_id": pl.String, "parent_asin": pl.String, "timestamp": pl.Int64}
+META_FIELDS = {"parent_asin": pl.String, "title": pl.String}
+
+
+def dataset(name: str) -> DatasetInfo:
+    """The DatasetInfo of ``amazon2023/<Category>`` (the category matched without case, kept in its spelling)."""
+    from gloss_cli.sources import DatasetInfo
+
+    wanted = name[len(PREFIX) :]
+    found = next((c for c in CATEGORIES if c.lower() == wanted.lower()), None)
+    if found is None:
+        raise GlossError(
+            f"Unknown Amazon 2023 category '{wanted}'.",
+            f"Use one of: {', '.join(CATEGORIES)} (e.g. 'gloss data --dataset amazon2023/All_Beauty').",
+        )
+    return DatasetInfo(PREFIX + found, found, family="amazon2023")
+
+
+def check_benchmark(benchmark: str) -> None:
+    if benchmark in REFUSED_BENCHMARKS:
+        raise GlossError(
+            f"--benchmark {benchmark} holds several held-out items per user (every review after a cut-off time); "
+            "gloss evaluates one per user.",
+            "Use --benchmark last_out or last_out_w_his (leave-one-out, the setting GLoSS uses).",
+        )
+    if benchmark not in BENCHMARKS:
+        raise GlossError(f"Unknown --benchmark '{benchmark}'.", f"Use one of: {', '.join(BENCHMARKS)}.")
+
+
+def _find(folder: Path, name: str) -> Path | None:
+    return next((p for p in (folder / name, folder / (name + ".gz")) if p.is_file()), None)
+
+
+def _in_dir(folder: Path, info: DatasetInfo, benchmark: str | None, origin: str) -> Source | None:
+    from gloss_cli.sources import Source
+
+    cat = info.category
+    meta = _find(folder, f"meta_{cat}.jsonl")
+    if meta is None:
+        return None
+    if benchmark is None:
+        reviews = _find(folder, f"{cat}.jsonl")
+        return Source("amazon2023", origin, reviews, meta) if reviews else None
+    for where in (folder / benchmark, folder):
+        splits = {split: _find(where, f"{cat}.{split}.csv") for split in SPLIT_FILES}
+        if all(splits.values()):
+            found = {k: v for k, v in splits.items() if v is not None}
+            return Source("benchmark", origin, found["train"], meta, splits=found)
+    return None
+
+
+def expected(info: DatasetInfo, benchmark: str | None) -> str:
+    cat = info.category
+    first = f"{cat}.jsonl[.gz]" if benchmark is None else f"{cat}.{{train,valid,test}}.csv[.gz]"
+    return f"{first} + meta_{cat}.jsonl[.gz]"
+
+
+def resolve(info: DatasetInfo, source: Path | None, benchmark: str | None, reporter: Reporter) -> Source:
+    if source is not None:
+        for folder in (source, source / info.category):
+            if folder.is_dir() and (found := _in_dir(folder, info, benchmark, "--source")):
+                return found
+        raise GlossError(
+            f"--source {source} holds no {info.name} data (expected {expected(info, benchmark)}).",
+            "Point --source at the folder with those files.",
+        )
+    mirror = os.environ.get("GLOSS_DATA_DIR")
+    if mirror:
+        folder = Path(mirror).expanduser() / "amazon2023" / info.category
+        if found := _in_dir(folder, info, benchmark, "GLOSS_DATA_DIR"):
+            return found
+        raise GlossError(
+            f"GLOSS_DATA_DIR={mirror} has no amazon2023/{info.category}/ folder with {expected(info, benchmark)}.",
+            "Fix GLOSS_DATA_DIR, or unset it to download the files.",
+        )
+    return download_files(info, benchmark, reporter)
+
+
+def download_files(info: DatasetInfo, benchmark: str | None, reporter: Reporter) -> Source:
+    from gloss_cli.sources import Source, download, gloss_home
+
+    base = os.environ.get("GLOSS_AMAZON2023_URL", AMAZON_2023_URL).rstrip("/") + "/"
+    folder = gloss_home() / "downloads" / "amazon2023" / info.category
+    cat = info.category
+    names = {"items": f"raw/meta_categories/meta_{cat}.jsonl.gz"}
+    if benchmark is None:
+        names["interactions"] = f"raw/review_categories/{cat}.jsonl.gz"
+    else:
+        names |= {split: f"benchmark/5core/{benchmark}/{cat}.{split}.csv.gz" for split in SPLIT_FILES}
+    records = {role: download(base + name, folder / name, reporter) for role, name in names.items()}
+    paths = {role: Path(record["path"]) for role, record in records.items()}
+    downloads = list(records.values())
+    if benchmark is None:
+        return Source("amazon2023", "download", paths["interactions"], paths["items"], downloads)
+    splits = {split: paths[split] for split in SPLIT_FILES}
+    return Source("benchmark", "download", splits["train"], paths["items"], downloads, splits=splits)
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+def _open_text(path: Path) -> Any:
+    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8")
+
+
+def _json_problem(path: Path, fields: dict[str, Any]) -> GlossError | None:
+    """The first line that is not a JSON object with the fields (slow: run only on a file polars refused)."""
+    try:
+        with _open_text(path) as fh:
+            for line, text in enumerate(fh, 1):
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as bad:
+                    return GlossError(f"{path}, line {line}: not valid JSON ({bad.msg}).", "Fetch the file again.")
+                if not isinstance(record, dict):
+                    return GlossError(f"{path}, line {line}: not a JSON object.", "Fetch the file again.")
+                for name, kind in fields.items():
+                    value = record.get(name)
+                    if (
+                        kind == pl.Int64
+                        and value is not None
+                        and (isinstance(value, bool) or not isinstance(value, int))
+                    ):
+                        return GlossError(
+                            f"{path}, line {line}: {name} {str(value)[:40]!r} is not an integer.", "Fix the line."
+                        )
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        return GlossError(f"{path}: cannot be read ({exc}).", "The file is truncated or corrupt: fetch it again.")
+    return None
+
+
+def read_json_fields(path: Path, fields: dict[str, Any], required: tuple[str, ...]) -> pl.DataFrame:
+    """Only ``fields`` of a JSON-lines file (gzipped or not), scanned lazily with the streaming engine; a bad line or
+    a record without a ``required`` field is one GlossError."""
+    try:
+        frame = pl.scan_ndjson(path, schema=fields).collect(engine="streaming")
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise _json_problem(path, fields) or GlossError(
+            f"{path}: cannot be read as JSON lines ({str(exc).splitlines()[0]}).", "Fetch the file again."
+        ) from None
+    if frame.height == 0:
+        raise GlossError(f"{path} is empty.", "Fetch the file again, or point gloss at another copy.")
+    for name in required:
+        missing = (
+            frame.get_column(name).is_null() | (frame.get_column(name) == "")
+            if fields[name] == pl.String
+            else frame.get_column(name).is_null()
+        )
+        if missing.any():
+            record = missing.arg_true()[0] + 1
+            raise GlossError(
+                f"{path}, record {record}: no {name} ({missing.sum():,} records lack one).",
+                f"Each line needs {', '.join(required)}: is this the right file?",
+            )
+    return frame
+
+
+def read_reviews(path: Path) -> pl.DataFrame:
+    """interactions[user_id, item_id (parent_asin), timestamp (ms)] in file order."""
+    frame = read_json_fields(path, REVIEW_FIELDS, tuple(REVIEW_FIELDS))
+    return frame.rename({"parent_asin": "item_id"})
+
+
+def read_meta(path: Path, items: pl.Series | None = None) -> pl.DataFrame:
+    """items[item_id (parent_asin), title]; only the ``items`` given (those with interactions) when given."""
+    frame = read_json_fields(path, META_FIELDS, ("parent_asin",)).rename({"parent_asin": "item_id"})
+    if items is not None:
+        frame = frame.join(pl.DataFrame({"item_id": items.unique()}), on="item_id", how="semi", maintain_order="left")
+    return frame
+
+
+def _has_header(path: Path) -> tuple[bool, int]:
+    """Whether the split file starts with a header line, and how many fields its first line has."""
+    try:
+        with _open_text(path) as fh:
+            first = fh.readline()
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise GlossError(
+            f"{path}: cannot be read ({exc}).", "The file is truncated or corrupt: fetch it again."
+        ) from None
+    if not first.strip():
+        raise GlossError(f"{path} is empty.", "Fetch the file again.")
+    fields = first.rstrip("\r\n").split(",")
+    return fields[0] == "user_id", len(fields)
+
+
+def read_split(path: Path) -> pl.DataFrame:
+    """A benchmark split file -> user_id, item_id, timestamp (Int64), history (list of item ids, or null)."""
+    header, width = _has_header(path)
+    if width not in (4, 5):
+        raise GlossError(
+            f"{path}: {width} fields on its first line; a benchmark split has 4 or 5 ({','.join(BENCHMARK_COLUMNS)}).",
+            "Is this a file of benchmark/5core/last_out or last_out_w_his?",
+        )
+    names = list(BENCHMARK_COLUMNS[:width])
+    try:
+        frame = (
+            pl.scan_csv(path, has_header=header, new_columns=names, infer_schema=False)
+            .select(names)
+            .collect(engine="streaming")
+        )
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise GlossError(
+            f"{path}: cannot be read as CSV ({str(exc).splitlines()[0]}).", "Fetch the file again."
+        ) from None
+    line0 = 2 if header else 1
+    for name in ("user_id", "parent_asin", "timestamp"):
+        if (bad := frame.get_column(name).is_null()).any():
+            raise GlossError(f"{path}, line {bad.arg_true()[0] + line0}: empty {name}.", "Fetch the file again.")
+    times = frame.get_column("timestamp").str.strip_chars().cast(pl.Int64, strict=False)
+    if (bad := times.is_null()).any():
+        line = bad.arg_true()[0]
+        raise GlossError(
+            f"{path}, line {line + line0}: timestamp '{frame.get_column('timestamp')[line]}' is not an integer.",
+            "Fetch the file again.",
+        )
+    history = pl.col("history").str.split(" ") if "history" in names else pl.lit(None, pl.List(pl.String))
+    return frame.select("user_id", item_id="parent_asin", timestamp=times, history=history)
+
+
+def read_benchmark(source: Source) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, pl.DataFrame]]:
+    """(interactions in the benchmark's order: each user's train rows, then the valid row, then the test row;
+    meta items of the split files; the published splits by name)."""
+    published = {split: read_split(path) for split, path in source.splits.items()}
+    interactions = pl.concat([published[split].select("user_id", "item_id", "timestamp") for split in SPLIT_FILES])
+    items = read_meta(source.items, interactions.get_column("item_id"))
+    return interactions, items, published
+
+
+def _published_train(train: pl.DataFrame, train_examples: str) -> pl.DataFrame:
+    """The train examples the published train rows make: each user's last row ("last"), or every row but each
+    user's first, which has no history ("all-prefixes")."""
+    if train_examples == "last":
+        return train.group_by("user_id", maintain_order=True).last()
+    return train.filter(pl.int_range(pl.len()).over("user_id") > 0)
+
+
+def compare_with_published(
+    splits: dict[str, pl.DataFrame], published: dict[str, pl.DataFrame], train_examples: str
+) -> dict[str, Any]:
+    """How many of the benchmark's rows gloss's examples equal: the user, the target and, where the file has one (the
+    ``_w_his`` variant), the history. Train: see :func:`_published_train`."""
+    counts: dict[str, Any] = {}
+    for ours, theirs in (("test", "test"), ("validation", "valid"), ("train", "train")):
+        file = published[theirs].rename({"item_id": "target"})
+        if ours == "train":
+            file = _published_train(file, train_examples)
+        with_history = (
+            file.get_column("history").dtype != pl.Null and file.get_column("history").null_count() < file.height
+        )
+        # histories compared as text; an empty one is read as null
+        as_text = pl.col("history").list.join(" ").fill_null("")
+        keys = ["user_id", "target", *(["history"] if with_history else [])]
+        mine = splits[ours].with_columns(as_text).select(keys)
+        equal = mine.join(file.with_columns(as_text).select(keys), on=keys, how="semi").height
+        counts[ours] = {"published": file.height, "equal": equal, "history_compared": with_history}
+    return counts
+
+
+def benchmark_warnings(name: str, counts: dict[str, Any]) -> list[str]:
+    return [
+        f"{name}: {c['published'] - c['equal']:,} of {c['published']:,} published {split} rows differ from gloss's "
+        "(rows with untitled items were dropped, as GLoSS drops them)"
+        for split, c in counts.items()
+        if c["equal"] != c["published"]
+    ]
