@@ -17,6 +17,7 @@ that has not learnt EOS would otherwise write further lines up to ``max_new_toke
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -112,6 +113,10 @@ class Recommender:
         self.budget = 0
         self.options: GenerateOptions | None = None  # the beam search served with (None: the recipe has no model)
         if recipe.uses_model:
+            # OpenMP threads (torch's and llama.cpp's) that spin at ggml's and torch's barriers wait for peers that a
+            # busy machine does not run: on 2 cores shared with one other job, one call took 75 s instead of 3.5 s
+            # (benchmarks/README.md). Read when the runtime loads, so set before either is imported.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             t0 = time.perf_counter()
             project.require("train", "gloss train --dataset beauty")
             meta = read_meta(project.path("train"))
