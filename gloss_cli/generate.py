@@ -465,8 +465,9 @@ def run(
     settings = asdict(options) | {"max_prompt_tokens": budget, "train": train_record["fingerprint"]}
     settings.pop("batch_size")  # batching does not change what is generated
     settings.pop("search")  # both searches give the same beams
-    if not options.catalog_only:
-        settings.pop("catalog_only")  # as files written before the option have it
+    for flag in ("catalog_only", "stop_at_newline"):
+        if not settings[flag]:
+            settings.pop(flag)  # as files written before the option have it
     params = {"split": split, **asdict(options), "users": list(users) if users else None, "limit": limit}
     rows = list(frame.select("user_id", "target", "history").iter_rows(named=True))
     if not here.main:  # ranks > 0 never take the lock nor write the manifest: their share of the users only

@@ -11,8 +11,9 @@ weights as counting every sequence, in a fraction of the time).
 The beam search is the evaluated one: the backend, beam count and dtype of the project's ``gloss generate`` stage
 (test, else validation) when it generated at least the recipe's queries, else the recipe's query count as beams
 (``gloss run``'s CPU default generates 2 for the 2 queries of recipe gloss; 5 for the paper's recipes). A beam ends
-at the end of its title line as well as at EOS: a query is that line (``clean_query``), and a weakly trained model
-that has not learnt EOS would otherwise write further lines up to ``max_new_tokens``.
+at the end of its title line as well as at EOS where the stage's beams did, or where there is no stage: a query is
+that line (``clean_query``), and a weakly trained model that has not learnt EOS would otherwise write further lines
+up to ``max_new_tokens``; where the stage's beams ran on, so do the served ones, which then equal the evaluated.
 """
 
 from __future__ import annotations
@@ -79,10 +80,10 @@ class Recommender:
         backend: str | None = None,
         k: int = 10,
         beams: int | None = None,
-        stop_at_newline: bool = True,
+        stop_at_newline: bool | None = None,
         reporter: Reporter | None = None,
     ) -> None:
-        """``beams``: None follows the project's generate stage (see the module's docstring)."""
+        """``beams``, ``stop_at_newline``: None follows the project's generate stage (see the module's docstring)."""
         recipe = recipe or PRESETS[DEFAULT]
         if recipe.reranked:
             raise GlossError(
@@ -216,12 +217,14 @@ class Recommender:
 
 
 def generate_options(
-    project: Project, recipe: Recipe, backend: str | None, beams: int | None, stop_at_newline: bool
+    project: Project, recipe: Recipe, backend: str | None, beams: int | None, stop_at_newline: bool | None
 ) -> GenerateOptions:
     """The beam search to serve with: the one eval measured, i.e. the project's generate stage's (test, else
     validation) beams, max_new_tokens and, on its backend, dtype, when it returned at least the recipe's queries;
-    else ``beams`` or the recipe's query count as beams. The backend: ``backend``, else this machine's default
-    (llama.cpp on a CPU where installed: the two backends return the same beams up to float noise)."""
+    else ``beams`` or the recipe's query count as beams. A beam ends at the end of its title line only where the
+    stage's did (no stage: it does), so that the queries served are the ones evaluated. The backend: ``backend``,
+    else this machine's default (llama.cpp on a CPU where installed: the two backends return the same beams up to
+    float noise)."""
     params: dict[str, Any] = {}
     for split in ("test", "validation"):
         found = (project.stage(f"generate/{split}") or {}).get("params", {})
@@ -235,5 +238,5 @@ def generate_options(
         num_return=recipe.queries,
         max_new_tokens=int(params.get("max_new_tokens", GenerateOptions.max_new_tokens)),
         dtype=str(params.get("dtype", "auto")) if params.get("backend") == chosen else "auto",
-        stop_at_newline=stop_at_newline,
+        stop_at_newline=bool(params.get("stop_at_newline", not params)) if stop_at_newline is None else stop_at_newline,
     )
