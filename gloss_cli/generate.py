@@ -69,6 +69,10 @@ class Generator(Protocol):
         """Settings worth recording in the manifest (device, dtype, ...)."""
         ...
 
+    def stop_at_line_end(self) -> None:
+        """From now on a beam also finishes at a token that ends its line (see :func:`line_end_tokens`)."""
+        ...
+
 
 @dataclass(frozen=True)
 class GenerateOptions:
@@ -80,6 +84,7 @@ class GenerateOptions:
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     search: str = "gloss"  # hf backend: gloss's batched beam search, or hf (transformers generate); same beams
     catalog_only: bool = False  # beams may only spell catalog titles (gloss search only; backends/trie.py)
+    stop_at_newline: bool = False  # a beam also finishes at the end of its line (recommend: the query is that line)
 
     def check(self) -> None:
         if self.backend not in BACKENDS:
@@ -94,6 +99,21 @@ class GenerateOptions:
             raise GlossError(
                 "--catalog-only needs the gloss search.", "Drop --backend llama-cpp and --search hf, or --catalog-only."
             )
+
+
+def line_end_tokens(encode: Callable[[str], list[int]], decode: Callable[[list[int]], str]) -> list[int]:
+    """The tokens that end a generated title's line: whitespace-only tokens holding a newline, found as the last
+    token of a title line followed by one to three newlines or a space and one (BPE vocabularies merge them).
+
+    A query is the first line of what the model writes (:func:`clean_query`): a weakly trained model that has not
+    learnt to write EOS after the title goes on with another ``Title:`` line up to ``max_new_tokens``, all of it
+    thrown away. Finishing the beam at the line's end keeps the first line's tokens and their scores."""
+    found: list[int] = []
+    for end in ("\n", "\n\n", "\n\n\n", " \n"):
+        ids = encode("Title: x" + end)
+        if ids and "\n" in (text := decode(ids[-1:])) and not text.strip() and ids[-1] not in found:
+            found.append(ids[-1])
+    return found
 
 
 def clean_query(text: str) -> str:
@@ -113,6 +133,7 @@ class HFGenerator:
     ) -> None:
         self.model, self.tokenizer, self.device, self.dtype = trained.model, trained.tokenizer, device, dtype
         self.search, self.cuda_graphs = search, cuda_graphs and device == "cuda"
+        self.stop_ids: list[int] = [self.tokenizer.eos_token_id]
         self.trie: Any = None  # set by restrict_to: beams may then only spell those texts
         self.tokenizer.padding_side = "left"
         self.default_batch_size = 8
@@ -128,6 +149,11 @@ class HFGenerator:
         if self.trie is not None:
             described |= {"catalog_trie": {"titles": self.trie.sequences, "nodes": self.trie.dead}}
         return described | ({"cuda_graphs": True} if self.cuda_graphs else {})
+
+    def stop_at_line_end(self) -> None:
+        tokenizer = self.tokenizer
+        ends = line_end_tokens(lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.decode)
+        self.stop_ids += [t for t in ends if t not in self.stop_ids]
 
     def restrict_to(self, texts: Sequence[str]) -> None:
         """From now on every beam spells one of ``texts`` as training tokenized targets (then EOS)."""
@@ -155,7 +181,7 @@ class HFGenerator:
             beams=beams,
             num_return=num_return,
             max_new_tokens=max_new_tokens,
-            eos_token_ids=[self.tokenizer.eos_token_id],
+            eos_token_ids=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             cuda_graphs=self.cuda_graphs,
             trie=self.trie,
@@ -171,7 +197,6 @@ class HFGenerator:
         import torch
         from transformers import GenerationConfig
 
-        eos = self.tokenizer.eos_token_id
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             num_beams=beams,
@@ -180,13 +205,13 @@ class HFGenerator:
             output_scores=True,
             return_dict_in_generate=True,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=eos,
+            eos_token_id=self.stop_ids if len(self.stop_ids) > 1 else self.stop_ids[0],
         )
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True).to(self.device)
         with torch.inference_mode():
             out = self.model.generate(**enc, generation_config=config)
         new = out.sequences[:, enc["input_ids"].shape[1] :]
-        is_eos = new == eos
+        is_eos = torch.isin(new, torch.tensor(self.stop_ids, device=new.device))
         # tokens up to and including the first EOS; what follows is padding
         lengths = (torch.cumsum(is_eos, dim=1) == 0).sum(dim=1) + is_eos.any(dim=1)
         self.new_tokens += int(lengths.sum())
@@ -227,9 +252,10 @@ def default_backend() -> str:
     llama-cpp-python is installed; transformers on a GPU or without llama-cpp-python."""
     import importlib.util
 
-    from gloss_cli.models import pick_device
+    from gloss_cli.models import cuda_possible
 
-    if pick_device() == "cpu" and importlib.util.find_spec("llama_cpp") is not None:
+    # llama_cpp first: without it the answer is hf, and torch's CUDA check (an import of torch) is not needed
+    if importlib.util.find_spec("llama_cpp") is not None and not cuda_possible():
         return "llama-cpp"
     return "hf"
 
@@ -244,6 +270,8 @@ def open_generator(train_dir: Path, meta: dict[str, Any], options: GenerateOptio
                 raise
             raise GlossError("The llama-cpp backend is not part of this gloss version.", "Use --backend hf.") from None
         generator: Generator = module.load_generator(train_dir, meta, options=options, reporter=reporter)
+        if options.stop_at_newline:
+            generator.stop_at_line_end()
         return generator
     from gloss_cli.models import load_trained, pick_device, torch_dtype
 
@@ -259,7 +287,10 @@ def open_generator(train_dir: Path, meta: dict[str, Any], options: GenerateOptio
         if reason is not None:
             reporter.warn(f"the gloss search does not support {reason}; searching with transformers generate")
             search = "hf"
-    return HFGenerator(trained, device, dtype, search)
+    hf = HFGenerator(trained, device, dtype, search)
+    if options.stop_at_newline:
+        hf.stop_at_line_end()
+    return hf
 
 
 def read_done(path: Path) -> set[str]:
@@ -434,8 +465,9 @@ def run(
     settings = asdict(options) | {"max_prompt_tokens": budget, "train": train_record["fingerprint"]}
     settings.pop("batch_size")  # batching does not change what is generated
     settings.pop("search")  # both searches give the same beams
-    if not options.catalog_only:
-        settings.pop("catalog_only")  # as files written before the option have it
+    for flag in ("catalog_only", "stop_at_newline"):
+        if not settings[flag]:
+            settings.pop(flag)  # as files written before the option have it
     params = {"split": split, **asdict(options), "users": list(users) if users else None, "limit": limit}
     rows = list(frame.select("user_id", "target", "history").iter_rows(named=True))
     if not here.main:  # ranks > 0 never take the lock nor write the manifest: their share of the users only

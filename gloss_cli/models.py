@@ -297,6 +297,24 @@ def cpu_threads() -> int | None:
     return int(value)
 
 
+def cuda_possible() -> bool:
+    """Whether torch could see a CUDA (or ROCm) device, decided without importing torch (1-1.5 s) where the answer
+    is certain: no torch, a CPU-only build (``+cpu``), or no GPU device node (a driver exposes ``/dev/nvidia0`` or
+    ``/dev/kfd`` to torch). Otherwise torch decides. ``gloss recommend`` on llama.cpp needs no torch at all."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    try:
+        if metadata.version("torch").endswith("+cpu"):
+            return False
+    except metadata.PackageNotFoundError:
+        pass
+    if not any(Path(node).exists() for node in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def pick_device() -> str:
     import torch
 

@@ -41,6 +41,9 @@ class RunPlan:
     batch_size: int = 8  # full: 64
     max_seq_len: int = 256  # CPU: the user's latest items only (a fifth of the tokens per example); full: 1024
     beams: int = 2  # CPU: the declared row uses 2 queries, and 2 beams cost half of 5; full: the paper's 5
+    # CPU: a beam ends at the end of its title line too (a short-trained model rarely writes EOS: gloss recommend
+    # took 1.9 s a call without it, 1.5 s with it, benchmarks/README.md); full: the paper's search, EOS only
+    stop_at_newline: bool = True
     dtype: str | None = None  # None: bf16 on CUDA and on CPUs that have it in hardware, else fp32
     recipe: str = "gloss"  # the declared row (gloss_cli.recipe: a preset or the explicit form), first in the table
 
@@ -59,6 +62,7 @@ class RunPlan:
                 batch_size=64,
                 max_seq_len=1024,
                 beams=5,
+                stop_at_newline=False,
             )
         return cls(**(asdict(base) | {k: v for k, v in overrides.items() if v is not None}))
 
@@ -168,8 +172,16 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
         index.run(project, plan.retriever, command=f"gloss index --retriever {plan.retriever}", reporter=reporter)
 
     backend = plan.backend or generate.default_backend()
-    options = generate.GenerateOptions(backend=backend, beams=plan.beams, num_return=plan.beams, dtype=dtype)
-    wanted = {"limit": plan.eval_users, "backend": backend, "beams": plan.beams, "num_return": plan.beams}
+    options = generate.GenerateOptions(
+        backend=backend, beams=plan.beams, num_return=plan.beams, dtype=dtype, stop_at_newline=plan.stop_at_newline
+    )
+    wanted = {
+        "limit": plan.eval_users,
+        "backend": backend,
+        "beams": plan.beams,
+        "num_return": plan.beams,
+        "stop_at_newline": plan.stop_at_newline,
+    }
     if step("generate/test", _fresh(project, "generate/test", wanted)):
         # a file from another model or other settings starts again; the same settings' file resumes
         before = (project.stage("generate/test") or {}).get("params", {})
@@ -181,7 +193,8 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
             limit=plan.eval_users,
             overwrite=retrained or (bool(before) and any(before.get(k) != v for k, v in wanted.items())),
             command=f"gloss generate --split test --limit {plan.eval_users} --backend {backend} --beams "
-            f"{plan.beams} --num-return {plan.beams} --dtype {dtype}",
+            f"{plan.beams} --num-return {plan.beams} --dtype {dtype}"
+            + (" --stop-at-newline" if plan.stop_at_newline else ""),
             reporter=reporter,
         )
 

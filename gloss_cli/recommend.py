@@ -4,11 +4,21 @@ ranks them.
 
 The model and the index load once per :class:`Recommender` (the model only when the recipe has its queries); each
 call builds the prompts, generates the queries (beam search), retrieves every query's top items and merges them. The
-transitions list is counted from all of the project's interactions: a deployed recommender knows them all.
+transitions list is counted from all of the project's interactions: a deployed recommender knows them all; each call
+counts only the sequences that hold one of its users' recent items (the only pairs their lists read: the same
+weights as counting every sequence, in a fraction of the time).
+
+The beam search is the evaluated one: the backend, beam count and dtype of the project's ``gloss generate`` stage
+(test, else validation) when it generated at least the recipe's queries, else the recipe's query count as beams
+(``gloss run``'s CPU default generates 2 for the 2 queries of recipe gloss; 5 for the paper's recipes). A beam ends
+at the end of its title line as well as at EOS where the stage's beams did, or where there is no stage: a query is
+that line (``clean_query``), and a weakly trained model that has not learnt EOS would otherwise write further lines
+up to ``max_new_tokens``; where the stage's beams ran on, so do the served ones, which then equal the evaluated.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -27,6 +37,7 @@ from gloss_cli.queries import query_text
 from gloss_cli.ranking import rank_users, transitions_lists
 from gloss_cli.recipe import DEFAULT, PRESETS, Recipe
 from gloss_cli.retrieval import hybrid_parts, index_key
+from gloss_cli.transitions import RECENT
 
 TRANSITIONS_QUERY = "(transitions: what followed the latest items in other histories)"
 
@@ -68,8 +79,11 @@ class Recommender:
         encoder: str | None = None,
         backend: str | None = None,
         k: int = 10,
+        beams: int | None = None,
+        stop_at_newline: bool | None = None,
         reporter: Reporter | None = None,
     ) -> None:
+        """``beams``, ``stop_at_newline``: None follows the project's generate stage (see the module's docstring)."""
         recipe = recipe or PRESETS[DEFAULT]
         if recipe.reranked:
             raise GlossError(
@@ -78,40 +92,44 @@ class Recommender:
             )
         if k < 1:
             raise GlossError(f"-k must be at least 1, got {k}.", "Pass e.g. -k 10.")
+        if beams is not None and beams < recipe.queries:
+            raise GlossError(
+                f"{beams} beams cannot return recipe {recipe.name()}'s {recipe.queries} queries.",
+                f"Use at least {recipe.queries} beams.",
+            )
         self.reporter = reporter or Reporter()
         self.recipe, self.k = recipe, k
+        self.load_timings: dict[str, float] = {}  # seconds per part of loading, for --profile and the benchmark
+        t0 = time.perf_counter()
         project.require("data")
         items = pl.read_parquet(project.path("data/items.parquet"))
         self.item_ids: list[str] = items.get_column("item_id").to_list()
         self.titles: list[str] = items.get_column("title").to_list()
         self.key_of = {item: i for i, item in enumerate(self.item_ids)}
         self.key_of_title = {title: i for i, title in enumerate(self.titles)}
-        sequences = pl.read_parquet(project.path("data/sequences.parquet"), columns=["user_id", "item_ids"])
-        self.histories: dict[str, list[str]] = dict(sequences.iter_rows())
-        self.transitions = None
-        if "transitions" in recipe.lists:
-            from gloss_cli.transitions import transition_counts
-
-            n = pl.col("item_ids").list.len()
-            self.transitions = transition_counts(
-                sequences.select(
-                    "user_id", history=pl.col("item_ids").list.slice(0, n - 1), target=pl.col("item_ids").list.last()
-                )
-            )
+        self.sequences = pl.read_parquet(project.path("data/sequences.parquet"), columns=["user_id", "item_ids"])
+        self.histories: dict[str, list[str]] = dict(self.sequences.iter_rows())
+        self.load_timings["data"] = time.perf_counter() - t0
         self.generator = None
         self.budget = 0
-        self.options = GenerateOptions(backend=backend or default_backend())
+        self.options: GenerateOptions | None = None  # the beam search served with (None: the recipe has no model)
         if recipe.uses_model:
+            # OpenMP threads (torch's and llama.cpp's) that spin at ggml's and torch's barriers wait for peers that a
+            # busy machine does not run: on 2 cores shared with one other job, one call took 75 s instead of 3.5 s
+            # (benchmarks/README.md). Read when the runtime loads, so set before either is imported.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            t0 = time.perf_counter()
             project.require("train", "gloss train --dataset beauty")
             meta = read_meta(project.path("train"))
-            beams = max(self.options.beams, recipe.queries)
-            self.options = GenerateOptions(backend=self.options.backend, beams=beams, num_return=recipe.queries)
+            self.options = generate_options(project, recipe, backend, beams, stop_at_newline)
             self.budget = int(meta["max_seq_len"]) - self.options.max_new_tokens
             self.generator = open_generator(project.path("train"), meta, self.options, self.reporter)
+            self.load_timings["model"] = time.perf_counter() - t0
         elif backend is not None:
             raise GlossError(
                 f"--backend does not apply to recipe {recipe.name()}: it generates nothing.", "Drop --backend."
             )
+        t0 = time.perf_counter()
         self.index = None
         if recipe.lists != ("transitions",):
             missing = [p for p in hybrid_parts(retriever) if project.stage(f"index/{index_key(p, encoder)}") is None]
@@ -120,6 +138,22 @@ class Recommender:
             building = project.lock(f"gloss index --retriever {retriever}", self.reporter) if missing else nullcontext()
             with building:
                 self.index, self.index_meta = open_index(project, retriever, encoder=encoder, reporter=self.reporter)
+        self.load_timings["index"] = time.perf_counter() - t0
+
+    def transition_counts(self, histories: Sequence[Sequence[str]]) -> pl.DataFrame:
+        """The transition weights of every known sequence for the pairs that start at one of these histories'
+        ``RECENT`` latest items (the only pairs their lists read): counted from the sequences holding such an
+        item, each sequence as the train split holds it (history, then target)."""
+        from gloss_cli.transitions import transition_counts
+
+        recent = sorted({item for history in histories for item in history[-RECENT:]})
+        holding = self.sequences.filter(pl.col("item_ids").list.eval(pl.element().is_in(recent)).list.any())
+        n = pl.col("item_ids").list.len()
+        return transition_counts(
+            holding.select(
+                "user_id", history=pl.col("item_ids").list.slice(0, n - 1), target=pl.col("item_ids").list.last()
+            )
+        )
 
     def history_of(self, user_id: str) -> list[str]:
         history = self.histories.get(user_id)
@@ -148,7 +182,7 @@ class Recommender:
     ) -> list[UserRecommendations]:
         t0 = t1 = time.perf_counter()
         queries: list[list[tuple[str, float]]] = [[] for _ in users]
-        if self.generator is not None:
+        if self.generator is not None and self.options is not None:
             prompts = fit_prompts(self.generator.count_tokens, histories, self.budget)
             t1 = time.perf_counter()
             o = self.options
@@ -160,10 +194,9 @@ class Recommender:
         if "lis" in self.recipe.lists:  # the last item's title first; 0.0: it is no beam of the model
             queries = [[(history[-1], 0.0), *user] for history, user in zip(histories, queries, strict=True)]
         lead = None
-        if self.transitions is not None:  # its list first, counted from every known sequence
-            lead = transitions_lists(
-                self.transitions, item_ids, self.key_of, depth=self.k, exclude_seen=self.recipe.exclude_seen
-            )
+        if "transitions" in self.recipe.lists:  # its list first, counted from every known sequence
+            counts = self.transition_counts(item_ids)
+            lead = transitions_lists(counts, item_ids, self.key_of, depth=self.k, exclude_seen=self.recipe.exclude_seen)
         texts = [[query_text(text) for text, _ in user] for user in queries]
         merged = rank_users(self.recipe, texts, seen, k=self.k, retriever=self.index, lead=lead)
         if lead is not None:
@@ -181,3 +214,29 @@ class Recommender:
         for r in results:
             r.timings = {key: round(v, 4) for key, v in timings.items()}
         return results
+
+
+def generate_options(
+    project: Project, recipe: Recipe, backend: str | None, beams: int | None, stop_at_newline: bool | None
+) -> GenerateOptions:
+    """The beam search to serve with: the one eval measured, i.e. the project's generate stage's (test, else
+    validation) beams, max_new_tokens and, on its backend, dtype, when it returned at least the recipe's queries;
+    else ``beams`` or the recipe's query count as beams. A beam ends at the end of its title line only where the
+    stage's did (no stage: it does), so that the queries served are the ones evaluated. The backend: ``backend``,
+    else this machine's default (llama.cpp on a CPU where installed: the two backends return the same beams up to
+    float noise)."""
+    params: dict[str, Any] = {}
+    for split in ("test", "validation"):
+        found = (project.stage(f"generate/{split}") or {}).get("params", {})
+        if found.get("num_return", 0) >= recipe.queries:
+            params = found
+            break
+    chosen = backend or default_backend()  # the fastest here (llama.cpp on a CPU), whatever the stage ran on
+    return GenerateOptions(
+        backend=chosen,
+        beams=beams or int(params.get("beams", recipe.queries)),
+        num_return=recipe.queries,
+        max_new_tokens=int(params.get("max_new_tokens", GenerateOptions.max_new_tokens)),
+        dtype=str(params.get("dtype", "auto")) if params.get("backend") == chosen else "auto",
+        stop_at_newline=bool(params.get("stop_at_newline", not params)) if stop_at_newline is None else stop_at_newline,
+    )

@@ -116,7 +116,7 @@ def segments_table(report: Any) -> None:
     out.print(f"plot: {report.plot}")
 
 
-def recommendations(result: Any, *, profile: bool, recipe: Any) -> None:
+def recommendations(result: Any, *, profile: bool, recipe: Any, load: dict[str, float] | None = None) -> None:
     who = f"user {result.user_id}" if result.user_id else "the given history"
     shown = result.history[-5:]
     out.print(f"[bold]{who}[/] · {len(result.history)} items, latest last:")
@@ -148,6 +148,8 @@ def recommendations(result: Any, *, profile: bool, recipe: Any) -> None:
             f"[dim]time per user: prompt {t['prompt'] * 1000:.1f} ms · generation {t['generation']:.3f} s · "
             f"retrieval {t['retrieval'] * 1000:.1f} ms[/]"
         )
+        if load:
+            out.print("[dim]loading: " + " · ".join(f"{key} {value:.3f} s" for key, value in load.items()) + "[/]")
 
 
 def run_summary(summary: Any) -> None:

@@ -254,3 +254,82 @@ def test_main_job_at_its_smallest_on_the_real_model(shared_data: Path, monkeypat
     rows = [json.loads(line) for line in Path("p/generate/test/queries.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(len(r["queries"]) == 2 and all(q.strip() for q in r["queries"]) for r in rows)
     assert Path(doc["plot"]).is_file()
+
+
+def test_transitions_counted_per_call_equal_every_sequence_counted(synthetic: Path) -> None:
+    """Recommend counts only the sequences holding a user's recent items: every user's list is the one counted
+    from every sequence (as recommend did before, at load time)."""
+    from gloss_cli.project import Project
+    from gloss_cli.recipe import PRESETS
+    from gloss_cli.recommend import Recommender
+    from gloss_cli.transitions import recommend, transition_counts
+
+    assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "p", "-q"]).exit_code == 0
+    rec = Recommender(Project(Path("p")), recipe=PRESETS["transitions"], k=5)
+    n = pl.col("item_ids").list.len()
+    every = transition_counts(
+        rec.sequences.select(
+            "user_id", history=pl.col("item_ids").list.slice(0, n - 1), target=pl.col("item_ids").list.last()
+        )
+    )
+    histories = [list(h) for h in rec.sequences.get_column("item_ids").to_list()]
+    expected = recommend(every, histories, depth=5, exclude_seen=True)
+    assert any(expected)
+    assert recommend(rec.transition_counts(histories), histories, depth=5, exclude_seen=True) == expected
+    one = [histories[3]]  # one user's call counts a fraction of the sequences, to the same list
+    assert recommend(rec.transition_counts(one), one, depth=5, exclude_seen=True) == expected[3:4]
+    users = rec.sequences.get_column("user_id").head(3).to_list()
+    assert [[i.item_id for i in r.items] for r in rec.for_users(users)] == expected[:3]
+
+
+def test_recommend_serves_the_evaluated_beam_search(trained: Path) -> None:
+    """The queries are the generator's own beams with the served settings: the recipe's 2 queries as 2 beams when
+    no generate stage says otherwise, the generate stage's beams when there is one; 5 beams without the line stop
+    are the beams recommend served before (beams=5 pins them); with it no query runs past its line."""
+    from gloss_cli.console import Reporter
+    from gloss_cli.generate import GenerateOptions, clean_query, fit_prompts, open_generator
+    from gloss_cli.models import read_meta
+    from gloss_cli.project import Project
+    from gloss_cli.recommend import Recommender
+
+    project = Project(trained)
+    user = pl.read_parquet(trained / "data/sequences.parquet").row(1, named=True)["user_id"]
+    served = Recommender(project, backend="hf")
+    assert served.options is not None and (served.options.beams, served.options.num_return) == (2, 2)
+    newline = served.generator.tokenizer("Title: x\n", add_special_tokens=False)["input_ids"][-1]
+    assert served.options.stop_at_newline and newline in served.generator.stop_ids
+    assert len(served.for_users([user])[0].queries) == 4
+
+    old = Recommender(project, backend="hf", beams=5, stop_at_newline=False)
+    (result,) = old.for_users([user])
+    meta = read_meta(trained / "train")
+    options = GenerateOptions(backend="hf", beams=5, num_return=2)
+    generator = open_generator(trained / "train", meta, options, Reporter())
+    prompts = fit_prompts(generator.count_tokens, [result.history], int(meta["max_seq_len"]) - options.max_new_tokens)
+    (beams,) = generator.generate(prompts, beams=5, num_return=2, max_new_tokens=options.max_new_tokens)
+    assert [q for q, _ in result.queries[2:]] == [clean_query(t) for t, _ in beams]
+
+    assert (
+        runner.invoke(
+            app,
+            [
+                "generate",
+                "-p",
+                "p",
+                "-q",
+                "--backend",
+                "hf",
+                "--beams",
+                "3",
+                "--num-return",
+                "3",
+                "--limit",
+                "2",
+                "--split",
+                "test",
+            ],
+        ).exit_code
+        == 0
+    )
+    staged = Recommender(project, backend="hf")
+    assert staged.options is not None and (staged.options.beams, staged.options.num_return) == (3, 2)

@@ -35,7 +35,13 @@ DEFAULT_PARALLEL = 4  # prompts searched together (not exact): one decode per st
 
 
 def import_llama_cpp() -> Any:
-    """The llama_cpp module, or a GlossError saying how to install it."""
+    """The llama_cpp module, or a GlossError saying how to install it.
+
+    Its OpenMP threads wait passively (``OMP_WAIT_POLICY``, unless set), read when the runtime loads: ggml meets
+    at a barrier after every operation, hundreds per token, and spinning threads on a machine shared with other
+    jobs wait there for a peer that is not running. On a 2-core machine with one other busy process, 2 spinning
+    threads took 78 s for what 1 thread, or 2 passive ones, did in 1.8 s (2026-12-06, benchmarks/README.md)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import llama_cpp
     except ImportError:
@@ -285,6 +291,16 @@ class LlamaCppGenerator:
 
     def count_tokens(self, prompts: Sequence[str]) -> list[int]:
         return [len(self.tokenize(p)) for p in prompts]
+
+    def stop_at_line_end(self) -> None:
+        """Beams also finish at a token that ends their line (gloss_cli.generate.line_end_tokens); like EOS, it
+        is left out of the returned text."""
+        from gloss_cli.generate import line_end_tokens
+
+        def encode(text: str) -> list[int]:
+            return list(self._model.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+        self.eos = self.eos | frozenset(line_end_tokens(encode, self.detokenize))
 
     def describe(self) -> dict[str, Any]:
         from importlib.metadata import version

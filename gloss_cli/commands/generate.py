@@ -62,6 +62,15 @@ def generate(
             "the 5 returned titles are 5 distinct items). gloss search only.",
         ),
     ] = False,
+    stop_at_newline: Annotated[
+        bool,
+        typer.Option(
+            "--stop-at-newline",
+            help="A beam also ends at the end of its title line, as at EOS (a query is that line): a weakly "
+            "trained model that never writes EOS stops there instead of running to --max-new-tokens. Recorded; "
+            "gloss recommend serves what the stage did. gloss run's CPU default uses it.",
+        ),
+    ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start the queries file again instead of resuming it.")
     ] = False,
@@ -93,7 +102,9 @@ def generate(
     from gloss_cli.generate import GenerateOptions
     from gloss_cli.generate import run as run_generate
 
-    options = GenerateOptions(backend, beams, num_return, max_new_tokens, batch_size, dtype, search, catalog_only)
+    options = GenerateOptions(
+        backend, beams, num_return, max_new_tokens, batch_size, dtype, search, catalog_only, stop_at_newline
+    )
     here = world()  # under torchrun: rank 0 takes the lock, writes the stage and prints; the others generate
     reporter = RichReporter(quiet) if here.main else Reporter()
     proj = Project(project)
@@ -103,6 +114,7 @@ def generate(
         if getattr(options, key) != getattr(defaults, key):
             command += f" --{key.replace('_', '-')} {getattr(options, key)}"
     command += " --catalog-only" if catalog_only else ""
+    command += " --stop-at-newline" if stop_at_newline else ""
     command += f" --limit {limit}" if limit else ""
     command += f" --users {','.join(users)}" if users else ""
     with proj.lock(command, reporter) if here.main else contextlib.nullcontext():

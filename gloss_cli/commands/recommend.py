@@ -50,7 +50,10 @@ def recommend(
     backend: Annotated[
         str | None, typer.Option(help="llama-cpp or hf (default: llama-cpp if the model was exported to GGUF).")
     ] = None,
-    profile: Annotated[bool, typer.Option("--profile", help="Print where the time went.")] = False,
+    profile: Annotated[
+        bool,
+        typer.Option("--profile", help="Print where the time went (loading too; with --json: a load_s object)."),
+    ] = False,
     project: ProjectOpt = DEFAULT_PROJECT_PATH,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -95,13 +98,15 @@ def recommend(
     )
     results = recommender.for_users(ids) if ids else [recommender.for_history(titles)]
     if json_:
+        load = {"load_s": {key: round(v, 4) for key, v in recommender.load_timings.items()}} if profile else {}
+        docs = [r.as_dict() | load for r in results]
         if users_file:  # JSONL: one document per user
-            for r in results:
-                print_json(r.as_dict(), indent=None)
+            for doc in docs:
+                print_json(doc, indent=None)
         else:
-            print_json(results[0].as_dict() if len(results) == 1 else [r.as_dict() for r in results])
+            print_json(docs[0] if len(docs) == 1 else docs)
         return
     from gloss_cli.render import recommendations
 
     for r in results:
-        recommendations(r, profile=profile, recipe=recommender.recipe)
+        recommendations(r, profile=profile, recipe=recommender.recipe, load=recommender.load_timings)
