@@ -154,6 +154,7 @@ from gloss_cli.commands import (  # noqa: E402
     recommend,
     rerank,
     run,
+    sasrec,
     segments,
     status,
     train,
@@ -161,6 +162,7 @@ from gloss_cli.commands import (  # noqa: E402
 
 app.command()(data.data)
 app.command()(train.train)
+app.command()(sasrec.sasrec)
 app.command()(generate.generate)
 app.command()(index.index)
 app.command()(rerank.rerank)

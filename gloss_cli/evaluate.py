@@ -46,7 +46,7 @@ class EvalResult:
     name: str
     recipe: Recipe
     split: str
-    retriever: str  # the index key, "none" for the transitions list alone
+    retriever: str  # the index key, "none" for lists ranked without retrieval (transitions, sasrec)
     source: str  # where the model list's queries came from: generate/<split>, file:<name>, rerank/..., or ""
     ks: list[int]
     users: int
@@ -66,6 +66,8 @@ class EvalResult:
         label = f"({self.source}) generated" if from_file else "generated"
         users = f"the users of {self.source.removeprefix('file:')}" if from_file else None
         text = self.recipe.describe(generated_label=label, users_label=users)
+        if "sasrec" in self.recipe.lists:
+            text += f"; sasrec: {SASREC_TEXT}"
         if "transitions" in self.recipe.lists:
             text += f"; transitions: {TRANSITIONS_TEXT} (the train split's)"
         retrieval = f"; retriever {self.retriever}" if self.retriever != "none" else ""
@@ -166,6 +168,8 @@ def write_outputs(
 
 
 TRAIN_TRANSITIONS = TRANSITIONS_PARAMS | {"counted_from": "train split"}  # an evaluation knows the train split only
+# (gloss_cli.sasrec.DESCRIPTION, without importing torch for recipes that have no sasrec list)
+SASREC_TEXT = "SASRec over item ids (gloss sasrec; trained on the train split, its settings chosen on validation)"
 
 
 def recipe_queries(
@@ -199,13 +203,20 @@ def recipe_queries(
 def lead_list(
     project: Project, recipe: Recipe, qs: QuerySet, key_of: dict[str, int], *, depth: int
 ) -> npt.NDArray[np.int64] | None:
-    """The recipe's transitions list per user of ``qs`` (counted from the train split), or None without one."""
-    if "transitions" not in recipe.lists:
-        return None
-    from gloss_cli.transitions import transition_counts
+    """The recipe's lists ranked without retrieval, per user of ``qs``, in the recipe's order: (users, lists,
+    depth), -1 padded, or None without any. ``sasrec``: the model 'gloss sasrec' trained on the train split;
+    ``transitions``: counted from the train split."""
+    leads = []
+    if "sasrec" in recipe.lists:
+        from gloss_cli import sasrec
 
-    counts = transition_counts(load_split(project.path("data"), "train"))
-    return transitions_lists(counts, qs.histories, key_of, depth=depth, exclude_seen=recipe.exclude_seen)
+        leads.append(sasrec.lists(project, qs.histories, key_of, depth=depth, exclude_seen=recipe.exclude_seen))
+    if "transitions" in recipe.lists:
+        from gloss_cli.transitions import transition_counts
+
+        counts = transition_counts(load_split(project.path("data"), "train"))
+        leads.append(transitions_lists(counts, qs.histories, key_of, depth=depth, exclude_seen=recipe.exclude_seen))
+    return np.stack(leads, axis=1) if leads else None
 
 
 def run(
@@ -243,8 +254,13 @@ def run(
                 "Drop --queries.",
             )
         return _run_reranked(project, recipe, split, retriever, ks, name=name, command=command)
-    if recipe.lists != ("transitions",):
+    if recipe.retrieves:
         hybrid_parts(retriever)  # a malformed hybrid name fails before any work
+    sasrec_record = None
+    if "sasrec" in recipe.lists:  # no model, or one trained on other data: one line before any work
+        from gloss_cli.sasrec import require
+
+        sasrec_record = require(project)
     ties = tie_policy(project.require("data"))
     items = load_items(project.path("data"))
     item_ids = items.get_column("item_id").to_list()
@@ -272,11 +288,13 @@ def run(
         "queries_per_user": qs.per_user,
         "rrf_c": RRF_C if recipe.merge == "rrf" else None,
         "transitions": TRAIN_TRANSITIONS if "transitions" in recipe.lists else None,
+        "sasrec": sasrec_record["params"] | {"metrics": sasrec_record["metrics"]} if sasrec_record else None,
     }
     if meta.get("fallback"):
         params["encoder_fallback"] = meta["fallback"]
-    upstream = tuple(dict.fromkeys(("data", *meta["stages"], *query_stages)))
-    libraries = ("bm25s", "numpy") if index is not None else ("polars", "numpy")
+    upstream = tuple(dict.fromkeys(("data", *meta["stages"], *query_stages, *(("sasrec",) if sasrec_record else ()))))
+    libraries: tuple[str, ...] = ("bm25s", "numpy") if index is not None else ("polars", "numpy")
+    libraries += ("torch",) if sasrec_record else ()
     with project.run_stage(f"eval/{name}", params, command=command, upstream=upstream, libraries=libraries) as stage:
         k = max(ks)
         lead = lead_list(project, recipe, qs, key_of, depth=k)

@@ -93,9 +93,9 @@ RecipeOpt = Annotated[
     typer.Option(
         "--recipe",
         "-R",
-        help="How each user's list is ranked: a preset (gloss, paper, lis, lis-paper, transitions, no-model, model, "
-        "rerank, rerank-lm; 'gloss recipes' shows them) or key=value words, after a preset they modify: "
-        "lists=transitions,lis,model queries=N merge=top1|rrf seen=kept|excluded order=retrieval|lm|fused "
+        help="How each user's list is ranked: a preset (gloss, paper, lis, lis-paper, transitions, sasrec, no-model, "
+        "model, rerank, rerank-lm; 'gloss recipes' shows them) or key=value words, after a preset they modify: "
+        "lists=sasrec,transitions,lis,model queries=N merge=top1|rrf seen=kept|excluded order=retrieval|lm|fused "
         "candidates=N users=generated|all. Default: gloss (docs/RESULTS.md's pick; rerank: rerank).",
         autocompletion=_complete_recipe,
     ),

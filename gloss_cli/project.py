@@ -63,6 +63,7 @@ PIPELINE: tuple[Stage, ...] = (
 )
 # Stages that status lists when they have run and never asks for: (stage, the pipeline stage it comes before).
 OPTIONAL: tuple[tuple[Stage, str], ...] = (
+    (Stage("sasrec", ("data",), "gloss sasrec"), "eval"),
     (Stage("rerank", ("data", "train", "generate"), "gloss rerank --split validation"), "eval"),
 )
 

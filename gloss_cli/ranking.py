@@ -68,11 +68,12 @@ def merge_user(
 def with_lead_list(
     keys: npt.NDArray[np.int64], scores: npt.NDArray[np.float32], lead: npt.NDArray[np.int64]
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """keys/scores (n, lists, m) with ``lead`` (n, m'), -1 padded, put first as if it were the first list (cut or
-    padded to m; its scores 0: fusion reads ranks only)."""
-    first = np.full((keys.shape[0], 1, keys.shape[2]), -1, dtype=keys.dtype)
-    width = min(lead.shape[1], keys.shape[2])
-    first[:, 0, :width] = lead[:, :width]
+    """keys/scores (n, lists, m) with ``lead`` (n, m') or several lead lists (n, leads, m'), -1 padded, put first as
+    if they were the first lists (cut or padded to m; their scores 0: fusion reads ranks only)."""
+    lead = lead[:, None, :] if lead.ndim == 2 else lead
+    first = np.full((keys.shape[0], lead.shape[1], keys.shape[2]), -1, dtype=keys.dtype)
+    width = min(lead.shape[2], keys.shape[2])
+    first[:, :, :width] = lead[:, :, :width]
     return (
         np.concatenate([first, keys], axis=1),
         np.concatenate([np.zeros(first.shape, dtype=scores.dtype), scores], axis=1),
@@ -117,8 +118,8 @@ def rank_users(
     :func:`reranked`, to what ``gloss rerank`` scored).
 
     queries: per user the query texts in the recipe's order (the last item's title, then the model's), the same
-    count for every user; seen: the history's item keys (used when the recipe excludes them); lead: the transitions
-    list (n, >= k), when the recipe has it."""
+    count for every user; seen: the history's item keys (used when the recipe excludes them); lead: the lists ranked
+    without retrieval, when the recipe has them: (n, >= k) for one, (n, lists, >= k) in the recipe's order."""
     n = len(seen)
     excluded = list(seen) if recipe.exclude_seen else [set() for _ in range(n)]
     depth = query_depth(recipe, k)

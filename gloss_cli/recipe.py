@@ -3,8 +3,9 @@ and experiments.
 
 A recipe names
 
-* ``lists``: the ranked lists a user gets, in the order they are fused (the first weighs most): ``transitions`` (what
-  followed the user's recent items in the training sequences, no retrieval), ``lis`` (the last item's title as a
+* ``lists``: the ranked lists a user gets, in the order they are fused (the first weighs most): ``sasrec`` (the
+  item-ID model ``gloss sasrec`` trained on the train split, no retrieval), ``transitions`` (what followed the user's
+  recent items in the training sequences, no retrieval), ``lis`` (the last item's title as a
   query), ``model`` (the first ``queries`` generated titles, best beam first; ``--queries FILE`` reads them from a
   file instead of ``gloss generate``'s stage);
 * ``merge``: ``top1``, GLoSS's merge (each query keeps its top-1 item, duplicates keep their best retrieval score,
@@ -30,7 +31,8 @@ from typing import Any
 from gloss_cli.errors import GlossError
 from gloss_cli.fusion import RRF_C
 
-LISTS = ("transitions", "lis", "model")
+LISTS = ("sasrec", "transitions", "lis", "model")
+RANKED = ("sasrec", "transitions")  # lists ranked by their own scores: no query, no retrieval
 MERGES = ("top1", "rrf")
 SEEN = ("kept", "excluded")
 ORDERS = ("retrieval", "lm", "fused")
@@ -57,6 +59,11 @@ class Recipe:
     @property
     def uses_model(self) -> bool:
         return "model" in self.lists
+
+    @property
+    def retrieves(self) -> bool:
+        """Whether a list queries a retriever (lis, model); sasrec and transitions rank without one."""
+        return any(part not in RANKED for part in self.lists)
 
     @property
     def exclude_seen(self) -> bool:
@@ -94,8 +101,8 @@ class Recipe:
         """The ranking in words, for every printed metric (the caller adds split, users, ties)."""
         parts = []
         for part in self.lists:
-            if part == "transitions":
-                parts.append("the transitions list")
+            if part in RANKED:
+                parts.append(f"the {part} list")
             elif part == "lis":
                 parts.append("the last item's title")
             else:
@@ -152,8 +159,9 @@ def check(recipe: Recipe) -> None:
         raise bad("lists has model but queries is below 1.", "Use queries=1 or more, or drop model from lists.")
     if not recipe.uses_model and recipe.queries:
         raise bad(f"queries={recipe.queries} but lists has no model.", "Add model to lists, or use queries=0.")
-    if recipe.merge == "top1" and "transitions" in lists:
-        raise bad("the transitions list is ranked, not a query: merge=top1 cannot take it.", "Use merge=rrf.")
+    for part in RANKED:
+        if recipe.merge == "top1" and part in lists:
+            raise bad(f"the {part} list is ranked, not a query: merge=top1 cannot take it.", "Use merge=rrf.")
     if recipe.candidates < 1:
         raise bad(f"candidates={recipe.candidates} is below 1.", "Use e.g. candidates=20.")
     if recipe.reranked and recipe.merge != "rrf":
@@ -172,6 +180,8 @@ PRESETS: dict[str, Recipe] = {
     "lis-paper": Recipe(lists=("lis",), queries=0, merge="top1", seen="kept"),
     "lis": Recipe(lists=("lis",), queries=0),
     "transitions": Recipe(lists=("transitions",), queries=0),
+    # the item-ID anchor (gloss sasrec first) on every user of the split, history excluded
+    "sasrec": Recipe(lists=("sasrec",), queries=0, users="all"),
     "model": Recipe(lists=("model",), queries=5),
     "no-model": Recipe(lists=("transitions", "lis"), queries=0),
     # the pick docs/RESULTS.md reports (chosen on validation in session 10)

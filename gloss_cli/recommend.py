@@ -90,6 +90,11 @@ class Recommender:
                 f"gloss recommend ranks in retrieval order; recipe {recipe.name()} reorders scored pools.",
                 "Use a recipe with order=retrieval (e.g. gloss), or 'gloss rerank' + 'gloss eval' for this one.",
             )
+        if "sasrec" in recipe.lists:  # its model knows the train split only: no deployed recommender yet
+            raise GlossError(
+                f"gloss recommend does not rank with the sasrec list yet (recipe {recipe.name()}).",
+                f"Score it with 'gloss eval --recipe \"{recipe.explicit()}\"', or use a recipe without sasrec.",
+            )
         if k < 1:
             raise GlossError(f"-k must be at least 1, got {k}.", "Pass e.g. -k 10.")
         if beams is not None and beams < recipe.queries:
@@ -131,7 +136,7 @@ class Recommender:
             )
         t0 = time.perf_counter()
         self.index = None
-        if recipe.lists != ("transitions",):
+        if recipe.retrieves:
             missing = [p for p in hybrid_parts(retriever) if project.stage(f"index/{index_key(p, encoder)}") is None]
             # Building a missing index writes a stage: as any writer, under the project lock (a writer starting
             # meanwhile would otherwise remove its temporary folder as debris).

@@ -88,7 +88,12 @@ def run(
     if batch_size < 0:
         raise GlossError(f"--batch-size must be >= 0 (got {batch_size}).", "Pass 0 for the default.")
     candidates = recipe.candidates
-    if "transitions" not in recipe.lists or len(recipe.lists) > 1:
+    if "sasrec" in recipe.lists:
+        raise GlossError(
+            f"gloss rerank does not take the sasrec list yet (recipe {recipe.name()}).",
+            "Rerank a recipe without sasrec; 'gloss eval --recipe sasrec' scores SASRec itself.",
+        )
+    if recipe.retrieves:
         hybrid_parts(retriever)  # a malformed hybrid name fails before any work
     here = world()
     if here.several:

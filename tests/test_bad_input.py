@@ -444,6 +444,37 @@ CASES: dict[str, Case] = {
     "eval: --encoder with the transitions recipe": Case(
         None, [*EVAL, "--recipe", "transitions users=all", "--encoder", "mpnet"], "--encoder does not apply to recipe"
     ),
+    # the SASRec anchor (gloss sasrec, issue 22)
+    "eval: a sasrec recipe before gloss sasrec": Case(
+        None, [*EVAL, "--recipe", "sasrec"], "No SASRec model in this project."
+    ),
+    "eval: --retriever with the sasrec recipe": Case(
+        None, [*EVAL, "--recipe", "sasrec", "--retriever", "e5"], "--retriever does not apply to recipe sasrec"
+    ),
+    "eval: --encoder with sasrec and transitions": Case(
+        None,
+        [*EVAL, "--recipe", "lists=sasrec,transitions users=all", "--encoder", "mpnet"],
+        "--encoder does not apply to recipe sasrec+transitions-rrf-xseen-allusers",
+    ),
+    "recipe: merge=top1 with sasrec": Case(
+        None, [*EVAL, "--recipe", "sasrec merge=top1"], "the sasrec list is ranked, not a query"
+    ),
+    "recipe: sasrec after transitions": Case(
+        None, [*EVAL, "--recipe", "lists=transitions,sasrec"], "lists are fused in the order sasrec, transitions"
+    ),
+    "recommend: a sasrec recipe": Case(
+        None,
+        ["recommend", "--user", "U001", "--recipe", "sasrec", "-p", "proj"],
+        "gloss recommend does not rank with the sasrec list yet",
+    ),
+    "rerank: a sasrec recipe": Case(
+        None, ["rerank", "--recipe", "sasrec order=fused", "-p", "proj"], "gloss rerank does not take the sasrec list"
+    ),
+    "sasrec: heads that do not divide the hidden size": Case(
+        None, ["sasrec", "--hidden", "6", "--heads", "4", "-p", "proj"], "--heads 4 does not divide --hidden 6"
+    ),
+    "sasrec: an unknown loss": Case(None, ["sasrec", "--loss", "hinge", "-p", "proj"], "Unknown --loss 'hinge'"),
+    "sasrec: a learning rate of 0": Case(None, ["sasrec", "--lr", "0", "-p", "proj"], "--lr 0.0 is not above 0"),
     "eval: --encoder with a rerank recipe": Case(
         None, [*EVAL, "--recipe", "rerank", "--encoder", "mpnet"], "--encoder does not apply to recipe rerank"
     ),
@@ -491,7 +522,7 @@ def test_bad_input(case: str, world: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_the_table_covers_every_format() -> None:
     assert len(CASES) >= 25
-    assert {c.args[0] for c in CASES.values()} >= {"data", "eval", "train", "generate", "rerank", "recommend"}
+    assert {c.args[0] for c in CASES.values()} >= {"data", "eval", "train", "generate", "rerank", "recommend", "sasrec"}
 
 
 def test_usage_errors_hint_at_the_command_help(world: Path) -> None:

@@ -81,7 +81,7 @@ def test_explicit_forms_modify_their_preset_only_where_they_say() -> None:
         ("seen=kept seen=kept", "Recipe: seen is given twice"),
         ("merge=magic", "Recipe: merge=magic is unknown"),
         ("lists=lis,lis", "is not a list of distinct"),
-        ("lists=model,lis", "lists are fused in the order transitions, lis, model"),
+        ("lists=model,lis", "lists are fused in the order sasrec, transitions, lis, model"),
         ("no-model merge=top1", "the transitions list is ranked, not a query"),
         ("paper order=lm", "order=lm reorders a pool filled to its depth"),
         ("model users=all", "users=all with the model's queries"),

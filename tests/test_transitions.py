@@ -195,7 +195,7 @@ def test_the_lead_list_is_fused_as_the_first_query() -> None:
     [
         (["--recipe", "transitions merge=top1"], "the transitions list is ranked, not a query: merge=top1"),
         (["--recipe", "paper lists=transitions,model"], "merge=top1 cannot take it"),
-        (["--recipe", "lists=lis,transitions"], "lists are fused in the order transitions, lis, model"),
+        (["--recipe", "lists=lis,transitions"], "lists are fused in the order sasrec, transitions, lis, model"),
         (["--recipe", "transitions", "--retriever", "e5"], "--retriever does not apply to recipe transitions"),
         (["--recipe", "popular"], "Unknown recipe 'popular'"),
         (["--recipe", "no-model order=fused"], "Stage 'rerank/test-no-model-20-bm25' has not run"),

@@ -34,6 +34,8 @@ def _refuse_flags_that_do_not_apply(recipe: Recipe) -> None:
     why = ""
     if recipe.lists == ("transitions",):
         unread, why = ("retriever", "encoder"), "its one list is ranked by summed votes, with no query to retrieve"
+    elif not recipe.retrieves:
+        unread, why = ("retriever", "encoder"), "its lists are ranked by their own scores, with no query to retrieve"
     elif recipe.reranked:
         unread, why = ("encoder",), "it orders the pools 'gloss rerank' scored (--retriever picks whose)"
     for name in unread:
@@ -91,6 +93,8 @@ def evaluate(
       gloss eval --recipe "lists=lis,model queries=5" --retriever e5
 
       gloss eval --recipe "transitions users=all"  # the no-model list on every user of the split
+
+      gloss eval --recipe sasrec -k 5 -k 10        # after 'gloss sasrec': the item-ID anchor, every user
 
       gloss eval --recipe paper --queries llama-1b_test.json -k 5 -k 10
 
