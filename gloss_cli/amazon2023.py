@@ -16,7 +16,21 @@ titles:
   the benchmark has no 5 % sample), its train example the user's last train row (``--train-examples all-prefixes``:
   every train row with a history). gloss checks that this holds and records how many rows equal the published ones:
   all of them, unless items without a title had to be dropped (GLoSS's processing), which gloss then warns about.
-  The ``timestamp`` variants are refused: they hold several held-out items per user, and gloss evaluates one.
+* **the absolute-time splits** (``--benchmark timestamp`` or ``timestamp_w_his``): the same files, cut at two global
+  times for every category (``benchmark_scripts/timestamp_split.py``: a review before t1 = 1628643414042 ms trains,
+  one in [t1, t2 = 1658002729837) validates, one from t2 on tests). A user has 0, 1 or several valid and test rows.
+  The lab's own sequential-recommendation evaluation (``seq_rec_results/``: RecBole on the ``timestamp_w_his`` rows)
+  scores **every** valid and test row as its own example, the history being every earlier item of the user (earlier
+  test items included), and drops rows without a history. gloss holds one target per user and split, so it scores a
+  subset of those examples, each exactly as the lab builds it: a user's **first** valid row (history: the user's
+  train items) and **first** test row (history: every train and valid item), each only where that history is not
+  empty; its train example is the user's last train row with a history (``all-prefixes``: every such train row). A
+  user with no test row gets no test example, one with no train row no validation example, one only in train only a
+  train example. The data stage records per split how many published rows there are, how many gloss's rule takes
+  (``scored``) and equals, how many are later rows of a user (``later_rows``: scored by the lab, not by gloss) and how
+  many have no history (``no_history``: scored by neither), and ``gloss data`` warns that the subset is scored.
+  Metrics are therefore per user (each user once, at their first held-out item), not per row as in the lab's tables;
+  the lab also uses the 0-core files and cuts histories to 50 items, gloss the 5-core and its own history length.
 
 Files are looked for, gzipped or not, in ``--source DIR`` (or ``DIR/<Category>``; split files also in
 ``DIR/<variant>/``), then in ``$GLOSS_DATA_DIR/amazon2023/<Category>/``, else downloaded (resumable, sha256 recorded)
@@ -81,8 +95,10 @@ CATEGORIES = (
     "Video_Games",
     "Unknown",
 )
-BENCHMARKS = ("last_out", "last_out_w_his")
-REFUSED_BENCHMARKS = ("timestamp", "timestamp_w_his")
+BENCHMARKS = ("last_out", "last_out_w_his", "timestamp", "timestamp_w_his")
+# The global cut-offs (ms) of the timestamp variants, the same for every category (benchmark_scripts/timestamp_split.py
+# in hyp1231/AmazonReviews2023): train < T1 <= valid < T2 <= test.
+TIMESTAMP_CUTOFFS = (1628643414042, 1658002729837)
 SPLIT_FILES = ("train", "valid", "test")
 BENCHMARK_COLUMNS = ("user_id", "parent_asin", "rating", "timestamp", "history")
 REVIEW_FIELDS = {"user_id": pl.String, "parent_asin": pl.String, "timestamp": pl.Int64}
@@ -104,14 +120,13 @@ def dataset(name: str) -> DatasetInfo:
 
 
 def check_benchmark(benchmark: str) -> None:
-    if benchmark in REFUSED_BENCHMARKS:
-        raise GlossError(
-            f"--benchmark {benchmark} holds several held-out items per user (every review after a cut-off time); "
-            "gloss evaluates one per user.",
-            "Use --benchmark last_out or last_out_w_his (leave-one-out, the setting GLoSS uses).",
-        )
     if benchmark not in BENCHMARKS:
         raise GlossError(f"Unknown --benchmark '{benchmark}'.", f"Use one of: {', '.join(BENCHMARKS)}.")
+
+
+def cutoffs(benchmark: str | None) -> tuple[int, int] | None:
+    """The (t1, t2) cut-offs of a timestamp variant; None for the leave-one-out ones (and the raw reviews)."""
+    return TIMESTAMP_CUTOFFS if benchmark is not None and benchmark.startswith("timestamp") else None
 
 
 def _find(folder: Path, name: str) -> Path | None:
@@ -132,7 +147,7 @@ def _in_dir(folder: Path, info: DatasetInfo, benchmark: str | None, origin: str)
         splits = {split: _find(where, f"{cat}.{split}.csv") for split in SPLIT_FILES}
         if all(splits.values()):
             found = {k: v for k, v in splits.items() if v is not None}
-            return Source("benchmark", origin, found["train"], meta, splits=found)
+            return Source("benchmark", origin, found["train"], meta, splits=found, notes={"benchmark": benchmark})
     return None
 
 
@@ -180,7 +195,8 @@ def download_files(info: DatasetInfo, benchmark: str | None, reporter: Reporter)
     if benchmark is None:
         return Source("amazon2023", "download", paths["interactions"], paths["items"], downloads)
     splits = {split: paths[split] for split in SPLIT_FILES}
-    return Source("benchmark", "download", splits["train"], paths["items"], downloads, splits=splits)
+    notes = {"benchmark": benchmark}
+    return Source("benchmark", "download", splits["train"], paths["items"], downloads, splits=splits, notes=notes)
 
 
 # -- reading ----------------------------------------------------------------------------------------------
@@ -277,7 +293,7 @@ def read_split(path: Path) -> pl.DataFrame:
     if width not in (4, 5):
         raise GlossError(
             f"{path}: {width} fields on its first line; a benchmark split has 4 or 5 ({','.join(BENCHMARK_COLUMNS)}).",
-            "Is this a file of benchmark/5core/last_out or last_out_w_his?",
+            f"Is this a file of benchmark/5core/<variant> ({', '.join(BENCHMARKS)})?",
         )
     names = list(BENCHMARK_COLUMNS[:width])
     try:
@@ -306,32 +322,71 @@ def read_split(path: Path) -> pl.DataFrame:
 
 
 def read_benchmark(source: Source) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, pl.DataFrame]]:
-    """(interactions in the benchmark's order: each user's train rows, then the valid row, then the test row;
-    meta items of the split files; the published splits by name)."""
+    """(interactions in the benchmark's order: each user's train rows, then the valid row(s), then the test row(s);
+    meta items of the split files; the published splits by name). A timestamp variant's rows must lie on their
+    side of the cut-offs."""
     published = {split: read_split(path) for split, path in source.splits.items()}
+    if cut := cutoffs(source.notes.get("benchmark")):
+        _check_cutoffs(source, published, cut)
     interactions = pl.concat([published[split].select("user_id", "item_id", "timestamp") for split in SPLIT_FILES])
     items = read_meta(source.items, interactions.get_column("item_id"))
     return interactions, items, published
 
 
+def _check_cutoffs(source: Source, published: dict[str, pl.DataFrame], cut: tuple[int, int]) -> None:
+    t1, t2 = cut
+    ranges = {
+        "train": (-(2**63), t1, f"before {t1}"),
+        "valid": (t1, t2, f"in [{t1}, {t2})"),
+        "test": (t2, 2**63 - 1, f"from {t2} on"),
+    }
+    for split, (lo, hi, where) in ranges.items():
+        times = published[split].get_column("timestamp")
+        if (outside := (times < lo) | (times >= hi)).any():
+            row = outside.arg_true()[0]
+            raise GlossError(
+                f"{source.splits[split]}, row {row + 1}: timestamp {times[row]} is not {where}, where the lab's "
+                f"timestamp benchmark puts its {split} rows.",
+                "Is this a file of benchmark/5core/timestamp or timestamp_w_his?",
+            )
+
+
 def _published_train(train: pl.DataFrame, train_examples: str) -> pl.DataFrame:
-    """The train examples the published train rows make: each user's last row ("last"), or every row but each
-    user's first, which has no history ("all-prefixes")."""
+    """The train examples the published train rows make: every row but each user's first, which has no history
+    ("all-prefixes"), or of those each user's last ("last")."""
+    with_history = train.filter(pl.int_range(pl.len()).over("user_id") > 0)
     if train_examples == "last":
-        return train.group_by("user_id", maintain_order=True).last()
-    return train.filter(pl.int_range(pl.len()).over("user_id") > 0)
+        return with_history.group_by("user_id", maintain_order=True).last()
+    return with_history
+
+
+def _first_rows(file: pl.DataFrame, earlier: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
+    """A timestamp split's rows that gloss scores: each user's first row, where the user has an earlier row (in the
+    ``earlier`` files), and the counts of the rows it leaves out."""
+    first = file.group_by("user_id", maintain_order=True).first()
+    scored = first.join(earlier.select("user_id").unique(), on="user_id", how="semi", maintain_order="left")
+    counts = {"later_rows": file.height - first.height, "no_history": first.height - scored.height}
+    return scored, counts
 
 
 def compare_with_published(
-    splits: dict[str, pl.DataFrame], published: dict[str, pl.DataFrame], train_examples: str
+    splits: dict[str, pl.DataFrame], published: dict[str, pl.DataFrame], train_examples: str, *, timestamp: bool = False
 ) -> dict[str, Any]:
     """How many of the benchmark's rows gloss's examples equal: the user, the target and, where the file has one (the
-    ``_w_his`` variant), the history. Train: see :func:`_published_train`."""
+    ``_w_his`` variant), the history. Train: see :func:`_published_train`. ``timestamp``: the valid and test rows
+    gloss's rule takes are each user's first with a history (:func:`_first_rows`); ``published`` then counts every
+    row of the file, ``scored`` those the rule takes."""
     counts: dict[str, Any] = {}
+    earlier = {"valid": published["train"], "test": pl.concat([published["train"], published["valid"]])}
     for ours, theirs in (("test", "test"), ("validation", "valid"), ("train", "train")):
         file = published[theirs].rename({"item_id": "target"})
+        extra: dict[str, int] = {}
         if ours == "train":
-            file = _published_train(file, train_examples)
+            rows = _published_train(file, train_examples)
+        elif timestamp:
+            rows, extra = _first_rows(file, earlier[theirs])
+        else:
+            rows = file
         with_history = (
             file.get_column("history").dtype != pl.Null and file.get_column("history").null_count() < file.height
         )
@@ -339,15 +394,31 @@ def compare_with_published(
         as_text = pl.col("history").list.join(" ").fill_null("")
         keys = ["user_id", "target", *(["history"] if with_history else [])]
         mine = splits[ours].with_columns(as_text).select(keys)
-        equal = mine.join(file.with_columns(as_text).select(keys), on=keys, how="semi").height
-        counts[ours] = {"published": file.height, "equal": equal, "history_compared": with_history}
+        equal = mine.join(rows.with_columns(as_text).select(keys), on=keys, how="semi").height
+        if timestamp:
+            counts[ours] = {"published": file.height, "scored": rows.height, "equal": equal} | extra
+        else:
+            counts[ours] = {"published": rows.height, "equal": equal}
+        counts[ours]["history_compared"] = with_history
     return counts
 
 
 def benchmark_warnings(name: str, counts: dict[str, Any]) -> list[str]:
-    return [
-        f"{name}: {c['published'] - c['equal']:,} of {c['published']:,} published {split} rows differ from gloss's "
+    """A line per split whose rows gloss takes differ from the published ones, and for a timestamp variant the line
+    that says which published rows gloss does not score."""
+    lines = [
+        f"{name}: {c.get('scored', c['published']) - c['equal']:,} of {c.get('scored', c['published']):,} published "
+        f"{split} rows {'gloss scores ' if 'scored' in c else ''}differ from gloss's "
         "(rows with untitled items were dropped, as GLoSS drops them)"
         for split, c in counts.items()
-        if c["equal"] != c["published"]
+        if c["equal"] != c.get("scored", c["published"])
     ]
+    if "later_rows" in counts["test"]:
+        test, valid = counts["test"], counts["validation"]
+        lines.append(
+            f"{name}: gloss scores each user's first test and first valid row only; the lab's evaluation scores every "
+            f"row: {test['later_rows']:,} of {test['published']:,} test and {valid['later_rows']:,} of "
+            f"{valid['published']:,} valid rows (users' later rows) are not scored "
+            f"({test['no_history'] + valid['no_history']:,} more have no history: scored by neither)"
+        )
+    return lines

@@ -12,6 +12,9 @@ Processing equals GLoSS's, so that numbers are comparable with the paper:
 * train = third-to-last item for validation users, second-to-last for the others (or every prefix with
   ``train_examples="all-prefixes"``).
 
+With global cut-off times instead (the Amazon 2023 ``timestamp`` benchmarks), each user's examples are their first
+items past each cut-off: see :func:`cutoff_splits`.
+
 Everything is columnar polars; the only Python-level steps are the seeded sample over the sorted user ids and, with
 ``ties="shuffle"``, the hash of each tied row.
 
@@ -101,8 +104,10 @@ def build_tables(
     seed: int = 0,
     items_path: Path | str = "items",
     validation: str = "sample",
+    cutoffs: tuple[int, int] | None = None,
 ) -> DataTables:
-    """``validation``: "sample" (GLoSS's 5 % of users) or "all" (every user: the Amazon 2023 benchmark's)."""
+    """``validation``: "sample" (GLoSS's 5 % of users) or "all" (every user: the Amazon 2023 benchmark's);
+    ``cutoffs``: split at these two times (:func:`cutoff_splits`) instead of leave-one-out."""
     check_options(train_examples, ties)
     measurable = not order_index_timestamps(interactions)
     if ties == "shuffle" and not measurable:
@@ -144,8 +149,11 @@ def build_tables(
             f"({interactions.height:,} interactions, {items.height:,} titled items).",
             "Check that the interactions' item_id values are the items file's.",
         )
-    splits = leave_one_out(sequences, train_examples)
-    measured = tie_stats(sequences) if measurable else {"measurable": False, "why": ORDER_INDEX_WHY}
+    if cutoffs is None:
+        splits = leave_one_out(sequences, train_examples)
+    else:
+        splits = cutoff_splits(sequences, cutoffs, train_examples)
+    measured = tie_stats(sequences, cutoffs) if measurable else {"measurable": False, "why": ORDER_INDEX_WHY}
     kept = sequences.get_column("n")
     stats = {
         "users": sequences.height,
@@ -200,6 +208,45 @@ def leave_one_out(sequences: pl.DataFrame, train_examples: str) -> dict[str, pl.
     return splits
 
 
+def _after_cutoffs(
+    sequences: pl.DataFrame, cutoffs: tuple[int, int]
+) -> tuple[pl.DataFrame, dict[str, tuple[pl.DataFrame, pl.Expr]]]:
+    """``sequences`` with ``before_valid`` / ``before_test`` (how many items precede t1 / t2), and per held-out split
+    the users with an example in it and the position of their target (see :func:`cutoff_splits`)."""
+    t1, t2 = cutoffs
+    times = pl.col("timestamps")
+    seq = sequences.with_columns(
+        before_valid=times.list.eval(pl.element() < t1).list.sum().cast(pl.Int64),
+        before_test=times.list.eval(pl.element() < t2).list.sum().cast(pl.Int64),
+    )
+    before_valid, before_test = pl.col("before_valid"), pl.col("before_test")
+    return seq, {
+        "test": (seq.filter((before_test > 0) & (pl.col("n") > before_test)), before_test),
+        "validation": (seq.filter((before_valid > 0) & (before_test > before_valid)), before_valid),
+    }
+
+
+def cutoff_splits(sequences: pl.DataFrame, cutoffs: tuple[int, int], train_examples: str) -> dict[str, pl.DataFrame]:
+    """One example per user and split from two global times t1 < t2: items before t1 train, items in [t1, t2)
+    validate, items from t2 on test. Test: the user's first item from t2 on, its history every earlier item;
+    validation: the first item in [t1, t2), its history the items before t1; train: the last item before t1 (every
+    item before t1 but the first with ``all-prefixes``). An example needs a non-empty history, so a user with no item
+    before a split's first has no example in it; later items of a split are no one's target."""
+    seq, held_out = _after_cutoffs(sequences, cutoffs)
+    items_seq, before_valid = pl.col("item_ids"), pl.col("before_valid")
+
+    def examples(frame: pl.DataFrame, position: pl.Expr) -> pl.DataFrame:
+        return frame.select("user_id", history=items_seq.list.slice(0, position), target=items_seq.list.get(position))
+
+    splits = {split: examples(frame, position) for split, (frame, position) in held_out.items()}
+    if train_examples == "last":
+        splits["train"] = examples(seq.filter(before_valid > 1), before_valid - 1)
+    else:
+        prefixes = seq.with_columns(position=pl.int_ranges(1, before_valid)).explode("position")
+        splits["train"] = examples(prefixes.drop_nulls("position"), pl.col("position"))
+    return splits
+
+
 def order_index_timestamps(interactions: pl.DataFrame) -> bool:
     """Whether every user's timestamps are exactly 0..n-1: positions (Toys), not times, so no tie can be seen.
 
@@ -240,20 +287,21 @@ def order_ties(inter: pl.DataFrame, ties: str, seed: int) -> pl.DataFrame:
     )
 
 
-def _target_ties(sequences: pl.DataFrame, back: int) -> dict[str, Any]:
+def _target_ties(sequences: pl.DataFrame, position: pl.Expr) -> dict[str, Any]:
     """Of the targets ``back`` places from the end (1: test, 2: validation), how many share the previous item's
     timestamp, and how many of those have a higher item id than it."""
-    n, ts, ids = pl.col("n"), pl.col("timestamps"), pl.col("item_ids")
-    same = ts.list.get(n - back) == ts.list.get(n - back - 1)
-    above = same & (ids.list.get(n - back) > ids.list.get(n - back - 1))
+    ts, ids = pl.col("timestamps"), pl.col("item_ids")
+    same = ts.list.get(position) == ts.list.get(position - 1)
+    above = same & (ids.list.get(position) > ids.list.get(position - 1))
     row = sequences.select(users=pl.len(), same_day=same.sum(), id_above_previous=above.sum()).row(0, named=True)
     share = round(row["same_day"] / row["users"], 4) if row["users"] else None
     return {"users": row["users"], "same_day": row["same_day"], "share": share} | row
 
 
-def tie_stats(sequences: pl.DataFrame) -> dict[str, Any]:
+def tie_stats(sequences: pl.DataFrame, cutoffs: tuple[int, int] | None = None) -> dict[str, Any]:
     """How many held-out targets share a timestamp with the item before them, and whether the order inside a
-    timestamp is an item-id sort (the share of same-timestamp neighbour pairs in ascending id order)."""
+    timestamp is an item-id sort (the share of same-timestamp neighbour pairs in ascending id order). ``cutoffs``:
+    the targets are those of :func:`cutoff_splits`, else leave-one-out's."""
     flat = sequences.select("user_id", "item_ids", "timestamps").explode("item_ids", "timestamps")
     previous = flat.with_columns(
         prev_item=pl.col("item_ids").shift(1).over("user_id"), prev_ts=pl.col("timestamps").shift(1).over("user_id")
@@ -265,12 +313,18 @@ def tie_stats(sequences: pl.DataFrame) -> dict[str, Any]:
         ascending_id=((pl.col("prev_ts") == pl.col("timestamps")) & (pl.col("prev_item") < pl.col("item_ids"))).sum(),
     ).row(0, named=True)
     ordered = pairs["same_day"] - pairs["same_item"]  # a duplicate review has no id order
+    n = pl.col("n")
+    held_out = (
+        _after_cutoffs(sequences, cutoffs)[1]
+        if cutoffs is not None
+        else {"test": (sequences, n - 1), "validation": (sequences.filter("is_validation"), n - 2)}
+    )
     share = pairs["ascending_id"] / ordered if ordered else None
     pairs["ascending_share"] = None if share is None else round(share, 4)
     return {
         "measurable": True,
-        "test_targets": _target_ties(sequences, 1),
-        "validation_targets": _target_ties(sequences.filter("is_validation"), 2),
+        "test_targets": _target_ties(*held_out["test"]),
+        "validation_targets": _target_ties(*held_out["validation"]),
         "neighbour_pairs": pairs,
         "id_sorted": share is not None and ordered >= ID_SORT_MIN_PAIRS and max(share, 1 - share) > ID_SORT_SHARE,
     }
@@ -325,11 +379,12 @@ def prepare(
     reporter: Reporter,
 ) -> DataTables:
     reporter.info(f"reading {source.kind} files from {source.interactions.parent} ({source.origin})")
-    published = None
+    published, cut = None, None
     if source.kind == "benchmark":
-        from gloss_cli.amazon2023 import read_benchmark
+        from gloss_cli.amazon2023 import cutoffs, read_benchmark
 
         interactions, raw_items, published = read_benchmark(source)
+        cut = cutoffs(source.notes.get("benchmark"))
     else:
         interactions, raw_items = read_source(source)
     reporter.info(f"{interactions.height:,} interactions, {raw_items.height:,} catalog rows")
@@ -342,13 +397,16 @@ def prepare(
         seed=seed,
         items_path=source.items,
         validation="all" if published is not None else "sample",
+        cutoffs=cut,
     )
     if "time_unit" in source.notes:
         tables.stats["time_unit"] = source.notes["time_unit"]
     if published is not None:
         from gloss_cli.amazon2023 import benchmark_warnings, compare_with_published
 
-        tables.stats["benchmark"] = compare_with_published(tables.splits, published, train_examples)
+        tables.stats["benchmark"] = compare_with_published(
+            tables.splits, published, train_examples, timestamp=cut is not None
+        )
         for message in benchmark_warnings(info.name, tables.stats["benchmark"]):
             reporter.warn(message)
     for message in canonical_differences(info, tables.stats):

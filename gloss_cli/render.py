@@ -19,13 +19,15 @@ def data_table(info: DatasetInfo, stats: dict[str, Any]) -> None:
     table.add_column("value", justify="right")
     table.add_column("canonical 5-core", justify="right")
     sample = "every user, the benchmark's" if "benchmark" in stats else "5 %, seed 42"
+    if _cut(stats):
+        sample = "first valid item"
     rows = [
         ("users (>= 3 interactions)", "users", "test_users"),
         ("items with a title", "items", "items"),
         ("interactions kept", "interactions", "interactions"),
         ("train examples", "train_examples", None),
         (f"validation users ({sample})", "validation_users", "validation_users"),
-        ("test users (last item)", "test_users", "test_users"),
+        ("test users (first test item)" if _cut(stats) else "test users (last item)", "test_users", "test_users"),
     ]
     for label, key, canon in rows:
         want = info.canonical.get(canon) if canon else None
@@ -39,12 +41,22 @@ def data_table(info: DatasetInfo, stats: dict[str, Any]) -> None:
     if "time_unit" in stats:
         table.add_row("time unit", stats["time_unit"], "")
     for split, counts in stats.get("benchmark", {}).items():
-        equal = counts["equal"] == counts["published"]
-        mark = "[green]equal ✓[/]" if equal else "[yellow]differ ✗[/]"
-        table.add_row(f"published {split} rows gloss equals", f"{counts['equal']:,} of {counts['published']:,}", mark)
+        # timestamp variants: gloss takes a subset of the rows ("scored"), the rest are counted, not compared
+        taken = counts.get("scored", counts["published"])
+        mark = "[green]equal ✓[/]" if counts["equal"] == taken else "[yellow]differ ✗[/]"
+        label = f"published {split} rows gloss equals" + (" (of those it scores)" if "scored" in counts else "")
+        table.add_row(label, f"{counts['equal']:,} of {taken:,}", mark)
+        if "later_rows" in counts:
+            left = f"{counts['later_rows']:,} later + {counts['no_history']:,} without history"
+            table.add_row(f"published {split} rows not scored", left, f"of {counts['published']:,}")
     for label, value, note in tie_rows(stats.get("ties", {})):
         table.add_row(label, value, note)
     out.print(table)
+
+
+def _cut(stats: dict[str, Any]) -> bool:
+    """Whether the splits come from cut-off times (a timestamp benchmark), not leave-one-out."""
+    return "scored" in stats.get("benchmark", {}).get("test", {})
 
 
 def tie_rows(ties: dict[str, Any]) -> list[tuple[str, str, str]]:

@@ -1,7 +1,8 @@
 """Small Amazon Reviews 2023 files written by the tests, in the published schema, and the benchmark's splits made the
 way the McAuley lab's scripts make them (plain Python, independent of gloss): sort each user's reviews by time
 (stable), keep a user-item pair's earliest review, keep the 5-core, then leave the last item out for test and the one
-before for validation (``last_out``; ``last_out_w_his`` adds the space-separated items before each row)."""
+before for validation (``last_out``; ``last_out_w_his`` adds the space-separated items before each row), or cut every
+user's reviews at two global times (``timestamp``, ``timestamp_w_his``: train < T1 <= valid < T2 <= test)."""
 
 from __future__ import annotations
 
@@ -79,8 +80,11 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     return path
 
 
-def benchmark_splits(reviews: list[dict[str, Any]], k: int = 5) -> dict[str, list[tuple[Review, str]]]:
-    """The lab's last_out splits: {split: [(review, history)]}, users in first-seen order."""
+T1, T2 = 1628643414042, 1658002729837  # the lab's cut-offs, written out here, not imported from gloss
+
+
+def five_core(reviews: list[dict[str, Any]], k: int = 5) -> dict[str, list[Review]]:
+    """Each user's reviews in time order (stable), a user-item pair's earliest only, then the k-core."""
     by_user: dict[str, list[Review]] = defaultdict(list)
     for r in reviews:
         by_user[r["user_id"]].append((r["user_id"], r["parent_asin"], r["rating"], r["timestamp"]))
@@ -100,13 +104,51 @@ def benchmark_splits(reviews: list[dict[str, Any]], k: int = 5) -> dict[str, lis
     ordered: dict[str, list[Review]] = defaultdict(list)
     for row in kept:
         ordered[row[0]].append(row)
+    return ordered
+
+
+def benchmark_splits(reviews: list[dict[str, Any]], k: int = 5) -> dict[str, list[tuple[Review, str]]]:
+    """The lab's last_out splits: {split: [(review, history)]}, users in first-seen order."""
     splits: dict[str, list[tuple[Review, str]]] = {"train": [], "valid": [], "test": []}
-    for rows in ordered.values():
+    for rows in five_core(reviews, k).values():
         history = [r[1] for r in rows]
         splits["test"].append((rows[-1], " ".join(history[:-1])))
         splits["valid"].append((rows[-2], " ".join(history[:-2])))
         splits["train"] += [(row, " ".join(history[:i])) for i, row in enumerate(rows[:-2])]
     return splits
+
+
+def timestamp_splits(reviews: list[dict[str, Any]], k: int = 5) -> dict[str, list[tuple[Review, str]]]:
+    """The lab's timestamp splits: every row goes to the split its time falls in, with every earlier item of the
+    user as its history."""
+    splits: dict[str, list[tuple[Review, str]]] = {"train": [], "valid": [], "test": []}
+    for rows in five_core(reviews, k).values():
+        for i, row in enumerate(rows):
+            split = "test" if row[3] >= T2 else "valid" if row[3] >= T1 else "train"
+            splits[split].append((row, " ".join(r[1] for r in rows[:i])))
+    return splits
+
+
+def spread_over_cutoffs(reviews: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The reviews with new times (each user's order kept) that put users on every side of T1 and T2: by user number
+    mod 5, only before T1; train, one valid, several test; train and several valid, no test; only from T2 on (so the
+    first test row has no history); across both cut-offs at random."""
+    rng = random.Random(5)
+    by_user: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in sorted(reviews, key=lambda r: r["timestamp"]):
+        by_user[r["user_id"]].append(r)
+    out = []
+    for u, rows in enumerate(by_user.values()):
+        n, day = len(rows), 86_400_000
+        starts = {
+            0: [T1 - (n - i) * day for i in range(n)],
+            1: [T1 - 3 * day + i * day for i in range(3)] + [T1 + day] + [T2 + i * day for i in range(n - 4)],
+            2: [T1 - 2 * day + i * day for i in range(2)] + [T1 + (i + 1) * day for i in range(n - 2)],
+            3: [T2 + i * day for i in range(n)],
+            4: sorted(rng.randrange(T1 - 50 * day, T2 + 50 * day) for _ in range(n)),
+        }[u % 5]
+        out += [r | {"timestamp": t} for r, t in zip(rows, starts, strict=True)]
+    return out
 
 
 def write_benchmark(folder: Path, splits: dict[str, list[tuple[Review, str]]], *, history: bool, header: bool) -> None:

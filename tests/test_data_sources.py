@@ -14,7 +14,17 @@ from typer.testing import CliRunner
 from gloss_cli.amazon2023 import CATEGORIES
 from gloss_cli.cli import app
 from gloss_cli.data import build_tables
-from tests.amazon2023 import CATEGORY, benchmark_splits, reviews_and_meta, write_benchmark, write_jsonl
+from tests.amazon2023 import (
+    CATEGORY,
+    T1,
+    T2,
+    benchmark_splits,
+    reviews_and_meta,
+    spread_over_cutoffs,
+    timestamp_splits,
+    write_benchmark,
+    write_jsonl,
+)
 from tests.conftest import synthetic_rows
 
 runner = CliRunner()
@@ -118,10 +128,86 @@ def test_benchmark_rows_with_an_untitled_item_are_dropped_counted_and_warned(tmp
     assert any("published test rows differ" in w for w in doc["warnings"])
 
 
+def _timestamp_source(tmp_path: Path, variant: str) -> dict[str, list[tuple[tuple[str, str, float, int], str]]]:
+    reviews, meta = reviews_and_meta()
+    for m in meta:
+        m["title"] = m["title"] or "A title at last"
+    published = timestamp_splits(spread_over_cutoffs(reviews))
+    write_benchmark(tmp_path / "src" / variant, published, history=variant.endswith("w_his"), header=False)
+    write_jsonl(tmp_path / "src" / f"meta_{CATEGORY}.jsonl.gz", meta)
+    return published
+
+
+@pytest.mark.parametrize("variant", ["timestamp_w_his", "timestamp"])
+@pytest.mark.parametrize("train_examples", ["last", "all-prefixes"])
+def test_timestamp_benchmark_scores_each_user_s_first_valid_and_test_row(
+    tmp_path: Path, variant: str, train_examples: str
+) -> None:
+    published = _timestamp_source(tmp_path, variant)
+    rows = {split: [(r[0], r[1], his.split()) for r, his in published[split]] for split in published}
+    users = {split: [u for u, _, _ in rows[split]] for split in rows}
+    # the fixture has every case: several test rows, no test row, only train, a first test row with no history
+    several = {u for u in users["test"] if users["test"].count(u) > 1}
+    assert several and set(users["train"]) - set(users["valid"]) - set(users["test"])
+    assert set(users["valid"]) - set(users["test"]) and set(users["test"]) - set(users["train"]) - set(users["valid"])
+    assert all(r[0][3] < T1 for r in published["train"]) and all(r[0][3] >= T2 for r in published["test"])
+    doc = _gloss("-d", f"amazon2023/{CATEGORY}", "--benchmark", variant, "--source", "src", "-p", "p",
+                 "--train-examples", train_examples)  # fmt: skip
+    got = _frames("p")
+
+    def first_with_history(split: str) -> dict[str, tuple[str, list[str]]]:
+        first: dict[str, tuple[str, list[str]]] = {}
+        for user, item, his in rows[split]:
+            first.setdefault(user, (item, his))
+        return {user: row for user, row in first.items() if row[1]}
+
+    assert _by_user(got["test"]) == first_with_history("test")
+    assert _by_user(got["validation"]) == first_with_history("valid")
+    # the history of a test target is every earlier item: the train rows, then the valid rows
+    user = next(iter(several & set(users["valid"])))
+    assert _by_user(got["test"])[user][1] == [i for u, i, _ in rows["train"] + rows["valid"] if u == user]
+    train = [(u, i, h) for u, i, h in rows["train"] if h]
+    if train_examples == "last":
+        assert _by_user(got["train"]) == {u: (i, h) for u, i, h in train}
+    else:
+        assert sorted((r["user_id"], r["target"], r["history"]) for r in got["train"].iter_rows(named=True)) == sorted(
+            train
+        )
+    stats = doc["stats"]
+    for ours, theirs in (("test", "test"), ("validation", "valid")):
+        counts, n_users = stats["benchmark"][ours], len(set(users[theirs]))
+        scored = len(first_with_history(theirs))
+        assert counts["published"] == len(rows[theirs]) and counts["equal"] == counts["scored"] == scored > 0
+        assert counts["later_rows"] == len(rows[theirs]) - n_users > 0
+        assert counts["no_history"] == n_users - scored
+        assert counts["history_compared"] == variant.endswith("w_his")
+    assert stats["benchmark"]["test"]["no_history"] > 0  # the users only from T2 on
+    assert stats["test_users"] == stats["benchmark"]["test"]["scored"] == stats["ties"]["test_targets"]["users"]
+    assert stats["validation_users"] == stats["ties"]["validation_targets"]["users"]
+    assert stats["benchmark"]["train"]["equal"] == stats["benchmark"]["train"]["scored"] == len(got["train"])
+    (warning,) = doc["warnings"]
+    test = stats["benchmark"]["test"]
+    assert "scores each user's first test and first valid row only" in warning
+    assert f"{test['later_rows']:,} of {test['published']:,} test" in warning
+    stage = json.loads(Path("p/manifest.json").read_text())["stages"]["data"]
+    assert stage["params"]["source"]["benchmark"] == variant
+
+
+def test_timestamp_rows_on_the_wrong_side_of_a_cutoff_are_refused(tmp_path: Path) -> None:
+    published = _timestamp_source(tmp_path, "timestamp_w_his")
+    last_out = benchmark_splits(reviews_and_meta()[0])  # times before T1: not a timestamp split's valid rows
+    write_benchmark(tmp_path / "src" / "timestamp_w_his", {**published, "valid": last_out["valid"]}, history=True,
+                    header=True)  # fmt: skip
+    result = runner.invoke(app, ["data", "-d", f"amazon2023/{CATEGORY}", "--benchmark", "timestamp_w_his",
+                                 "--source", "src", "-p", "p", "-q"])  # fmt: skip
+    assert result.exit_code == 1 and "All_Beauty.valid.csv.gz, row 1: timestamp" in result.stderr
+    assert f"is not in [{T1}, {T2})" in result.stderr and not Path("p/manifest.json").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--benchmark", "timestamp_w_his"], "holds several held-out items per user"),
+        (["--benchmark", "timestamp_w_his", "--dedup"], "--dedup cannot apply to --benchmark"),
         (["--benchmark", "leave_two"], "Unknown --benchmark 'leave_two'"),
         (["--benchmark", "last_out", "--dedup"], "--dedup cannot apply to --benchmark"),
         (["--benchmark", "last_out", "--ties", "shuffle"], "--ties shuffle cannot apply to --benchmark"),
