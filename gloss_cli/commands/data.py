@@ -64,7 +64,9 @@ def data(
         str | None,
         typer.Option(
             help="Amazon 2023 only: take the McAuley lab's published 5-core splits, last_out or last_out_w_his "
-            "(test / validation / train equal the files'), instead of processing the raw reviews.",
+            "(test / validation / train equal the files'), or timestamp or timestamp_w_his (global cut-off times; "
+            "each user's first valid and first test row are scored, later rows are counted, not scored), "
+            "instead of processing the raw reviews.",
             show_default=False,
         ),
     ] = None,
