@@ -126,13 +126,23 @@ def test_unreachable_server_is_one_line(monkeypatch) -> None:  # type: ignore[no
 @pytest.fixture
 def server2023(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
     """The lab's layout: raw/review_categories, raw/meta_categories and benchmark/5core/<variant>/, gzipped."""
-    from tests.amazon2023 import CATEGORY, benchmark_splits, reviews_and_meta, write_benchmark, write_jsonl
+    from tests.amazon2023 import (
+        CATEGORY,
+        benchmark_splits,
+        reviews_and_meta,
+        spread_over_cutoffs,
+        timestamp_splits,
+        write_benchmark,
+        write_jsonl,
+    )
 
     root = tmp_path / "www2023"
     reviews, meta = reviews_and_meta()
     write_jsonl(root / "raw/review_categories" / f"{CATEGORY}.jsonl.gz", reviews * 3)
     write_jsonl(root / "raw/meta_categories" / f"meta_{CATEGORY}.jsonl.gz", meta)
     write_benchmark(root / "benchmark/5core/last_out_w_his", benchmark_splits(reviews), history=True, header=True)
+    spread = timestamp_splits(spread_over_cutoffs(reviews))
+    write_benchmark(root / "benchmark/5core/timestamp", spread, history=False, header=False)
     RangeHandler.ranges = []
 
     def handler(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -182,3 +192,19 @@ def test_amazon2023_benchmark_download_fails_cleanly_then_resumes(server2023, tm
         path = root / inputs[role]["url"].removeprefix(url)
         assert inputs[role]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert not list(_cache2023(tmp_path).rglob("*.part"))
+
+
+def test_amazon2023_timestamp_benchmark_downloads_its_own_folder(server2023, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url, root = server2023
+    result = runner.invoke(
+        app, ["data", "-d", "amazon2023/All_Beauty", "--benchmark", "timestamp", "-p", "p", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "scores each user's first test and first valid row only" in result.stderr
+    stage = json.loads(Path("p/manifest.json").read_text())["stages"]["data"]
+    inputs = {e["role"]: e for e in stage["inputs"]}
+    for split in ("train", "valid", "test"):
+        name = f"benchmark/5core/timestamp/All_Beauty.{split}.csv.gz"
+        assert inputs[split]["url"] == url + name
+        assert inputs[split]["sha256"] == hashlib.sha256((root / name).read_bytes()).hexdigest()
+    assert stage["metrics"]["benchmark"]["test"]["later_rows"] > 0
