@@ -51,6 +51,7 @@ from gloss_cli.console import Reporter
 from gloss_cli.data import load_items, load_split
 from gloss_cli.errors import GlossError
 from gloss_cli.metrics import per_user, target_ranks
+from gloss_cli.models import pick_device
 from gloss_cli.project import Project
 
 STAGE = "sasrec"
@@ -283,12 +284,6 @@ def check(s: Settings) -> None:
         raise GlossError(f"--dropout {s.dropout} is not in [0, 1).", "E.g. --dropout 0.2.")
     if not s.lr > 0:
         raise GlossError(f"--lr {s.lr} is not above 0.", "E.g. --lr 0.001.")
-
-
-def pick_device() -> str:
-    from gloss_cli.models import pick_device as pick
-
-    return pick()
 
 
 def run(
