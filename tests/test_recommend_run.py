@@ -333,3 +333,26 @@ def test_recommend_serves_the_evaluated_beam_search(trained: Path) -> None:
     )
     staged = Recommender(project, backend="hf")
     assert staged.options is not None and (staged.options.beams, staged.options.num_return) == (3, 2)
+
+
+def test_recommend_follows_the_generate_stage_line_stop(trained: Path) -> None:
+    """`gloss generate --stop-at-newline` records the line stop (settings.json, the stage's params) and recommend
+    serves it; a stage generated without it (as every stage before the flag) is served without it."""
+    from gloss_cli.project import Project
+    from gloss_cli.recommend import Recommender
+
+    base = ["generate", "--split", "test", "--limit", "2", "--backend", "hf", "--beams", "2", "--num-return", "2"]
+    result = runner.invoke(app, [*base, "--stop-at-newline", "-p", "p", "-q"])
+    assert result.exit_code == 0, result.output
+    settings = json.loads((trained / "generate/test/settings.json").read_text())
+    assert settings["stop_at_newline"] is True
+    assert Project(trained).stage("generate/test")["params"]["stop_at_newline"] is True
+    served = Recommender(Project(trained), backend="hf")
+    assert served.options is not None and served.options.stop_at_newline
+
+    result = runner.invoke(app, [*base, "--overwrite", "-p", "p", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "stop_at_newline" not in json.loads((trained / "generate/test/settings.json").read_text())
+    served = Recommender(Project(trained), backend="hf")
+    assert served.options is not None and not served.options.stop_at_newline
+    assert Recommender(Project(trained), backend="hf", stop_at_newline=True).options.stop_at_newline
