@@ -29,6 +29,7 @@
 #         bash scripts/gpu/run.sh after-train NAME              (generation and evaluations of a trained run, again)
 #         bash scripts/gpu/run.sh test NAME [generate flags]   (generate the test split of an earlier run)
 #         bash scripts/gpu/run.sh bench NAME SCRIPT [flags]   (a benchmark as a job)
+#         bash scripts/gpu/run.sh script NAME FILE [args]   (a bash script as a job, e.g. scripts/gpu/sasrec.sh)
 #         bash scripts/gpu/run.sh wait SECONDS        (follows the logs; copies results to $OUT when all have ended)
 # Several runs may share the GPU (a 135M model leaves room); each is a project folder /root/gloss-runs/NAME.
 # Their generation steps take turns (flock): each sizes its batches from the free GPU memory, and concurrent
@@ -144,6 +145,11 @@ case "${1:-}" in
     name=${2:?name}; shift 2
     setup
     job "$name" "python3 $*"
+    ;;
+  script)  # bash FILE ARGS as a job NAME, once the runs named in GLOSS_AFTER have ended
+    name=${2:?name}; shift 2
+    setup
+    job "$name" "bash $*"
     ;;
   wait)
     limit=${2:-540}
