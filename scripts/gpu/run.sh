@@ -172,7 +172,7 @@ case "${1:-}" in
       # its catalog-only generation (GLOSS_CATALOG) under catalog/
       (cd "$runs" && shopt -s nullglob && tar -czf "$OUT/$name.tgz" --ignore-failed-read \
         --transform "s,^$name-catalog/,catalog/," --transform "s,^$name/,," \
-        {"$name","$name-catalog"}/{manifest.json,log.txt,train/meta.json} \
+        {"$name","$name-catalog"}/{manifest.json,log.txt,gpu.txt,train/meta.json} \
         {"$name","$name-catalog"}/generate/*/{queries.jsonl,settings.json} "$name"/rerank/*/candidates.parquet \
         {"$name","$name-catalog"}/eval/*/{metrics.json,per_user.parquet} 2>/dev/null) || true
     done
