@@ -42,8 +42,6 @@ gloss uses (a review's text never reaches memory), with polars' streaming engine
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,10 +49,10 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from gloss_cli.errors import GlossError
+from gloss_cli.sources import DatasetInfo, Source, download, gloss_home, open_file, read_json_fields
 
 if TYPE_CHECKING:
     from gloss_cli.console import Reporter
-    from gloss_cli.sources import DatasetInfo, Source
 
 PREFIX = "amazon2023/"
 AMAZON_2023_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/"
@@ -107,8 +105,6 @@ META_FIELDS = {"parent_asin": pl.String, "title": pl.String}
 
 def dataset(name: str) -> DatasetInfo:
     """The DatasetInfo of ``amazon2023/<Category>`` (the category matched without case, kept in its spelling)."""
-    from gloss_cli.sources import DatasetInfo
-
     wanted = name[len(PREFIX) :]
     found = next((c for c in CATEGORIES if c.lower() == wanted.lower()), None)
     if found is None:
@@ -134,8 +130,6 @@ def _find(folder: Path, name: str) -> Path | None:
 
 
 def _in_dir(folder: Path, info: DatasetInfo, benchmark: str | None, origin: str) -> Source | None:
-    from gloss_cli.sources import Source
-
     cat = info.category
     meta = _find(folder, f"meta_{cat}.jsonl")
     if meta is None:
@@ -179,8 +173,6 @@ def resolve(info: DatasetInfo, source: Path | None, benchmark: str | None, repor
 
 
 def download_files(info: DatasetInfo, benchmark: str | None, reporter: Reporter) -> Source:
-    from gloss_cli.sources import Source, download, gloss_home
-
     base = os.environ.get("GLOSS_AMAZON2023_URL", AMAZON_2023_URL).rstrip("/") + "/"
     folder = gloss_home() / "downloads" / "amazon2023" / info.category
     cat = info.category
@@ -200,64 +192,6 @@ def download_files(info: DatasetInfo, benchmark: str | None, reporter: Reporter)
 
 
 # -- reading ----------------------------------------------------------------------------------------------
-def _open_text(path: Path) -> Any:
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8")
-
-
-def _json_problem(path: Path, fields: dict[str, Any]) -> GlossError | None:
-    """The first line that is not a JSON object with the fields (slow: run only on a file polars refused)."""
-    try:
-        with _open_text(path) as fh:
-            for line, text in enumerate(fh, 1):
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as bad:
-                    return GlossError(f"{path}, line {line}: not valid JSON ({bad.msg}).", "Fetch the file again.")
-                if not isinstance(record, dict):
-                    return GlossError(f"{path}, line {line}: not a JSON object.", "Fetch the file again.")
-                for name, kind in fields.items():
-                    value = record.get(name)
-                    if (
-                        kind == pl.Int64
-                        and value is not None
-                        and (isinstance(value, bool) or not isinstance(value, int))
-                    ):
-                        return GlossError(
-                            f"{path}, line {line}: {name} {str(value)[:40]!r} is not an integer.", "Fix the line."
-                        )
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        return GlossError(f"{path}: cannot be read ({exc}).", "The file is truncated or corrupt: fetch it again.")
-    return None
-
-
-def read_json_fields(path: Path, fields: dict[str, Any], required: tuple[str, ...]) -> pl.DataFrame:
-    """Only ``fields`` of a JSON-lines file (gzipped or not), scanned lazily with the streaming engine; a bad line or
-    a record without a ``required`` field is one GlossError."""
-    try:
-        frame = pl.scan_ndjson(path, schema=fields).collect(engine="streaming")
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise _json_problem(path, fields) or GlossError(
-            f"{path}: cannot be read as JSON lines ({str(exc).splitlines()[0]}).", "Fetch the file again."
-        ) from None
-    if frame.height == 0:
-        raise GlossError(f"{path} is empty.", "Fetch the file again, or point gloss at another copy.")
-    for name in required:
-        missing = (
-            frame.get_column(name).is_null() | (frame.get_column(name) == "")
-            if fields[name] == pl.String
-            else frame.get_column(name).is_null()
-        )
-        if missing.any():
-            record = missing.arg_true()[0] + 1
-            raise GlossError(
-                f"{path}, record {record}: no {name} ({missing.sum():,} records lack one).",
-                f"Each line needs {', '.join(required)}: is this the right file?",
-            )
-    return frame
-
-
 def read_reviews(path: Path) -> pl.DataFrame:
     """interactions[user_id, item_id (parent_asin), timestamp (ms)] in file order."""
     frame = read_json_fields(path, REVIEW_FIELDS, tuple(REVIEW_FIELDS))
@@ -275,8 +209,8 @@ def read_meta(path: Path, items: pl.Series | None = None) -> pl.DataFrame:
 def _has_header(path: Path) -> tuple[bool, int]:
     """Whether the split file starts with a header line, and how many fields its first line has."""
     try:
-        with _open_text(path) as fh:
-            first = fh.readline()
+        with open_file(path) as fh:
+            first = fh.readline().decode("utf-8")
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise GlossError(
             f"{path}: cannot be read ({exc}).", "The file is truncated or corrupt: fetch it again."

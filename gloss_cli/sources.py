@@ -4,8 +4,9 @@
 Order: ``--source DIR``, then ``$GLOSS_DATA_DIR/<dataset>/``, then a download of the original McAuley files
 (cached under ``$GLOSS_HOME/downloads``). A folder may hold either format:
 
-* original: ``reviews_<Category>_5.json.gz`` (JSON lines) + ``meta_<Category>.json.gz`` (Python literals, one per
-  line, parsed with ``ast.literal_eval``);
+* original: ``reviews_<Category>_5.json.gz`` (JSON lines, scanned lazily by :func:`read_json_fields`, which reads
+  every JSON-lines dataset file) + ``meta_<Category>.json.gz`` (Python literals, one per line, parsed with
+  ``ast.literal_eval``);
 * compact: ``interactions.csv.gz`` (user_id,item_id,timestamp) + ``items.csv.gz`` (item_id,title).
 
 Every reading error becomes a one-line :class:`GlossError` naming the file (and the line where it can).
@@ -17,6 +18,7 @@ import ast
 import csv
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -256,15 +258,19 @@ def download(url: str, dest: Path, reporter: Reporter, chunk: int = 2**16) -> di
 
 
 # -- reading ----------------------------------------------------------------------------------------------
+def _broken_gzip(path: Path, exc: Exception) -> GlossError:
+    return GlossError(
+        f"{path} is not a complete gzip file ({exc}).",
+        "The file is truncated or corrupt: fetch it again (delete it to re-download).",
+    )
+
+
 def read_gz(path: Path) -> bytes:
     """The decompressed bytes, checked to be complete, non-empty UTF-8."""
     try:
         data = gzip.decompress(path.read_bytes())
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise GlossError(
-            f"{path} is not a complete gzip file ({exc}).",
-            "The file is truncated or corrupt: fetch it again (delete it to re-download).",
-        ) from None
+        raise _broken_gzip(path, exc) from None
     if not data.strip():
         raise GlossError(f"{path} is empty.", "Fetch the file again, or point gloss at another copy.")
     try:
@@ -364,22 +370,93 @@ def read_csv(path: Path, schema: CsvSchema) -> pl.DataFrame:
     return frame
 
 
-def read_json_lines(path: Path, schema: dict[str, Any]) -> pl.DataFrame:
-    data = read_gz(path)
+def open_file(path: Path) -> io.BufferedIOBase:
+    """The file's bytes, gunzipped on the fly when its name ends in .gz."""
+    return gzip.open(path) if path.name.endswith(".gz") else path.open("rb")
+
+
+def _int64_problem(value: Any) -> str | None:
+    """What keeps a JSON value from being an Int64 field's value (None: nothing, or it is absent)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        return "is not an integer"
+    return None if -(2**63) <= value < 2**63 else "is not an integer of 64 bits"
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line; a broken gzip, an unreadable file or a line that is not UTF-8 is a
+    GlossError."""
     try:
-        frame = pl.read_ndjson(io.BytesIO(data), schema=schema)
-    except pl.exceptions.PolarsError as exc:
-        for line, text in enumerate(data.decode("utf-8").splitlines(), 1):
-            if not text.strip():
-                continue
-            try:
-                json.loads(text)
-            except json.JSONDecodeError as bad:
-                raise GlossError(f"{path}, line {line}: not valid JSON ({bad.msg}).", "Fetch the file again.") from None
-        raise GlossError(f"{path}: cannot be read as JSON lines ({exc}).", "Fetch the file again.") from None
-    missing = [col for col in schema if frame[col].null_count() == frame.height]
-    if missing:
-        raise GlossError(f"{path} has no field(s) {', '.join(missing)}.", f"Each line needs {', '.join(schema)}.")
+        with open_file(path) as fh:
+            for line, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise GlossError(
+                        f"{path}, line {line}: bytes that are not UTF-8 ({raw[exc.start : exc.start + 1]!r}).",
+                        "Re-encode the file as UTF-8.",
+                    ) from None
+                yield line, text
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise _broken_gzip(path, exc) from None
+    except OSError as exc:
+        raise GlossError(
+            f"{path}: cannot be read ({exc}).", "The file is truncated or corrupt: fetch it again."
+        ) from None
+
+
+def _first_bad_json_line(path: Path, fields: dict[str, Any]) -> None:
+    """Raise for the first line that is not a JSON object with integer Int64 fields (slow, but only run on files
+    polars refused)."""
+    for line, text in _json_lines(path):
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as bad:
+            raise GlossError(f"{path}, line {line}: not valid JSON ({bad.msg}).", "Fetch the file again.") from None
+        if not isinstance(record, dict):
+            raise GlossError(f"{path}, line {line}: not a JSON object.", "Fetch the file again.")
+        for name, kind in fields.items():
+            if kind == pl.Int64 and (problem := _int64_problem(record.get(name))):
+                shown = str(record[name])[:40]
+                raise GlossError(f"{path}, line {line}: {name} {shown!r} {problem}.", "Fix the line.")
+
+
+def read_json_fields(path: Path, fields: dict[str, Any], required: tuple[str, ...]) -> pl.DataFrame:
+    """Only ``fields`` (name -> polars type) of a JSON-lines file, gzipped or not, in file order. The file is scanned
+    lazily with the streaming engine, so the fields gloss does not use (a review's text) never reach memory. A bad
+    line, an empty file, or a record without a ``required`` field (a String one: null or empty) is one GlossError."""
+    try:
+        frame = pl.scan_ndjson(path, schema=fields).collect(engine="streaming")
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        _first_bad_json_line(path, fields)
+        raise GlossError(
+            f"{path}: cannot be read as JSON lines ({str(exc).splitlines()[0]}).", "Fetch the file again."
+        ) from None
+    if frame.height == 0:
+        raise GlossError(f"{path} is empty.", "Fetch the file again, or point gloss at another copy.")
+    lacking = {
+        name: frame.get_column(name).is_null() | (frame.get_column(name) == "")
+        if fields[name] == pl.String
+        else frame.get_column(name).is_null()
+        for name in required
+    }
+    # A field no record has means the wrong file; one some records lack, a broken record.
+    absent = [name for name, missing in lacking.items() if missing.all()]
+    if absent:
+        raise GlossError(
+            f"{path} has no field(s) {', '.join(absent)}.",
+            f"Each line needs {', '.join(required)}: is this the right file?",
+        )
+    for name, missing in lacking.items():
+        if missing.any():
+            line, _ = next(itertools.islice(_json_lines(path), missing.arg_true()[0], None))  # polars skips blanks
+            raise GlossError(
+                f"{path}, line {line}: no {name} ({missing.sum():,} of {frame.height:,} records lack one).",
+                f"Each line needs {', '.join(required)}: fix or remove that line.",
+            )
     return frame
 
 
@@ -418,9 +495,8 @@ def read_source(source: Source) -> tuple[pl.DataFrame, pl.DataFrame]:
         interactions = read_csv(source.interactions, INTERACTIONS_CSV)
         items = read_csv(source.items, ITEMS_CSV)
     else:
-        reviews = read_json_lines(
-            source.interactions, {"reviewerID": pl.String, "asin": pl.String, "unixReviewTime": pl.Int64}
-        )
+        fields = {"reviewerID": pl.String, "asin": pl.String, "unixReviewTime": pl.Int64}
+        reviews = read_json_fields(source.interactions, fields, tuple(fields))
         interactions = reviews.rename({"reviewerID": "user_id", "asin": "item_id", "unixReviewTime": "timestamp"})
         items = read_meta(source.items)
     return interactions, items

@@ -238,6 +238,84 @@ def test_gloss_data_dir_holds_amazon2023_under_its_own_folder(tmp_path: Path, mo
     assert stage["params"]["source"]["origin"] == "GLOSS_DATA_DIR"
 
 
+# -- JSON lines (Amazon 2014 reviews, Amazon 2023 reviews and meta) ----------------------------------------
+# Per family: the file the case breaks, its user / time fields, the other file and the args.
+JSON_FAMILIES = {
+    "amazon2014": ("reviews_Beauty_5.json.gz", "reviewerID", "unixReviewTime", ["-d", "beauty"]),
+    "amazon2023": (f"{CATEGORY}.jsonl.gz", "user_id", "timestamp", ["-d", f"amazon2023/{CATEGORY}"]),
+}
+
+
+def _json_source(family: str) -> list[str]:
+    """A good source folder of the family (src/); the lines of the file the cases break."""
+    if family == "amazon2023":
+        reviews, meta = reviews_and_meta()
+        write_jsonl(Path("src", f"meta_{CATEGORY}.jsonl.gz"), meta)
+    else:
+        inter, items = synthetic_rows()
+        reviews = [{"reviewerID": u, "asin": i, "unixReviewTime": t, "reviewText": "Fine."} for u, i, t in inter]
+        meta_lines = "".join(repr({"asin": i, "title": t}) + "\n" for i, t in items)
+        Path("src").mkdir()
+        Path("src/meta_Beauty.json.gz").write_bytes(gzip.compress(meta_lines.encode()))
+    return [json.dumps(r) for r in reviews]
+
+
+def _break_json(family: str, case: str, lines: list[str]) -> tuple[bytes, str]:
+    """The broken file's bytes (gzipped) and what the error line must say."""
+    name, user, time, _ = JSON_FAMILIES[family]
+    second = json.loads(lines[1])
+    text = "\n".join(lines) + "\n"
+    if case == "truncated gzip":
+        whole = gzip.compress(text.encode())
+        return whole[: len(whole) // 2], f"{name} is not a complete gzip file"
+    if case == "not JSON":
+        lines[2], message = lines[2][:-1], f"{name}, line 3: not valid JSON"
+    elif case == "not an object":
+        lines[1], message = "[1, 2]", f"{name}, line 2: not a JSON object"
+    elif case == "time as text":
+        lines[1], message = json.dumps(second | {time: "12"}), f"{name}, line 2: {time} '12' is not an integer"
+    elif case == "time past int64":
+        lines[1], message = json.dumps(second | {time: 2**64}), f"{name}, line 2: {time} '{2**64}' is not an integer of"
+    elif case == "one record without a user":  # the blank line is not a record, but counts as a line
+        lines[2:2] = ["", json.dumps({k: v for k, v in second.items() if k != user})]
+        message = f"{name}, line 4: no {user} (1 of {len(lines) - 1:,} records lack one)"
+    elif case == "an empty user":
+        lines[1], message = json.dumps(second | {user: ""}), f"{name}, line 2: no {user} (1 of"
+    elif case == "no record has a time":
+        lines = [json.dumps({k: v for k, v in json.loads(t).items() if k != time}) for t in lines]
+        message = f"{name} has no field(s) {time}"
+    elif case == "empty file":
+        lines, message = [], f"{name} is empty"
+    elif case == "not UTF-8":
+        return gzip.compress(text.encode().replace(b"\n", b"\n\xff", 1)), f"{name}, line 2: bytes that are not UTF-8"
+    return gzip.compress("\n".join(lines).encode()), message
+
+
+JSON_CASES = ["truncated gzip", "not JSON", "not an object", "time as text", "time past int64",
+              "one record without a user", "an empty user", "no record has a time", "empty file",
+              "not UTF-8"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", JSON_CASES)
+@pytest.mark.parametrize("family", list(JSON_FAMILIES))
+def test_bad_json_lines_are_one_line_and_write_nothing(family: str, case: str) -> None:
+    lines = _json_source(family)
+    data, message = _break_json(family, case, lines)
+    Path("src", JSON_FAMILIES[family][0]).write_bytes(data)
+    result = runner.invoke(app, ["data", *JSON_FAMILIES[family][3], "--source", "src", "-p", "p", "-q"])
+    errors = result.stderr.splitlines()
+    assert result.exit_code == 1 and errors[0].startswith("error: ") and message in errors[0], result.stderr
+    assert len(errors) == 2 and errors[1].startswith("hint: ") and not Path("p/manifest.json").exists()
+
+
+def test_amazon2023_meta_without_an_item_id_is_refused() -> None:
+    reviews, meta = reviews_and_meta()
+    write_jsonl(Path("src", f"{CATEGORY}.jsonl.gz"), reviews)
+    write_jsonl(Path("src", f"meta_{CATEGORY}.jsonl.gz"), [*meta[:3], {"title": "No id"}, *meta[3:]])
+    result = runner.invoke(app, ["data", "-d", f"amazon2023/{CATEGORY}", "--source", "src", "-p", "p", "-q"])
+    assert result.exit_code == 1 and f"meta_{CATEGORY}.jsonl.gz, line 4: no parent_asin" in result.stderr
+
+
 # -- any interaction log ----------------------------------------------------------------------------------
 def _log_frames() -> tuple[pl.DataFrame, pl.DataFrame]:
     """The synthetic compact dataset as a log with other column names (untitled items left out of the items file)."""
