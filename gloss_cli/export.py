@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from gloss_cli.console import Reporter
 from gloss_cli.errors import GlossError
+from gloss_cli.merged import copy_tokenizer, merge_lora
 from gloss_cli.sources import gloss_home
 
 PACKAGE = "llama-cpp-python"
@@ -29,16 +30,6 @@ PACKAGE = "llama-cpp-python"
 # gguf-py they pin, and the two vocabularies some architectures borrow.
 _KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "requirements/", "LICENSE")
 _KEEP_VOCABS = ("models/ggml-vocab-gpt-neox.gguf", "models/ggml-vocab-llama-spm.gguf")
-_TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
 
 
 def converter_dir(reporter: Reporter | None = None) -> Path:
@@ -149,7 +140,7 @@ def export_gguf(
                 else:
                     merge_lora(base_model_dir, Path(adapter_dir), Path(staged), reporter)
                 if tokenizer_dir is not None:
-                    _copy_tokenizer(Path(tokenizer_dir), Path(staged))
+                    copy_tokenizer(Path(tokenizer_dir), Path(staged))
                 write_special_token_flags(Path(staged))
                 _convert(tools / "convert_hf_to_gguf.py", [staged], partial, outtype, reporter)
         os.replace(partial, out_path)
@@ -167,28 +158,6 @@ def _check_inputs(base_model_dir: Path, adapter_dir: Path | None, mode: str) -> 
         raise GlossError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json).")
     if mode == "lora" and adapter_dir is None:
         raise GlossError("A GGUF LoRA export needs the adapter folder.", "Pass the PEFT adapter, or mode='merged'.")
-
-
-def merge_lora(base_model_dir: Path, adapter_dir: Path, dest: Path, reporter: Reporter) -> None:
-    """Fold the LoRA into the base weights (PEFT ``merge_and_unload``) and save a plain HF folder with the tokenizer."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    reporter.info(f"Merging {adapter_dir.name} into {base_model_dir.name}")
-    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype="auto")
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    merged.save_pretrained(dest)
-    # The tokenizer files as they are (the converters read tokenizer.model, which save_pretrained may not write);
-    # the adapter's own tokenizer, if training saved one, wins.
-    for folder in (base_model_dir, adapter_dir):
-        _copy_tokenizer(folder, dest)
-
-
-def _copy_tokenizer(folder: Path, dest: Path) -> None:
-    for name in _TOKENIZER_FILES:
-        if (folder / name).is_file():
-            (dest / name).unlink(missing_ok=True)  # may be a link into the user's folder: replace, never write through
-            shutil.copy2(folder / name, dest / name)
 
 
 def _link_model(model_dir: Path, dest: Path) -> None:

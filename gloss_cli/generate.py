@@ -133,6 +133,7 @@ class HFGenerator:
     ) -> None:
         self.model, self.tokenizer, self.device, self.dtype = trained.model, trained.tokenizer, device, dtype
         self.search, self.cuda_graphs = search, cuda_graphs and device == "cuda"
+        self.weights = trained.weights
         self.stop_ids: list[int] = [self.tokenizer.eos_token_id]
         self.trie: Any = None  # set by restrict_to: beams may then only spell those texts
         self.tokenizer.padding_side = "left"
@@ -146,6 +147,7 @@ class HFGenerator:
 
     def describe(self) -> dict[str, Any]:
         described: dict[str, Any] = {"backend": "hf", "search": self.search, "device": self.device, "dtype": self.dtype}
+        described["weights"] = self.weights
         if self.trie is not None:
             described |= {"catalog_trie": {"titles": self.trie.sequences, "nodes": self.trie.dead}}
         return described | ({"cuda_graphs": True} if self.cuda_graphs else {})

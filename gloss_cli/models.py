@@ -426,6 +426,7 @@ class Trained:
     model: Any
     tokenizer: Any
     meta: dict[str, Any]
+    weights: str = "adapter"  # what was loaded: "full", "merged" (the cached merge of a LoRA) or "adapter"
 
 
 def read_meta(train_dir: Path) -> dict[str, Any]:
@@ -452,11 +453,13 @@ def load_trained(
     device: str | None = None,
     dtype: str = "auto",
     merge: bool = False,
+    cached: bool = True,
     reporter: Reporter | None = None,
 ) -> Trained:
-    """The fine-tuned model of a ``train/`` folder: base + PEFT adapter, or the full model.
+    """The fine-tuned model of a ``train/`` folder: a LoRA merged into its base, or the full model.
 
-    ``merge=True`` folds a LoRA adapter into the base weights (a plain transformers model, e.g. for a GGUF export).
+    ``cached=True`` (inference): the LoRA merged once and cached (``gloss_cli.merged``), loaded without peft.
+    ``cached=False``: base + PEFT adapter as trained (``merge=True`` folds it in memory).
     """
     meta = read_meta(train_dir)
     device = device or pick_device()
@@ -465,6 +468,10 @@ def load_trained(
     tokenizer = load_tokenizer(str(train_dir / "tokenizer"), trust_remote_code=trust)
     if meta["format"] == "full":
         model = load_causal_lm(str(train_dir / "model"), dtype=torch_type, device=device, trust_remote_code=trust)
+    elif cached:
+        from gloss_cli.merged import load_merged
+
+        model = load_merged(train_dir, meta, dtype=torch_type, device=device, reporter=reporter)
     else:
         from peft import PeftModel
 
@@ -473,4 +480,5 @@ def load_trained(
         if merge:
             model = model.merge_and_unload()
     model.eval()
-    return Trained(model, tokenizer, meta)
+    weights = "full" if meta["format"] == "full" else "merged" if cached else "adapter"
+    return Trained(model, tokenizer, meta, weights)

@@ -1,0 +1,175 @@
+"""The cached merge of a trained LoRA (gloss_cli.merged): the same beams as base + adapter, a new merge for a changed
+adapter, a damaged cache rebuilt, and inference that never imports peft."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from gloss_cli.cli import app
+from tests.tiny_model import build_tiny_llama
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def perturb_adapter(adapter: Path, seed: int) -> None:
+    """Random LoRA B matrices (training 2 steps leaves them near their zero start): the adapter then changes the
+    beams, so that a merge which dropped it would fail the comparison."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    for name, value in weights.items():
+        if "lora_B" in name:
+            weights[name] = torch.randn(value.shape, generator=generator) * 0.5
+    save_file(weights, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.fixture
+def trained(synthetic: Path, tiny: Path) -> Path:
+    assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "p", "-q"]).exit_code == 0
+    args = ["train", "-p", "p", "-q", "--model", str(tiny), "--epochs", "1", "--max-steps", "2", "--batch-size", "4"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return Path("p/train")
+
+
+@pytest.fixture
+def perturbed(trained: Path) -> Path:
+    """The trained folder with a random adapter (its manifest then disagrees: for load_trained, not the CLI)."""
+    perturb_adapter(trained / "adapter", seed=1)
+    return trained
+
+
+def prompts(n: int = 4) -> list[str]:
+    from gloss_cli.prompt import build_prompt
+
+    titles = dict(pl.read_parquet("p/data/items.parquet").iter_rows())
+    rows = pl.read_parquet("p/data/sequences.parquet", columns=["user_id", "item_ids"]).head(n).iter_rows()
+    return [build_prompt([titles[i] for i in items[-5:]]) for _, items in rows]
+
+
+def beams(train: Path, **how: Any) -> list[list[tuple[str, float]]]:
+    from gloss_cli.generate import HFGenerator
+    from gloss_cli.models import load_trained
+
+    trained = load_trained(train, device="cpu", dtype="fp32", **how)
+    generator = HFGenerator(trained, "cpu", "float32")
+    return generator.generate(prompts(), beams=3, num_return=3, max_new_tokens=12)
+
+
+def assert_same(got: list[list[tuple[str, float]]], want: list[list[tuple[str, float]]]) -> None:
+    assert [[text for text, _ in user] for user in got] == [[text for text, _ in user] for user in want]
+    for user, expected in zip(got, want, strict=True):
+        assert [score for _, score in user] == pytest.approx([score for _, score in expected], abs=1e-4)
+
+
+def merged_folders() -> list[Path]:
+    from gloss_cli.models import gloss_home
+
+    return sorted((gloss_home() / "models" / "merged").iterdir())
+
+
+def test_merged_model_gives_the_adapters_beams_and_a_new_adapter_a_new_merge(perturbed: Path, tiny: Path) -> None:
+    trained = perturbed
+    import torch
+
+    from gloss_cli.generate import HFGenerator
+    from gloss_cli.models import Trained, load_causal_lm, load_tokenizer, read_meta
+
+    want = beams(trained, cached=False)
+    assert_same(beams(trained), want)
+    (folder,) = merged_folders()
+    record = json.loads((folder / "gloss-merged.json").read_text())
+    assert record["files"]["model.safetensors"] == (folder / "model.safetensors").stat().st_size
+    # the adapter matters: the base alone searches other beams
+    base = load_causal_lm(str(tiny), dtype=torch.float32, device="cpu").eval()
+    plain = HFGenerator(Trained(base, load_tokenizer(str(tiny)), {}), "cpu", "float32")
+    assert plain.generate(prompts(), beams=3, num_return=3, max_new_tokens=12) != want
+    assert read_meta(trained)["format"] == "peft-lora"
+
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert_same(beams(trained), want)  # found again, not merged again
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime and merged_folders() == [folder]
+
+    perturb_adapter(trained / "adapter", seed=2)  # retrained: another adapter, another merge
+    changed = beams(trained, cached=False)
+    assert changed != want
+    assert_same(beams(trained), changed)
+    assert len(merged_folders()) == 2
+
+
+def test_a_damaged_cache_is_rebuilt_with_one_warning(perturbed: Path) -> None:
+    from gloss_cli.console import Reporter
+    from gloss_cli.models import load_trained
+
+    warnings: list[str] = []
+
+    class Recording(Reporter):
+        def warn(self, message: str) -> None:
+            warnings.append(message)
+
+    want = beams(perturbed)
+    (folder,) = merged_folders()
+    weights = folder / "model.safetensors"
+    for damage in ("truncated", "header", "marker", "no-marker"):
+        if damage == "truncated":
+            with weights.open("r+b") as file:
+                file.truncate(weights.stat().st_size // 2)
+        elif damage == "header":  # the same size, an unreadable safetensors header: only loading finds it
+            with weights.open("r+b") as file:
+                file.write(b"\xff" * 64)
+        elif damage == "marker":
+            (folder / "gloss-merged.json").write_text("{not json")
+        else:
+            (folder / "gloss-merged.json").unlink()
+        warnings.clear()
+        load_trained(perturbed, device="cpu", dtype="fp32", reporter=Recording())
+        assert len(warnings) == 1 and "rebuilding it" in warnings[0] and "\n" not in warnings[0], damage
+        assert merged_folders() == [folder]
+    assert_same(beams(perturbed), want)
+
+
+def test_an_unwritable_cache_is_one_line(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = Path("home-file")
+    home.write_text("not a folder")
+    monkeypatch.setenv("GLOSS_HOME", str(home))
+    user = pl.read_parquet("p/data/sequences.parquet").row(0, named=True)["user_id"]
+    result = runner.invoke(app, ["recommend", "--user", user, "-p", "p", "--backend", "hf", "-q"])
+    assert result.exit_code == 1
+    assert "Cannot write the merged model cache" in result.output and "Traceback" not in result.output
+
+
+def test_recommend_on_transformers_never_imports_peft(trained: Path) -> None:
+    """Where the qlora extra is installed, peft imports bitsandbytes and torch's compiler: 4-5 s of a 2-core
+    recommend. The first call merges (peft then, once); the second loads the merge with transformers alone."""
+    user = pl.read_parquet("p/data/sequences.parquet").row(0, named=True)["user_id"]
+    args = ["recommend", "--user", user, "-p", "p", "--backend", "hf", "--json", "-q"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    code = (
+        "import sys; from gloss_cli.cli import app; from typer.testing import CliRunner; "
+        f"r = CliRunner().invoke(app, {args!r}); assert r.exit_code == 0, r.output; "
+        "print(r.stdout); "
+        "print([m for m in sys.modules if m.split('.')[0] in ('peft', 'bitsandbytes')], file=sys.stderr)"
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "[]"
+    assert json.loads(done.stdout)["queries"] == json.loads(first.stdout)["queries"]
