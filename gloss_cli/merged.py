@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from filelock import FileLock
+
 from gloss_cli.console import Reporter
 from gloss_cli.errors import GlossError
 
@@ -57,7 +59,15 @@ def merge_lora(
     reporter.info(f"merging {Path(adapter_dir).name} into {Path(base).name} (fp32, once)")
     model = load_causal_lm(str(base), dtype=torch.float32, device="cpu", trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(dest)
+    # Written here, not by save_pretrained: under torch.distributed that writes weights on rank 0 only, and the rank
+    # that holds merged_dir's lock may be another (an empty merge, tests/test_sharded.py). save_model drops the tied
+    # copies (lm_head = embeddings) that from_pretrained ties again from the config.
+    from safetensors.torch import save_model
+
+    merged.config.save_pretrained(dest)
+    if getattr(merged, "generation_config", None) is not None:
+        merged.generation_config.save_pretrained(dest)
+    save_model(merged, str(dest / "model.safetensors"), metadata={"format": "pt"})
     for folder in (Path(base), Path(adapter_dir)):
         copy_tokenizer(folder, dest)
 
@@ -115,13 +125,23 @@ def merged_dir(train_dir: Path, meta: dict[str, Any], reporter: Reporter | None 
     record["base_fingerprint"] = base_fingerprint(base)
     key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     folder = gloss_home() / "models" / "merged" / key
-    problem = check_merged(folder)
-    if problem is None:
-        return folder
-    if folder.exists():
-        reporter.warn(f"the merged model cache {folder} is {problem}; rebuilding it")
-        shutil.rmtree(folder, ignore_errors=True)
-    _build(folder, base, adapter, record, reporter, trust_remote_code=bool(meta.get("trust_remote_code", False)))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GlossError(
+            f"Cannot write the merged model cache in {folder.parent}: {exc.strerror or exc}.",
+            "Set GLOSS_HOME to a writable folder.",
+        ) from None
+    # One process checks and builds at a time (torchrun's ranks, two commands): without the lock, a rank found
+    # another's merge unloadable under load (tests/test_sharded.py), and two merges would cost twice the time.
+    with FileLock(str(folder.parent / f".{key}.lock")):
+        problem = check_merged(folder)
+        if problem is None:
+            return folder
+        if folder.exists():
+            reporter.warn(f"the merged model cache {folder} is {problem}; rebuilding it")
+            shutil.rmtree(folder, ignore_errors=True)
+        _build(folder, base, adapter, record, reporter, trust_remote_code=bool(meta.get("trust_remote_code", False)))
     return folder
 
 

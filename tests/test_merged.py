@@ -81,7 +81,7 @@ def assert_same(got: list[list[tuple[str, float]]], want: list[list[tuple[str, f
 def merged_folders() -> list[Path]:
     from gloss_cli.models import gloss_home
 
-    return sorted((gloss_home() / "models" / "merged").iterdir())
+    return sorted(p for p in (gloss_home() / "models" / "merged").iterdir() if not p.name.startswith("."))  # locks
 
 
 def test_merged_model_gives_the_adapters_beams_and_a_new_adapter_a_new_merge(perturbed: Path, tiny: Path) -> None:
