@@ -46,10 +46,12 @@ MAX_NEW_TOKENS = 50  # prompts are cut as generation cuts them: room for a 50-to
 PICK_SCORE = "log-softmax over the pool's letters at the answer (a gloss train --task pick model), one forward pass"
 
 
-def _check_pick_pool(meta_train: dict[str, Any], recipe: Recipe) -> None:
-    """A pick model scores the pools it was trained on: the same lists, merge, seen items and candidates."""
+def _check_pick_pool(meta_train: dict[str, Any], recipe: Recipe, retriever: str) -> None:
+    """A pick model scores the pools it was trained on: the same lists, merge, seen items and candidates, and for
+    LIS the same retriever (checked before any index is built)."""
     from gloss_cli.pick import same_pool
     from gloss_cli.recipe import from_dict
+    from gloss_cli.retrieval import index_key
 
     trained = from_dict(meta_train["pick"]["pool"])
     if not same_pool(trained, recipe):
@@ -57,6 +59,12 @@ def _check_pick_pool(meta_train: dict[str, Any], recipe: Recipe) -> None:
             f"The pick model was trained on the pools of recipe {trained.name()} (candidates={trained.candidates}),"
             f" not {recipe.name()} (candidates={recipe.candidates}).",
             f"Use --recipe '{trained.explicit()}', or train again with --pool.",
+        )
+    was = meta_train["pick"]["retriever"]
+    if recipe.retrieves and index_key(retriever) != was:
+        raise GlossError(
+            f"The pick model was trained on pools that {was} retrieved, not {index_key(retriever)}.",
+            f"Use --retriever {was}, or train again.",
         )
 
 
@@ -122,7 +130,7 @@ def run(
     meta_train = read_meta(project.path("train"))
     pick_task = meta_train.get("task") == "pick"
     if pick_task:
-        _check_pick_pool(meta_train, recipe)
+        _check_pick_pool(meta_train, recipe, retriever)
     items = load_items(project.path("data"))
     item_ids = items.get_column("item_id").to_list()
     titles = dict(zip(item_ids, items.get_column("title").to_list(), strict=True))
@@ -137,11 +145,6 @@ def run(
         distributed.wait_all()
         if not here.main:
             index, meta = open_index(project, retriever, build_missing=False, reporter=reporter)
-    if pick_task and "lis" in recipe.lists and meta["key"] != meta_train["pick"]["retriever"]:
-        raise GlossError(
-            f"The pick model was trained on pools that {meta_train['pick']['retriever']} retrieved, not {meta['key']}.",
-            f"Use --retriever {meta_train['pick']['retriever']}, or train again.",
-        )
     params = {
         "split": split,
         "recipe": recipe.pool().as_dict(),

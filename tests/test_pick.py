@@ -140,6 +140,21 @@ def test_train_pick_then_rerank_and_eval(synthetic: Path, tiny_letters: Path) ->
     assert sorted(p.name for p in Path("proj/rerank").iterdir()) == [STAGE.split("/")[1]]
 
 
+def test_a_lis_pool_reads_the_bm25_index_and_rerank_keeps_to_it(synthetic: Path, tiny_letters: Path) -> None:
+    invoke("data", "--source", str(synthetic))
+    pool = "lists=transitions,lis order=fused candidates=4"
+    invoke("train", "--model", str(tiny_letters), "--task", "pick", "--pool", pool, "--max-steps", "1")
+    meta = json.loads(Path("proj/train/meta.json").read_text())
+    assert meta["pick"]["retriever"] == "bm25" and meta["pick"]["pool"]["lists"] == ["transitions", "lis"]
+    record = json.loads(Path("proj/manifest.json").read_text())["stages"]["train"]
+    assert "index/bm25" in json.dumps(record["upstream"])
+    refused(["rerank", "--recipe", f"{pool} users=all", "--retriever", "minilm"], "pools that bm25 retrieved")
+    assert not Path("proj/rerank").exists() and not Path("proj/index/minilm").exists()
+    out = json.loads(invoke("rerank", "--recipe", f"{pool} users=all", "--json").stdout)
+    frame = pl.read_parquet(out["path"])
+    assert frame.group_by("user_id").len()["len"].max() == 4 and frame["tokens"].unique().to_list() == [1]
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
