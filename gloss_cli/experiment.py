@@ -141,7 +141,11 @@ def load_spec(path: Path) -> Spec:
 
     train = {str(key).replace("-", "_"): value for key, value in table("train").items()}
     _check_types(train, f"{path} [train]")
-    load_config(None, train)
+    if load_config(None, train).task != "generate":
+        raise GlossError(
+            f"{path}: [train] task = {train['task']!r}: experiments generate queries with the model.",
+            "Drop task (and pool) from [train]; gloss train --task pick trains a pick model for gloss rerank.",
+        )
     generate = table("generate", _GENERATE)
     for key, value in generate.items():
         if key in ("backend", "dtype"):

@@ -102,9 +102,13 @@ class RunSummary:
 
 
 def _fresh(project: Project, name: str, params: dict[str, Any]) -> bool:
-    """Done, not stale, and made with these parameters."""
+    """Done, not stale, and made with these parameters (a train setting its record predates counts as its default:
+    train_config.ADDED_LATER)."""
+    from gloss_cli.train_config import ADDED_LATER
+
     record = project.stage(name)
-    if record is None or any(params.get(k) != record["params"].get(k) for k in params):
+    recorded = (ADDED_LATER if name == "train" else {}) | (record["params"] if record else {})
+    if record is None or any(params.get(k) != recorded.get(k) for k in params):
         return False
     return next((s.state for s in project.status() if s.name == name), "missing") == "done"
 

@@ -95,12 +95,14 @@ def transitions_lists(
     *,
     depth: int,
     exclude_seen: bool,
+    forget: pl.DataFrame | None = None,
 ) -> npt.NDArray[np.int64]:
     """Per user, the transitions list's first ``depth`` item keys, -1 padded (``counts``: transition_counts of the
-    sequences the caller may know: the train split for evaluation, every sequence for a deployed recommender)."""
+    sequences the caller may know: the train split for evaluation, every sequence for a deployed recommender; less
+    ``forget``, per user, for train-split examples: ``transitions.own_pairs``)."""
     from gloss_cli.transitions import recommend
 
-    lists = recommend(counts, [list(h) for h in histories], depth=depth, exclude_seen=exclude_seen)
+    lists = recommend(counts, [list(h) for h in histories], depth=depth, exclude_seen=exclude_seen, forget=forget)
     return padded_keys(lists, key_of, depth)
 
 

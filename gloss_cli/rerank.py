@@ -7,6 +7,10 @@ as generation builds it (``gloss_cli.backends.scoring``: each prompt computed on
 --recipe`` orders each pool by that score (``lm``: per token, as beam scores are) or fuses it with the pool's order
 (``fused``).
 
+A model trained with ``gloss train --task pick`` (``gloss_cli.pick``) scores a pool instead with one forward pass:
+the prompt shows the lettered pool, and each candidate's score is the log-softmax over the pool's letters at the
+answer (tokens = 1). It scores only pools like the ones it was trained on (lists, merge, seen, candidates).
+
 Output ``rerank/<split>-<pool recipe>-<candidates>-<retriever>/candidates.parquet`` (``ranking.rerank_stage``):
 user_id, item_id, pool_rank (1 = the list's first), logprob (summed over the title's tokens and EOS), tokens.
 """
@@ -39,6 +43,29 @@ from gloss_cli.recipe import DEFAULT_RERANK, PRESETS, Recipe
 from gloss_cli.retrieval import hybrid_parts
 
 MAX_NEW_TOKENS = 50  # prompts are cut as generation cuts them: room for a 50-token answer
+PICK_SCORE = "log-softmax over the pool's letters at the answer (a gloss train --task pick model), one forward pass"
+
+
+def _check_pick_pool(meta_train: dict[str, Any], recipe: Recipe, retriever: str) -> None:
+    """A pick model scores the pools it was trained on: the same lists, merge, seen items and candidates, and for
+    LIS the same retriever (checked before any index is built)."""
+    from gloss_cli.pick import same_pool
+    from gloss_cli.recipe import from_dict
+    from gloss_cli.retrieval import index_key
+
+    trained = from_dict(meta_train["pick"]["pool"])
+    if not same_pool(trained, recipe):
+        raise GlossError(
+            f"The pick model was trained on the pools of recipe {trained.name()} (candidates={trained.candidates}),"
+            f" not {recipe.name()} (candidates={recipe.candidates}).",
+            f"Use --recipe '{trained.explicit()}', or train again with --pool.",
+        )
+    was = meta_train["pick"]["retriever"]
+    if recipe.retrieves and index_key(retriever) != was:
+        raise GlossError(
+            f"The pick model was trained on pools that {was} retrieved, not {index_key(retriever)}.",
+            f"Use --retriever {was}, or train again.",
+        )
 
 
 @dataclass
@@ -100,6 +127,10 @@ def run(
         distributed.init_process_group(pick_device())
     project.require("data")
     train_record = project.require("train")
+    meta_train = read_meta(project.path("train"))
+    pick_task = meta_train.get("task") == "pick"
+    if pick_task:
+        _check_pick_pool(meta_train, recipe, retriever)
     items = load_items(project.path("data"))
     item_ids = items.get_column("item_id").to_list()
     titles = dict(zip(item_ids, items.get_column("title").to_list(), strict=True))
@@ -121,7 +152,7 @@ def run(
         "num_queries": recipe.queries,
         "candidates": candidates,
         "transitions": TRAIN_TRANSITIONS if "transitions" in recipe.lists else None,
-        "score": "log p(Title: <title> EOS | prompt), summed",
+        "score": PICK_SCORE if pick_task else "log p(Title: <title> EOS | prompt), summed",
         "train": train_record["fingerprint"],
     }
     upstream = ("data", "train", *meta["stages"], *stages)
@@ -139,29 +170,49 @@ def run(
         pools = as_array(merged, candidates)  # (users, candidates), -1 padded
         targets = np.array([key_of[t] for t in qs.targets])
         pool_recall = float((pools == targets[:, None]).any(axis=1).mean()) if len(targets) else 0.0
-        meta_train = read_meta(project.path("train"))
         device = pick_device()
         trained = load_trained(project.path("train"), device=device, dtype=dtype, reporter=reporter)
         model, tokenizer = trained.model.eval(), trained.tokenizer
         tokenizer.padding_side = "left"
-        budget = int(meta_train["max_seq_len"]) - MAX_NEW_TOKENS
-        prompts = fit_prompts(
-            lambda texts: [len(ids) for ids in tokenizer(list(texts))["input_ids"]],
-            [[titles[i] for i in h] for h in qs.histories],
-            budget,
-        )
+        histories = [[titles[i] for i in h] for h in qs.histories]
         pool_lists = [[int(k) for k in row if k >= 0] for row in pools.tolist()]
-        needed = sorted({k for row in pool_lists for k in row})
-        ids_of = dict(zip(needed, target_ids(tokenizer, [item_text(titles[item_ids[k]]) for k in needed]), strict=True))
         size = batch_size or (64 if device == "cuda" else 4)
-        # longest first (fail fast on memory); under torchrun this process's share of one process's batches
-        batches = shards.share(shards.length_batches(prompts, size), here)
-        logprob: list[list[float]] = [[] for _ in prompts]
-        t0 = time.perf_counter()
-        with reporter.progress("scoring candidates", sum(len(b) for b in batches)) as tick:
-            for batch in batches:
+        if pick_task:
+            from gloss_cli import pick
+
+            letters = pick.letter_ids(tokenizer, candidates)
+            pick_prompts, _ = pick.fit_prompts(
+                tokenizer,
+                histories,
+                [[titles[item_ids[k]] for k in row] for row in pool_lists],
+                int(meta_train["max_seq_len"]) - 2,  # the letter and EOS, as in training
+            )
+            prompts = [" " * len(ids) for ids in pick_prompts]  # their lengths order the batches
+
+            def score(batch: list[int]) -> list[list[float]]:
+                return pick.score_letters(
+                    model,
+                    [pick_prompts[i] for i in batch],
+                    [len(pool_lists[i]) for i in batch],
+                    letters,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+
+            def tokens_of(key: int) -> int:
+                return 1
+        else:
+            budget = int(meta_train["max_seq_len"]) - MAX_NEW_TOKENS
+            prompts = fit_prompts(
+                lambda texts: [len(ids) for ids in tokenizer(list(texts))["input_ids"]], histories, budget
+            )
+            needed = sorted({k for row in pool_lists for k in row})
+            ids_of = dict(
+                zip(needed, target_ids(tokenizer, [item_text(titles[item_ids[k]]) for k in needed]), strict=True)
+            )
+
+            def score(batch: list[int]) -> list[list[float]]:
                 enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
-                scores = score_continuations(
+                return score_continuations(
                     model,
                     enc["input_ids"],
                     enc["attention_mask"],
@@ -169,6 +220,17 @@ def run(
                     pad_token_id=tokenizer.pad_token_id,
                     max_logits=2**29 if device == "cuda" else 2**25,  # one chunk's logits: 2 GiB / 128 MiB of floats
                 )
+
+            def tokens_of(key: int) -> int:
+                return len(ids_of[key])
+
+        # longest first (fail fast on memory); under torchrun this process's share of one process's batches
+        batches = shards.share(shards.length_batches(prompts, size), here)
+        logprob: list[list[float]] = [[] for _ in prompts]
+        t0 = time.perf_counter()
+        with reporter.progress("scoring candidates", sum(len(b) for b in batches)) as tick:
+            for batch in batches:
+                scores = score(batch)
                 for i, values in zip(batch, scores, strict=True):
                     logprob[i] = values
                 tick.advance(len(batch))
@@ -187,7 +249,7 @@ def run(
                 "item_id": [item_ids[i] for _, i, _ in rows],
                 "pool_rank": [r + 1 for _, _, r in rows],
                 "logprob": [logprob[u][r] for u, _, r in rows],
-                "tokens": [len(ids_of[i]) for _, i, _ in rows],
+                "tokens": [tokens_of(i) for _, i, _ in rows],
             },
             schema={
                 "user_id": pl.String,

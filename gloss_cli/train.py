@@ -20,12 +20,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import polars as pl
+
 from gloss_cli import __version__, ddp
 from gloss_cli.console import Reporter
 from gloss_cli.distributed import World
 from gloss_cli.errors import GlossError
-from gloss_cli.examples import encode_examples
+from gloss_cli.examples import Encoded, encode_examples
 from gloss_cli.models import ModelRef, canonical_name, resolve_model
+from gloss_cli.pick import PickRows
 from gloss_cli.project import Project, file_entry
 from gloss_cli.train_config import LOSSES, METHODS, TRAIN_DTYPES, TrainConfig, load_config
 from gloss_cli.train_loop import EpochLog, _fit, _Loop, _no_cudnn_attention
@@ -33,25 +36,49 @@ from gloss_cli.train_loop import EpochLog, _fit, _Loop, _no_cudnn_attention
 __all__ = ["LOSSES", "METHODS", "TRAIN_DTYPES", "TrainConfig", "TrainResult", "load_config", "run"]
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "gguf", "safetensors")
-Rows = tuple[tuple[list[list[str]], list[str]], ...]  # (histories as titles, targets) of train and validation
+# (histories as titles, targets) of train and validation, or their pick rows (--task pick)
+Rows = tuple[tuple[list[list[str]], list[str]], ...] | tuple[PickRows, ...]
 
 
-def _rows(project: Project, config: TrainConfig) -> Rows:
-    """(histories as titles, target titles) for the train and validation splits; never the test split."""
-    from gloss_cli.data import load_items, load_split
+def _frames(project: Project, config: TrainConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The train and validation splits' rows (user_id, history, target) to learn from; never the test split."""
+    from gloss_cli.data import load_split
 
     folder = project.path("data")
-    titles = dict(load_items(folder).iter_rows())
     train = load_split(folder, "train")
     validation = load_split(folder, "validation")
     if config.limit_users:
         train = train.head(config.limit_users)
         validation = validation.filter(validation["user_id"].is_in(train["user_id"].implode()))
+    return train, validation
+
+
+def _rows(project: Project, config: TrainConfig, reporter: Reporter) -> tuple[Rows, dict[str, Any], tuple[str, ...]]:
+    """The rows of the train and validation splits, for the generate task (histories as titles, target titles) or
+    the pick task (``gloss_cli.pick``: and what to record of their pools); the stages they read."""
+    from gloss_cli.data import load_items
+
+    frames = _frames(project, config)
+    if config.task == "pick":
+        from gloss_cli.pick import pool_recipe, train_rows
+
+        rows, info, stages = train_rows(project, pool_recipe(config.pool), frames, seed=config.seed, reporter=reporter)
+        return tuple(rows), info, stages
+    titles = dict(load_items(project.path("data")).iter_rows())
     out = []
-    for frame in (train, validation):
+    for frame in frames:
         histories = [[titles[i] for i in h] for h in frame.get_column("history").to_list()]
         out.append((histories, [titles[t] for t in frame.get_column("target").to_list()]))
-    return tuple(out)
+    return tuple(out), {}, ()
+
+
+def _encode(tokenizer: Any, rows: Any, config: TrainConfig) -> Encoded:
+    if isinstance(rows, PickRows):
+        from gloss_cli.pick import encode, pool_recipe
+
+        return encode(tokenizer, rows, config.max_seq_len, pool_recipe(config.pool).candidates)
+    histories, targets = rows
+    return encode_examples(tokenizer, histories, targets, config.max_seq_len)
 
 
 # -- the model ------------------------------------------------------------------------------------------------
@@ -159,10 +186,18 @@ class TrainResult:
 
 
 def _write_meta(
-    out: Path, config: TrainConfig, ref: ModelRef, data_record: dict[str, Any], result: TrainResult
+    out: Path,
+    config: TrainConfig,
+    ref: ModelRef,
+    data_record: dict[str, Any],
+    result: TrainResult,
+    pick: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     meta = {
         "format": result.format,
+        "task": config.task,
+        # --task pick: the pool recipe, its candidates and retriever, how often the target was put in
+        "pick": pick or None,
         "base_model": ref.as_dict(),
         "method": config.method,
         "loss": config.loss,
@@ -195,8 +230,7 @@ def _train_into(
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(location, trust_remote_code=config.trust_remote_code)
     (train_rows, val_rows) = rows
-    train = encode_examples(tokenizer, *train_rows, config.max_seq_len)
-    val = encode_examples(tokenizer, *val_rows, config.max_seq_len)
+    train, val = _encode(tokenizer, train_rows, config), _encode(tokenizer, val_rows, config)
     if not val.ids:
         reporter.warn("no validation rows: the last epoch is kept, without early stopping")
     on = f"{here.size} processes on {device} ({config.batch_size} examples each a step)" if here.several else device
@@ -276,21 +310,33 @@ def run(
         quantization_4bit()
     from gloss_cli.distributed import world
     from gloss_cli.models import pick_device, weights_location
+    from gloss_cli.pick import pool_recipe
 
     here, device = world(), pick_device()
     location = weights_location(ref, reporter)  # a GGUF's safetensors copy: made once, by rank 0 before the others
-    rows = _rows(project, config)
-    if not rows[0][0]:
+    if config.task == "pick" and here.several and "lis" in pool_recipe(config.pool).lists:
+        raise GlossError(  # ranks > 0 would read the LIS index before rank 0 has built it
+            "--task pick with a lis pool does not run under torchrun yet.", "Train it in one process."
+        )
+    rows, pick_info, pool_stages = _rows(project, config, reporter)
+    n_train = len(rows[0].histories if isinstance(rows[0], PickRows) else rows[0][0])
+    if not n_train:
         raise GlossError("The train split is empty.", "Check 'gloss data' (and --limit-users).")
-    ddp.check_examples(len(rows[0][0]), here)
+    ddp.check_examples(n_train, here)
     ddp.join(device)  # under torchrun: rank 0 joins the others here, past every check above and holding the lock
     if not here.main:  # ranks > 0 train their share and write nothing: no stage, no manifest, no lock
         return replace(_train_into(config, location, rows, device, None, reporter, here), folder=project.path("train"))
     params = {"dataset": have, **asdict(config), "base_model": ref.as_dict(), "world_size": here.size}
-    with project.run_stage("train", params, command=command, libraries=LIBRARIES, upstream=("data",)) as stage:
+    upstream = ("data", *pool_stages)
+    with project.run_stage("train", params, command=command, libraries=LIBRARIES, upstream=upstream) as stage:
+        if pick_info:
+            reporter.info(
+                f"pick pools of {pick_info['candidates']}: the target was put in "
+                f"{pick_info['target_absent']['train']:,} of {n_train:,} train pools"
+            )
         result = _train_into(config, location, rows, device, stage.dir, reporter, here)
         result = replace(result, folder=project.path("train"))
-        meta = _write_meta(stage.dir, config, ref, data_record, result)
+        meta = _write_meta(stage.dir, config, ref, data_record, result, pick_info)
         if export is not None:
             from gloss_cli.export import export_trained
 
@@ -301,5 +347,5 @@ def run(
             )
         if ref.kind in ("registry", "gguf"):
             stage.inputs.append(file_entry(Path(ref.location)) | {"role": "base_model"})
-        stage.metrics = result.metrics()
+        stage.metrics = result.metrics() | ({"pick": pick_info} if pick_info else {})
     return result

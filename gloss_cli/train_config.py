@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +51,16 @@ class TrainConfig:
     # Recompute each layer's activations in the backward pass instead of keeping them (the paper's Unsloth runs):
     # less memory for more compute; the loss and the gradients are the same
     gradient_checkpointing: bool = False
+    # What the model learns (gloss_cli.pick): generate (the next item's title, the paper) | pick (the next item's
+    # letter among a lettered candidate pool; --loss completion unless given)
+    task: str = "generate"
+    pool: str = ""  # pick: the pool's recipe, model-free, as gloss rerank will take it ("" for generate)
 
 
 _POSITIVE = ("max_seq_len", "epochs", "batch_size", "lora_r", "lora_alpha", "patience")
-_CHOICES = {"method": METHODS, "loss": LOSSES, "dtype": TRAIN_DTYPES}
+TASKS = ("generate", "pick")
+ADDED_LATER = {"task": "generate", "pool": ""}  # settings a train record made before them lacks: their value then
+_CHOICES = {"method": METHODS, "loss": LOSSES, "dtype": TRAIN_DTYPES, "task": TASKS}
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -85,6 +91,22 @@ def _check_types(values: dict[str, Any], origin: str) -> None:
             raise GlossError(f"{origin}: '{key}' must be {want.__name__}, not {value!r}.", "Fix the value.")
 
 
+def _check_task(config: TrainConfig) -> TrainConfig:
+    """A pick task's pool checked and written in its explicit form (what meta.json records); none for generate."""
+    if config.task == "generate":
+        if config.pool:
+            raise GlossError("--pool gives the candidates of --task pick.", "Add --task pick, or drop --pool.")
+        return config
+    if not config.pool:
+        raise GlossError(
+            "--task pick needs --pool: the recipe whose lists give each example's candidates.",
+            'E.g. --task pick --pool "transitions order=lm candidates=20".',
+        )
+    from gloss_cli.pick import pool_recipe
+
+    return replace(config, pool=pool_recipe(config.pool).explicit())
+
+
 def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     """The defaults, updated by the TOML file, updated by the flags that were given (not None)."""
     values: dict[str, Any] = {}
@@ -95,10 +117,13 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     for key in ("lr", "max_minutes"):  # a TOML integer is a fine float
         if key in values:
             values[key] = float(values[key])
+    if values.get("task") == "pick" and "loss" not in values:
+        values["loss"] = "completion"  # the answer is one letter: a loss over the prompt would drown it
     config = TrainConfig(**values)
     for key, choices in _CHOICES.items():
         if getattr(config, key) not in choices:
             raise GlossError(f"Unknown {key} '{getattr(config, key)}'.", f"Use one of: {', '.join(choices)}.")
+    config = _check_task(config)
     for key in _POSITIVE:
         if getattr(config, key) < 1:
             raise GlossError(f"{key.replace('_', '-')} must be at least 1.", "Fix the flag or the config file.")

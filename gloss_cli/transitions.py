@@ -59,9 +59,12 @@ def recommend(
     exclude_seen: bool,
     recent: int = RECENT,
     decay: float = DECAY,
+    forget: pl.DataFrame | None = None,
 ) -> list[list[str]]:
     """Per history, the ``depth`` best next items, best first (ties: item id), possibly fewer, or none for a user
-    whose recent items were never followed by anything."""
+    whose recent items were never followed by anything. ``forget`` (user: the history's index, item, next_item,
+    weight): pair weights taken out of ``counts`` for that user alone (:func:`own_pairs`: what a train example's
+    own target and later items added), a pair left at no weight being no pair."""
     votes = (
         pl.DataFrame(
             {"user": range(len(histories)), "item": histories}, schema={"user": pl.Int64, "item": pl.List(pl.String)}
@@ -70,11 +73,17 @@ def recommend(
         .explode("item", "age")
         .drop_nulls("item")
     )
-    scores = (
-        votes.filter(pl.col("age") < recent)
-        .join(counts, on="item")
-        .group_by("user", "next_item")
-        .agg(score=(pl.col("weight") * pl.lit(decay) ** pl.col("age")).sum().round(ROUND))
+    pairs = votes.filter(pl.col("age") < recent).join(counts, on="item")
+    if forget is not None:
+        minus = forget.group_by("user", "item", "next_item").agg(minus=pl.col("weight").sum())
+        pairs = (
+            pairs.join(minus, on=["user", "item", "next_item"], how="left")
+            .with_columns(weight=pl.col("weight") - pl.col("minus").fill_null(0.0))
+            .filter(pl.col("weight") > 1e-9)  # 1, 1/2, 1/3 less the same: a float's error from 0
+            .drop("minus")
+        )
+    scores = pairs.group_by("user", "next_item").agg(
+        score=(pl.col("weight") * pl.lit(decay) ** pl.col("age")).sum().round(ROUND)
     )
     if exclude_seen:
         seen = votes.select("user", next_item="item")
@@ -88,3 +97,25 @@ def recommend(
     )
     lists = dict(zip(top.get_column("user").to_list(), top.get_column("next_item").to_list(), strict=True))
     return [lists.get(u, []) for u in range(len(histories))]
+
+
+def own_pairs(train: pl.DataFrame, examples: pl.DataFrame, *, window: int = WINDOW) -> pl.DataFrame:
+    """For each row of ``examples`` (train-split rows: user_id, history, target), the pairs that
+    :func:`transition_counts` of ``train`` counted from that user's sequence at or after the row's target:
+    (user: the row's index, item, next_item, weight). Taken out with ``recommend(forget=...)``, they leave the
+    counts a model would have known just before that target (every other user's sequence, and this user's items
+    before it), as the evaluation's counts stand to a held-out item."""
+    longest = (
+        train.select("user_id", seq=pl.concat_list(pl.col("history"), pl.col("target")))
+        .sort(pl.col("seq").list.len(), descending=True, maintain_order=True)
+        .unique("user_id", keep="first", maintain_order=True)
+    )
+    seq_of = dict(zip(longest.get_column("user_id").to_list(), longest.get_column("seq").to_list(), strict=True))
+    rows: list[tuple[int, str, str, float]] = []
+    for u, (user, history) in enumerate(zip(examples["user_id"].to_list(), examples["history"].to_list(), strict=True)):
+        seq = seq_of.get(user, [])
+        for j in range(len(history), len(seq)):
+            rows += [(u, seq[j - gap], seq[j], 1.0 / gap) for gap in range(1, min(window, j) + 1)]
+    return pl.DataFrame(
+        rows, schema={"user": pl.Int64, "item": pl.String, "next_item": pl.String, "weight": pl.Float64}, orient="row"
+    )

@@ -106,6 +106,7 @@ def test_experiment_summary_writes_the_block(spec: Path) -> None:
         (('lis = "lis"', 'gloss = "lis"'), "both a candidate and a baseline"),
         (("[generate]", "[generate]\nbeam = 3"), "unknown key(s) in [generate]"),
         (('dataset = "beauty"', 'dataset = "beauty"\nseed = 3'), "unknown key(s): seed"),
+        (("[train]", '[train]\ntask = "pick"\npool = "transitions order=lm"'), "experiments generate queries"),
     ],
 )
 def test_a_bad_spec_is_one_line(spec: Path, edit: tuple[str, str], message: str) -> None:

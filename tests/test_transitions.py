@@ -204,3 +204,25 @@ def test_the_lead_list_is_fused_as_the_first_query() -> None:
 def test_transitions_misuse_is_refused(synthetic: Path, extra: list[str], message: str) -> None:
     project = _project(synthetic)
     _assert_refused(["eval", "-p", "p", *extra], message, project)
+
+
+def test_a_train_example_can_forget_the_pairs_of_its_own_target() -> None:
+    from gloss_cli.transitions import own_pairs, recommend, transition_counts
+
+    train = pl.DataFrame(
+        {"user_id": ["u1", "u2", "u3"], "history": [["a", "b"], ["a", "b"], ["x", "b"]], "target": ["c", "d", "c"]}
+    )
+    counts = transition_counts(train)
+    histories = [["a", "b"], ["a", "b"], ["x", "b"]]
+    plain = recommend(counts, histories, depth=5, exclude_seen=True)
+    forgot = recommend(counts, histories, depth=5, exclude_seen=True, forget=own_pairs(train, train))
+    assert plain[0] == ["c", "d"] and plain[1] == ["c", "d"]  # c: u1's own target and u3's; d: u2's
+    # u1 still finds c through u3's b->c (1), no longer above d (u2's b->d 1 + a->d 1/2 x 1/2); u2 knows d from nobody
+    assert forgot[0] == ["d", "c"] and forgot[1] == ["c"] and forgot[2] == ["c", "d"]
+    alone = train.filter(pl.col("user_id") != "u3")
+    assert recommend(
+        transition_counts(alone), histories[:2], depth=5, exclude_seen=True, forget=own_pairs(alone, alone)
+    ) == [
+        ["d"],
+        ["c"],
+    ]  # with u3 gone each sees only the other's target: never its own

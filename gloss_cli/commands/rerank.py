@@ -43,6 +43,8 @@ def rerank(
     rerank/<split>-<pool recipe>-<candidates>-<retriever>/candidates.parquet.
     Under torchrun --nproc-per-node N -m gloss_cli rerank ..., N processes (one per GPU) share the pools and rank 0
     writes the same file.
+    A model trained with 'gloss train --task pick --pool P' scores P's pools (only those) in one forward pass per
+    user: the log-softmax over the pool's letters (logprob; tokens = 1).
 
     [dim]Examples:[/]
 
@@ -53,6 +55,8 @@ def rerank(
       gloss rerank --recipe "lists=lis order=fused candidates=50"     # LIS's top 50: no generation needed
 
       torchrun --nproc-per-node 4 -m gloss_cli rerank --split test   # 4 GPUs, a quarter of the pools each
+
+      gloss rerank --recipe "transitions order=lm candidates=20 users=all"   # a --task pick model's pool
     """
     from gloss_cli.project import Project
     from gloss_cli.rerank import run

@@ -141,6 +141,23 @@ def train(
             help="Recompute activations in the backward pass (less memory, ~30% more compute; same loss).",
         ),
     ] = False,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="What the model learns: generate (default: the next item's title) or pick (the next item's letter "
+            "among --pool's candidates, for gloss rerank; --loss completion unless given).",
+            show_default=False,
+        ),
+    ] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            help="--task pick: the recipe whose top candidates (at most 20) each example shows, as gloss rerank will "
+            'take it: model-free lists (transitions, lis), order=lm or fused, e.g. "transitions order=lm '
+            'candidates=20". The target is put in where the pool lacks it.',
+            show_default=False,
+        ),
+    ] = None,
     export: Annotated[
         str | None,
         typer.Option(
@@ -166,6 +183,8 @@ def train(
     Trains on the train split of 'gloss data' (prompt + "Title: <next item>" + EOS), measures the validation
     loss after every epoch, stops after --patience epochs without improvement. The test split is never read.
     Uses CUDA (bf16) when present, else the CPU. Writes train/: adapter/ (PEFT) or model/, tokenizer/, meta.json.
+    With --task pick the model learns instead to name the next item's letter among a lettered pool of candidates
+    (--pool), which 'gloss rerank' then scores in one forward pass per user (not yet measured on real data).
 
     [dim]Examples:[/]
 
@@ -174,6 +193,8 @@ def train(
       gloss train --limit-users 300 --max-steps 50          [dim]# a quick CPU run[/]
 
       gloss train --export gguf                               [dim]# + train/model-q8_0.gguf for llama.cpp[/]
+
+      gloss train --task pick --pool "transitions order=lm candidates=20"   [dim]# learn to pick among the pool[/]
 
       gloss train --model HuggingFaceTB/SmolLM2-360M-Instruct --method qlora --config train.toml
 
@@ -202,13 +223,19 @@ def train(
         "seed": seed,
         "trust_remote_code": True if trust_remote_code else None,
         "gradient_checkpointing": True if gradient_checkpointing else None,
+        "task": task,
+        "pool": pool,
     }
     with _rank_of(here):
         settings = load_config(config, overrides)
         reporter = RichReporter(quiet) if here.main else Reporter()  # rank 0 speaks for a torchrun run
         proj = Project(project)
         command = "gloss train" + (f" --dataset {dataset}" if dataset else "")
-        command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v not in (None, True))
+        command += "".join(
+            f" --{k.replace('_', '-')} {v!r}" if k == "pool" else f" --{k.replace('_', '-')} {v}"
+            for k, v in overrides.items()
+            if v not in (None, True)
+        )
         command += " --trust-remote-code" if trust_remote_code else ""
         command += " --gradient-checkpointing" if gradient_checkpointing else ""
         command += f" --config {config}" if config else ""
