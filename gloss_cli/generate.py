@@ -262,8 +262,18 @@ def default_backend() -> str:
     return "hf"
 
 
+def refuse_pick_model(meta: dict[str, Any]) -> None:
+    """A model trained with --task pick answers a candidate's letter: its generations would be letters, not titles."""
+    if meta.get("task") == "pick":
+        raise GlossError(
+            "The trained model picks among candidates (gloss train --task pick): it does not generate titles.",
+            "Score its pools: gloss rerank, then gloss eval --recipe '<its pool> order=lm'.",
+        )
+
+
 def open_generator(train_dir: Path, meta: dict[str, Any], options: GenerateOptions, reporter: Reporter) -> Generator:
     """The backend named by ``options.backend``, loaded with the trained model."""
+    refuse_pick_model(meta)
     if options.backend == "llama-cpp":
         try:
             module = importlib.import_module("gloss_cli.backends.llama_cpp")
@@ -460,6 +470,7 @@ def run(
     data_record = project.require("data")
     train_record = project.require("train")
     meta = read_meta(project.path("train"))
+    refuse_pick_model(meta)
     if meta.get("data", {}).get("fingerprint") != data_record["fingerprint"]:
         reporter.warn("the model was trained on an earlier 'gloss data' run; run 'gloss train' again")
     frame = _select(project, split, users, limit)

@@ -138,6 +138,9 @@ def test_train_pick_then_rerank_and_eval(synthetic: Path, tiny_letters: Path) ->
     refused(["rerank", "--recipe", "transitions order=lm candidates=4 users=all"], "trained on the pools of recipe")
     refused(["rerank", "--recipe", "lists=transitions,lis order=lm candidates=5 users=all"], "--recipe 'lists=")
     assert sorted(p.name for p in Path("proj/rerank").iterdir()) == [STAGE.split("/")[1]]
+    # it answers letters: generation (and with it recommend) is refused before anything is loaded or written
+    refused(["generate", "--split", "test", "--limit", "3"], "picks among candidates")
+    assert not Path("proj/generate").exists()
 
 
 def test_a_lis_pool_reads_the_bm25_index_and_rerank_keeps_to_it(synthetic: Path, tiny_letters: Path) -> None:
