@@ -59,15 +59,12 @@ def merge_lora(
     reporter.info(f"merging {Path(adapter_dir).name} into {Path(base).name} (fp32, once)")
     model = load_causal_lm(str(base), dtype=torch.float32, device="cpu", trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    # Written here, not by save_pretrained: under torch.distributed that writes weights on rank 0 only, and the rank
-    # that holds merged_dir's lock may be another (an empty merge, tests/test_sharded.py). save_model drops the tied
-    # copies (lm_head = embeddings) that from_pretrained ties again from the config.
-    from safetensors.torch import save_model
-
-    merged.config.save_pretrained(dest)
-    if getattr(merged, "generation_config", None) is not None:
-        merged.generation_config.save_pretrained(dest)
-    save_model(merged, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    # Under torch.distributed, save_pretrained writes on rank 0 only (should_save_on_this_rank), and the rank that
+    # holds merged_dir's lock may be another: it left a folder without weights (tests/test_sharded.py). This merge is
+    # one process's own file, whatever its rank: the instance's answer overrides the class's (no barrier follows
+    # without a tensor-parallel config). save_pretrained keeps the tied-weight handling export's converter needs.
+    merged.should_save_on_this_rank = lambda is_main_process: is_main_process
+    merged.save_pretrained(dest)
     for folder in (Path(base), Path(adapter_dir)):
         copy_tokenizer(folder, dest)
 
