@@ -98,3 +98,26 @@ def synthetic(tmp_path: Path) -> Path:
     write_gz_csv(folder / "interactions.csv.gz", ["user_id", "item_id", "timestamp"], inter)
     write_gz_csv(folder / "items.csv.gz", ["item_id", "title"], items)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama (tests/tiny_model.py), built once per module."""
+    from tests.tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture
+def trained(synthetic: Path, tiny: Path) -> Path:
+    """Project ``p``: the synthetic data and a LoRA of the tiny model trained for 2 steps."""
+    from typer.testing import CliRunner
+
+    from gloss_cli.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "p", "-q"]).exit_code == 0
+    args = ["train", "-p", "p", "-q", "--model", str(tiny), "--epochs", "1", "--max-steps", "2", "--batch-size", "4"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return Path("p")

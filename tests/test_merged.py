@@ -15,14 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from gloss_cli.cli import app
-from tests.tiny_model import build_tiny_llama
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
 
 
 def perturb_adapter(adapter: Path, seed: int) -> None:
@@ -40,12 +34,9 @@ def perturb_adapter(adapter: Path, seed: int) -> None:
 
 
 @pytest.fixture
-def trained(synthetic: Path, tiny: Path) -> Path:
-    assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "p", "-q"]).exit_code == 0
-    args = ["train", "-p", "p", "-q", "--model", str(tiny), "--epochs", "1", "--max-steps", "2", "--batch-size", "4"]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return Path("p/train")
+def trained(trained: Path) -> Path:
+    """The train folder of conftest's trained project."""
+    return trained / "train"
 
 
 @pytest.fixture
