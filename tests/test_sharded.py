@@ -200,7 +200,11 @@ def test_a_killed_process_stops_the_run_and_the_same_command_resumes_it(project:
         os.kill(rank1, signal.SIGKILL)  # ... and dies while rank 0 waits for it
         assert proc.wait(timeout=120) != 0
     said = Path("torchrun.log").read_text()
-    assert "error: Another process of this run failed or stopped answering" in said and "[rank0]: Traceback" not in said
+    # Rank 0 stops cleanly either way the race goes: gloo reports the dead peer first (our one line), or torchrun's
+    # agent notices the death first and sends rank 0 SIGTERM (the interrupted line); CI has seen both.
+    stopped = ("error: Another process of this run failed or stopped answering", "error: Interrupted; nothing was")
+    assert any(line in said for line in stopped), said[-3000:]
+    assert "[rank0]: Traceback" not in said, said[-3000:]
     assert not QUERIES.exists() and "generate/test" not in stages()  # nothing merged, nothing recorded
     assert not Path("proj/.gloss.lock").exists()  # rank 0 stopped cleanly and let the lock go
     kept = cut_a_batch_short()
