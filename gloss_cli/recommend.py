@@ -2,11 +2,14 @@
 (``gloss_cli.recipe``; default: the pick docs/RESULTS.md reports) through ``gloss_cli.ranking``, as ``gloss eval``
 ranks them.
 
-The model and the index load once per :class:`Recommender` (the model only when the recipe has its queries); each
-call builds the prompts, generates the queries (beam search), retrieves every query's top items and merges them. The
-transitions list is counted from all of the project's interactions: a deployed recommender knows them all; each call
-counts only the sequences that hold one of its users' recent items (the only pairs their lists read: the same
-weights as counting every sequence, in a fraction of the time).
+The model and the index load once per :class:`Recommender` (the model only when the recipe has its queries, the
+index only when a list retrieves); each call builds the prompts, generates the queries (beam search), retrieves every
+query's top items and merges them. The transitions list is counted from all of the project's interactions: a deployed
+recommender knows them all; each call counts only the sequences that hold one of its users' recent items (the only
+pairs their lists read: the same weights as counting every sequence, in a fraction of the time). The sasrec list
+comes from the model ``gloss sasrec`` trained on the train split, the one ``gloss eval`` scores, run on the CPU
+(torch is imported for it alone): it reads the user's whole history (every catalog item has an embedding) and is not
+retrained on the held-out items, so a history gets the sasrec list that ``gloss eval`` gives that history.
 
 The beam search is the evaluated one: the backend, beam count and dtype of the project's ``gloss generate`` stage
 (test, else validation) when it generated at least the recipe's queries, else the recipe's query count as beams
@@ -25,6 +28,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import polars as pl
 
 from gloss_cli.console import Reporter
@@ -40,6 +45,7 @@ from gloss_cli.retrieval import hybrid_parts, index_key
 from gloss_cli.transitions import RECENT
 
 TRANSITIONS_QUERY = "(transitions: what followed the latest items in other histories)"
+SASREC_QUERY = "(sasrec: the item-ID model's next items)"
 
 
 @dataclass
@@ -90,11 +96,6 @@ class Recommender:
                 f"gloss recommend ranks in retrieval order; recipe {recipe.name()} reorders scored pools.",
                 "Use a recipe with order=retrieval (e.g. gloss), or 'gloss rerank' + 'gloss eval' for this one.",
             )
-        if "sasrec" in recipe.lists:  # its model knows the train split only: no deployed recommender yet
-            raise GlossError(
-                f"gloss recommend does not rank with the sasrec list yet (recipe {recipe.name()}).",
-                f"Score it with 'gloss eval --recipe \"{recipe.explicit()}\"', or use a recipe without sasrec.",
-            )
         if k < 1:
             raise GlossError(f"-k must be at least 1, got {k}.", "Pass e.g. -k 10.")
         if beams is not None and beams < recipe.queries:
@@ -102,6 +103,15 @@ class Recommender:
                 f"{beams} beams cannot return recipe {recipe.name()}'s {recipe.queries} queries.",
                 f"Use at least {recipe.queries} beams.",
             )
+        if backend is not None and not recipe.uses_model:
+            raise GlossError(
+                f"--backend does not apply to recipe {recipe.name()}: it generates nothing.", "Drop --backend."
+            )
+        if recipe.uses_model or "sasrec" in recipe.lists:
+            # OpenMP threads (torch's and llama.cpp's) that spin at ggml's and torch's barriers wait for peers that a
+            # busy machine does not run: on 2 cores shared with one other job, one call took 75 s instead of 3.5 s
+            # (benchmarks/README.md). Read when the runtime loads, so set before either is imported.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.reporter = reporter or Reporter()
         self.recipe, self.k = recipe, k
         self.load_timings: dict[str, float] = {}  # seconds per part of loading, for --profile and the benchmark
@@ -115,14 +125,19 @@ class Recommender:
         self.sequences = pl.read_parquet(project.path("data/sequences.parquet"), columns=["user_id", "item_ids"])
         self.histories: dict[str, list[str]] = dict(self.sequences.iter_rows())
         self.load_timings["data"] = time.perf_counter() - t0
+        self.sasrec: Any = None  # the trained SASRec (gloss_cli.sasrec.SASRec) when the recipe has its list
+        if "sasrec" in recipe.lists:  # before the language model: a missing or stale stage is one line, at once
+            t0 = time.perf_counter()
+            from gloss_cli import sasrec
+
+            # The CPU even beside a GPU: one user's history takes about a millisecond, less than a CUDA context
+            # takes to start.
+            self.sasrec, _, _ = sasrec.load(project, device="cpu")
+            self.load_timings["sasrec"] = time.perf_counter() - t0
         self.generator = None
         self.budget = 0
         self.options: GenerateOptions | None = None  # the beam search served with (None: the recipe has no model)
         if recipe.uses_model:
-            # OpenMP threads (torch's and llama.cpp's) that spin at ggml's and torch's barriers wait for peers that a
-            # busy machine does not run: on 2 cores shared with one other job, one call took 75 s instead of 3.5 s
-            # (benchmarks/README.md). Read when the runtime loads, so set before either is imported.
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             t0 = time.perf_counter()
             project.require("train", "gloss train --dataset beauty")
             meta = read_meta(project.path("train"))
@@ -130,10 +145,6 @@ class Recommender:
             self.budget = int(meta["max_seq_len"]) - self.options.max_new_tokens
             self.generator = open_generator(project.path("train"), meta, self.options, self.reporter)
             self.load_timings["model"] = time.perf_counter() - t0
-        elif backend is not None:
-            raise GlossError(
-                f"--backend does not apply to recipe {recipe.name()}: it generates nothing.", "Drop --backend."
-            )
         t0 = time.perf_counter()
         self.index = None
         if recipe.retrieves:
@@ -182,6 +193,22 @@ class Recommender:
         known = [self.key_of_title[t] for t in cleaned if t in self.key_of_title]  # only catalog titles vote
         return self._recommend([None], [cleaned], [set(known)], [[self.item_ids[k] for k in known]])[0]
 
+    def _lead_lists(self, histories: list[list[str]]) -> tuple[list[npt.NDArray[np.int64]], list[str]]:
+        """The recipe's lists ranked without retrieval, in its order (as ``evaluate.lead_list`` ranks them), each
+        (users, k) and -1 padded, and their names as the queries show them."""
+        leads, named = [], []
+        exclude = self.recipe.exclude_seen
+        if self.sasrec is not None:
+            from gloss_cli.sasrec import rank
+
+            leads.append(rank(self.sasrec, histories, self.key_of, depth=self.k, exclude_seen=exclude, device="cpu"))
+            named.append(SASREC_QUERY)
+        if "transitions" in self.recipe.lists:  # counted from every known sequence
+            counts = self.transition_counts(histories)
+            leads.append(transitions_lists(counts, histories, self.key_of, depth=self.k, exclude_seen=exclude))
+            named.append(TRANSITIONS_QUERY)
+        return leads, named
+
     def _recommend(
         self, users: list[str | None], histories: list[list[str]], seen: list[set[int]], item_ids: list[list[str]]
     ) -> list[UserRecommendations]:
@@ -198,14 +225,11 @@ class Recommender:
         t2 = time.perf_counter()
         if "lis" in self.recipe.lists:  # the last item's title first; 0.0: it is no beam of the model
             queries = [[(history[-1], 0.0), *user] for history, user in zip(histories, queries, strict=True)]
-        lead = None
-        if "transitions" in self.recipe.lists:  # its list first, counted from every known sequence
-            counts = self.transition_counts(item_ids)
-            lead = transitions_lists(counts, item_ids, self.key_of, depth=self.k, exclude_seen=self.recipe.exclude_seen)
+        leads, named = self._lead_lists(item_ids)  # the lists ranked without retrieval, first
         texts = [[query_text(text) for text, _ in user] for user in queries]
+        lead = np.stack(leads, axis=1) if leads else None
         merged = rank_users(self.recipe, texts, seen, k=self.k, retriever=self.index, lead=lead)
-        if lead is not None:
-            queries = [[(TRANSITIONS_QUERY, 0.0), *user] for user in queries]
+        queries = [[*((name, 0.0) for name in named), *user] for user in queries]
         t3 = time.perf_counter()
         results = []
         for u, user in enumerate(users):

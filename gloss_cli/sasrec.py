@@ -51,7 +51,7 @@ from gloss_cli.console import Reporter
 from gloss_cli.data import load_items, load_split
 from gloss_cli.errors import GlossError
 from gloss_cli.metrics import per_user, target_ranks
-from gloss_cli.models import pick_device
+from gloss_cli.models import cpu_threads, pick_device
 from gloss_cli.project import Project
 
 STAGE = "sasrec"
@@ -165,7 +165,8 @@ def rank(
     exclude_seen: bool,
     device: str,
 ) -> npt.NDArray[np.int64]:
-    """Per history, the ``depth`` best item keys by the model's score, best first (equal scores: by item key)."""
+    """Per history, the ``depth`` best item keys by the model's score, best first (equal scores: by item key); none
+    for an empty history (a typed-in one of no catalog title), which the model would rank by its padding alone."""
     model.eval()
     width = model.positions.num_embeddings
     out = np.full((len(histories), depth), -1, dtype=np.int64)
@@ -178,7 +179,7 @@ def rank(
                 for row, history in enumerate(part):  # the whole history, not only its last max_len items
                     scores[row, [key_of[i] for i in history]] = -torch.inf
             order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :depth]
-            keep = torch.gather(scores, 1, order) > -torch.inf
+            keep = (torch.gather(scores, 1, order) > -torch.inf) & (seq > 0).any(dim=1, keepdim=True)
             out[start : start + len(part)] = torch.where(keep, order, -1).cpu().numpy()
     return out
 
@@ -375,14 +376,17 @@ def require(project: Project) -> dict[str, Any]:
     return record
 
 
-def load(project: Project) -> tuple[SASRec, dict[str, Any], str]:
-    """The trained model (on CUDA when there is one), its meta and the device (:func:`require` first)."""
+def load(project: Project, device: str | None = None) -> tuple[SASRec, dict[str, Any], str]:
+    """The trained model on ``device`` (default: CUDA when there is one), its meta and the device (:func:`require`
+    first)."""
     require(project)
     meta = json.loads(project.path(f"{STAGE}/{META}").read_text(encoding="utf-8"))
     items = load_items(project.path("data")).get_column("item_id").to_list()
     if meta["items_sha256"] != items_hash(items):  # the fingerprint should have said so: a guard, not a check
         raise GlossError("The SASRec model's items are not the project's.", "Run 'gloss sasrec' again.")
-    device = pick_device()
+    device = device or pick_device()
+    if device == "cpu" and (threads := cpu_threads()):  # GLOSS_THREADS, as pick_device would have set it
+        torch.set_num_threads(threads)
     model = SASRec(len(items), Settings(**meta["settings"]))
     model.load_state_dict(torch.load(project.path(f"{STAGE}/{WEIGHTS}"), map_location="cpu", weights_only=True))
     return model.to(device).eval(), meta, device

@@ -462,10 +462,10 @@ CASES: dict[str, Case] = {
     "recipe: sasrec after transitions": Case(
         None, [*EVAL, "--recipe", "lists=transitions,sasrec"], "lists are fused in the order sasrec, transitions"
     ),
-    "recommend: a sasrec recipe": Case(
+    "recommend: a sasrec recipe before gloss sasrec": Case(
         None,
-        ["recommend", "--user", "U001", "--recipe", "sasrec", "-p", "proj"],
-        "gloss recommend does not rank with the sasrec list yet",
+        ["recommend", "--user", "U001", "--recipe", "lists=sasrec,transitions", "-p", "proj"],
+        "No SASRec model in this project.",
     ),
     "rerank: a sasrec recipe": Case(
         None, ["rerank", "--recipe", "sasrec order=fused", "-p", "proj"], "gloss rerank does not take the sasrec list"

@@ -170,6 +170,10 @@ def test_a_model_of_other_data_is_refused(synthetic: Path) -> None:
     assert result.stderr.splitlines()[0].startswith("error: The SASRec model was trained on other data")
     assert result.stderr.splitlines()[1] == "hint: Run 'gloss sasrec' again."
     assert (sorted(p.name for p in (project / "eval").glob("*")) if (project / "eval").exists() else []) == before
+    user = pl.read_parquet(project / "data/sequences.parquet")["user_id"][0]
+    result = runner.invoke(app, ["recommend", "--user", user, "--recipe", "lists=sasrec,transitions", "-p", "p"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.splitlines()[0].startswith("error: The SASRec model was trained on other data")
 
 
 @pytest.mark.slow

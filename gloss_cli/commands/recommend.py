@@ -70,6 +70,8 @@ def recommend(
       gloss recommend --users-file users.txt --json > recs.jsonl
 
       gloss recommend --user A2CZ4YVBIJFW6J --recipe paper     # GLoSS as published: the 5 queries' top-1 each
+
+      gloss recommend --user A2CZ4YVBIJFW6J --recipe "lists=sasrec,transitions"   # after gloss sasrec: no LM
     """
     from gloss_cli.recommend import Recommender
 
