@@ -394,6 +394,7 @@ def _run_reranked(
         "candidates": recipe.candidates,
         "rrf_c": RRF_C,
         "transitions": pool.get("transitions"),
+        "sasrec": pool.get("sasrec"),
     }
     with project.run_stage(
         f"eval/{name}", params, command=command, upstream=("data", stage), libraries=("numpy",)

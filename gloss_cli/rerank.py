@@ -2,10 +2,11 @@
 fused (``gloss_cli.recipe``).
 
 The pool is the recipe's own list in retrieval order (``gloss_cli.ranking``: its lists, merge and seen items), cut
-to its top ``candidates``. The model then gives each candidate ``log p("Title: <title>" EOS | prompt)``, the prompt
-as generation builds it (``gloss_cli.backends.scoring``: each prompt computed once for its whole pool). ``gloss eval
---recipe`` orders each pool by that score (``lm``: per token, as beam scores are) or fuses it with the pool's order
-(``fused``).
+to its top ``candidates``; its lists may be any, ``sasrec`` among them (the model ``gloss sasrec`` trained on the
+train split: it never saw a validation or test target, though its settings were chosen on validation). The model
+then gives each candidate ``log p("Title: <title>" EOS | prompt)``, the prompt as generation builds it
+(``gloss_cli.backends.scoring``: each prompt computed once for its whole pool). ``gloss eval --recipe`` orders each
+pool by that score (``lm``: per token, as beam scores are) or fuses it with the pool's order (``fused``).
 
 A model trained with ``gloss train --task pick`` (``gloss_cli.pick``) scores a pool instead with one forward pass:
 the prompt shows the lettered pool, and each candidate's score is the log-softmax over the pool's letters at the
@@ -115,11 +116,6 @@ def run(
     if batch_size < 0:
         raise GlossError(f"--batch-size must be >= 0 (got {batch_size}).", "Pass 0 for the default.")
     candidates = recipe.candidates
-    if "sasrec" in recipe.lists:
-        raise GlossError(
-            f"gloss rerank does not take the sasrec list yet (recipe {recipe.name()}).",
-            "Rerank a recipe without sasrec; 'gloss eval --recipe sasrec' scores SASRec itself.",
-        )
     if recipe.retrieves:
         hybrid_parts(retriever)  # a malformed hybrid name fails before any work
     here = world()
@@ -130,7 +126,14 @@ def run(
     meta_train = read_meta(project.path("train"))
     pick_task = meta_train.get("task") == "pick"
     if pick_task:
+        # A sasrec pool would be no leak here (SASRec never learnt these targets), but no pick model learnt one
+        # (pick.pool_recipe refuses it for training, where the targets are the answers): the same-pool rule refuses it.
         _check_pick_pool(meta_train, recipe, retriever)
+    sasrec_record = None
+    if "sasrec" in recipe.lists:  # no model, or one trained on other data: one line before any work
+        from gloss_cli.sasrec import require
+
+        sasrec_record = require(project)
     items = load_items(project.path("data"))
     item_ids = items.get_column("item_id").to_list()
     titles = dict(zip(item_ids, items.get_column("title").to_list(), strict=True))
@@ -152,10 +155,11 @@ def run(
         "num_queries": recipe.queries,
         "candidates": candidates,
         "transitions": TRAIN_TRANSITIONS if "transitions" in recipe.lists else None,
+        "sasrec": sasrec_record["params"] | {"metrics": sasrec_record["metrics"]} if sasrec_record else None,
         "score": PICK_SCORE if pick_task else "log p(Title: <title> EOS | prompt), summed",
         "train": train_record["fingerprint"],
     }
-    upstream = ("data", "train", *meta["stages"], *stages)
+    upstream = ("data", "train", *meta["stages"], *stages, *(("sasrec",) if sasrec_record else ()))
     libraries = ("torch", "transformers", "peft", "bm25s")
     stage_dir = rerank_stage(split, recipe, retriever)
     # ranks > 0 never take the lock nor write the stage: they score their share of the users for rank 0

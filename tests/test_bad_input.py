@@ -467,9 +467,6 @@ CASES: dict[str, Case] = {
         ["recommend", "--user", "U001", "--recipe", "lists=sasrec,transitions", "-p", "proj"],
         "No SASRec model in this project.",
     ),
-    "rerank: a sasrec recipe": Case(
-        None, ["rerank", "--recipe", "sasrec order=fused", "-p", "proj"], "gloss rerank does not take the sasrec list"
-    ),
     "sasrec: heads that do not divide the hidden size": Case(
         None, ["sasrec", "--hidden", "6", "--heads", "4", "-p", "proj"], "--heads 4 does not divide --hidden 6"
     ),

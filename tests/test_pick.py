@@ -137,6 +137,8 @@ def test_train_pick_then_rerank_and_eval(synthetic: Path, tiny_letters: Path) ->
     # a rerank of other pools than the model learnt is refused, and writes nothing
     refused(["rerank", "--recipe", "transitions order=lm candidates=4 users=all"], "trained on the pools of recipe")
     refused(["rerank", "--recipe", "lists=transitions,lis order=lm candidates=5 users=all"], "--recipe 'lists=")
+    # pools the sasrec list leads: no leak at test time, but never a pick model's training pools (pool_recipe)
+    refused(["rerank", "--recipe", "lists=sasrec,transitions order=lm candidates=5 users=all"], "trained on the pools")
     assert sorted(p.name for p in Path("proj/rerank").iterdir()) == [STAGE.split("/")[1]]
     # it answers letters: generation (and with it recommend) is refused before anything is loaded or written
     refused(["generate", "--split", "test", "--limit", "3"], "picks among candidates")

@@ -1,5 +1,5 @@
 """The sasrec list outside `gloss eval`: `gloss recommend` serves it (the same lists eval scores, given the same
-history and knowledge)."""
+history and knowledge), and `gloss rerank` scores pools it leads."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
 from typer.testing import CliRunner
 
 from gloss_cli import sasrec
@@ -106,3 +107,63 @@ def test_torch_is_imported_for_the_sasrec_list_only(synthetic: Path) -> None:
     for recipe, torch in (("transitions", False), ("lists=sasrec,transitions", True)):
         run = subprocess.run([sys.executable, "-c", code, recipe, user], capture_output=True, text=True, check=True)
         assert f"TORCH {torch} True" in run.stdout, run.stderr
+
+
+def test_rerank_scores_sasrec_pools_and_eval_orders_them(
+    synthetic: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gloss_cli.ranking import rerank_stage
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    project = _project(synthetic)
+    train = ["train", "-p", "p", "-q", "--model", str(tiny), "--max-steps", "1", "--batch-size", "8"]
+    assert runner.invoke(app, train).exit_code == 0
+    pool = "lists=sasrec,transitions candidates=5 users=all"
+    rerank = ["rerank", "--recipe", f"{pool} order=lm", "-p", "p"]
+    bad = runner.invoke(app, rerank)
+    assert bad.exit_code == 1 and bad.stderr.splitlines()[:2] == [
+        "error: No SASRec model in this project.",
+        "hint: Run 'gloss sasrec' first.",
+    ]
+    assert not (project / "rerank").exists()
+    assert runner.invoke(app, ["sasrec", *TINY, "--dropout", "0.1", "--epochs", "2", "-p", "p", "-q"]).exit_code == 0
+    result = runner.invoke(app, [*rerank, "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    stage = rerank_stage("test", parse(f"{pool} order=lm"), "bm25")
+    assert stage == "rerank/test-sasrec+transitions-rrf-xseen-allusers-5-bm25"
+    frame = pl.read_parquet(project / stage / "candidates.parquet")
+    test_users = pl.read_parquet(project / "data/test.parquet")["user_id"].to_list()
+    assert json.loads(result.stdout)["metrics"]["users"] == len(test_users)
+    manifest = json.loads((project / "manifest.json").read_text())
+    record = manifest["stages"][stage]
+    assert record["upstream"]["sasrec"] == manifest["stages"]["sasrec"]["fingerprint"]
+    assert record["params"]["sasrec"]["grid"][0]["hidden"] == 16 and record["params"]["transitions"]
+    # the pools are eval's list of that recipe in retrieval order, at that depth
+    result = runner.invoke(app, ["eval", "--recipe", pool, "-k", "5", "-p", "p", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    evaluated = _run_lists(project / f"eval/{json.loads(result.stdout)['run']}/run.trec")
+    pools = frame.sort("user_id", "pool_rank").group_by("user_id", maintain_order=True).agg("item_id")
+    assert dict(zip(pools["user_id"], pools["item_id"].to_list(), strict=True)) == evaluated
+    assert frame.group_by("user_id").len()["len"].max() == 5
+    for how in ("lm", "fused"):
+        result = runner.invoke(app, ["eval", "--recipe", f"{pool} order={how}", "-k", "3", "-p", "p", "--json", "-q"])
+        assert result.exit_code == 0, result.output
+        run = json.loads(result.stdout)
+        assert run["users"] == len(test_users) and run["source"] == stage
+        assert run["run"] == f"sasrec+transitions-rrf-xseen-{how}5-allusers-none-test"  # no list retrieved
+        assert "the sasrec list, then the transitions list" in run["protocol_description"]
+        assert "sasrec: SASRec" in run["protocol_description"] and "its top 5 reordered" in run["protocol_description"]
+        summary = json.loads((project / f"eval/{run['run']}/metrics.json").read_text())
+        assert summary["sasrec"] == record["params"]["sasrec"]
+        if how == "lm":  # each pool by the model's log-probability per title token
+            lm = _run_lists(project / f"eval/{run['run']}/run.trec")
+            user = pools.filter(pl.col("item_id").list.len() == 5)["user_id"][0]
+            mine = frame.filter(pl.col("user_id") == user).with_columns(v=pl.col("logprob") / pl.col("tokens"))
+            assert lm[user] == mine.sort("v", "pool_rank", descending=[True, False])["item_id"].to_list()[:3]
+    # a SASRec of other data: one line, nothing written
+    assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "p", "--ties", "shuffle", "-q"]).exit_code == 0
+    before = (project / stage / "candidates.parquet").stat().st_mtime_ns
+    bad = runner.invoke(app, rerank)
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert bad.stderr.splitlines()[0].startswith("error: The SASRec model was trained on other data")
+    assert (project / stage / "candidates.parquet").stat().st_mtime_ns == before

@@ -57,6 +57,8 @@ def rerank(
       torchrun --nproc-per-node 4 -m gloss_cli rerank --split test   # 4 GPUs, a quarter of the pools each
 
       gloss rerank --recipe "transitions order=lm candidates=20 users=all"   # a --task pick model's pool
+
+      gloss rerank --recipe "lists=sasrec,transitions order=fused candidates=20 users=all"   # after gloss sasrec
     """
     from gloss_cli.project import Project
     from gloss_cli.rerank import run
