@@ -9,22 +9,19 @@ every call would cost what the cache saves), so a retrained adapter or a changed
 The merge runs in fp32 whatever the dtype asked for later: folding a LoRA into bf16 weights would round the
 update away, and a model loaded from the fp32 merge is the adapter path's weights to fp32 rounding (the tests
 check the beams are the same). ``gloss-merged.json`` is written last, inside the folder that is renamed into place
-(atomic), and records every file's size: a folder without it, or with a file of another size, or one whose
-safetensors header does not parse, is rebuilt with a one-line warning.
+(atomic; ``gloss_cli.cache``), and records every file's size: a folder without it, or with a file of another size,
+or one whose safetensors header does not parse, is rebuilt with a one-line warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from filelock import FileLock
-
+from gloss_cli.cache import cache_dir, cached_folder
 from gloss_cli.console import Reporter
 from gloss_cli.errors import GlossError
 
@@ -32,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 MARKER = "gloss-merged.json"
+WHAT = "merged model"  # as errors and warnings name the cache
 SCHEMA = 1  # bump when the folder's layout or the merge changes: older folders are then not found
 # Tokenizer files copied beside the merged weights, as llama.cpp's converters expect them (export reads this folder).
 TOKENIZER_FILES = (
@@ -97,10 +95,10 @@ def base_fingerprint(location: str) -> str:
     return hashlib.sha256(f"hub|{location}|{revision}".encode()).hexdigest()
 
 
-def adapter_sha256(adapter_dir: Path) -> str:
-    """sha256 over the adapter folder's files (names and bytes), README excepted."""
+def folder_sha256(folder: Path) -> str:
+    """sha256 over a folder's files (names and bytes), README excepted."""
     digest = hashlib.sha256()
-    for path in sorted(adapter_dir.iterdir()):
+    for path in sorted(folder.iterdir()):
         if path.is_file() and path.name != "README.md":
             digest.update(path.name.encode() + b"\0")
             with path.open("rb") as file:
@@ -109,81 +107,40 @@ def adapter_sha256(adapter_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def merged_dir(train_dir: Path, meta: dict[str, Any], reporter: Reporter | None = None) -> Path:
-    """The cached merged model of a LoRA ``train/`` folder, made once (a folder from_pretrained loads)."""
-    from gloss_cli.models import base_location, gloss_home
+def merged_key(train_dir: Path, meta: dict[str, Any], reporter: Reporter | None = None) -> str:
+    """The cache key of a LoRA ``train/`` folder's merge (what ``merged_dir`` is named), computed without merging."""
+    return _source(train_dir, meta, reporter or Reporter())[0]
 
-    reporter = reporter or Reporter()
+
+def _source(train_dir: Path, meta: dict[str, Any], reporter: Reporter) -> tuple[str, dict[str, Any], str, Path]:
+    """The key, the record it hashes, the base model's location and the adapter folder."""
+    from gloss_cli.models import base_location
+
     adapter = Path(train_dir) / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise GlossError(f"{adapter} is not a PEFT adapter folder; the train stage is incomplete.", "Run gloss train.")
     base = base_location(meta, reporter)
-    record = {"schema": SCHEMA, "adapter_sha256": adapter_sha256(adapter), "base": base}
+    record = {"schema": SCHEMA, "adapter_sha256": folder_sha256(adapter), "base": base}
     record["base_fingerprint"] = base_fingerprint(base)
     key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-    folder = gloss_home() / "models" / "merged" / key
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GlossError(
-            f"Cannot write the merged model cache in {folder.parent}: {exc.strerror or exc}.",
-            "Set GLOSS_HOME to a writable folder.",
-        ) from None
-    # One process checks and builds at a time (torchrun's ranks, two commands): without the lock, a rank found
-    # another's merge unloadable under load (tests/test_sharded.py), and two merges would cost twice the time.
-    with FileLock(str(folder.parent / f".{key}.lock")):
-        problem = check_merged(folder)
-        if problem is None:
-            return folder
-        if folder.exists():
-            reporter.warn(f"the merged model cache {folder} is {problem}; rebuilding it")
-            shutil.rmtree(folder, ignore_errors=True)
-        _build(folder, base, adapter, record, reporter, trust_remote_code=bool(meta.get("trust_remote_code", False)))
-    return folder
+    return key, record, base, adapter
 
 
-def check_merged(folder: Path) -> str | None:
-    """Why ``folder`` is no complete merged model (None: it is one). Sizes only: see the module's docstring."""
-    marker = folder / MARKER
-    if not marker.is_file():
-        return "incomplete (no gloss-merged.json)" if folder.exists() else "missing"
-    try:
-        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
-        sizes = {str(name): int(size) for name, size in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-        return "corrupt (unreadable gloss-merged.json)"
-    for name, size in sizes.items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != size:
-            return f"corrupt ({name} is missing or not {size:,} bytes)"
-    return None
-
-
-def _build(
-    folder: Path, base: str, adapter: Path, record: dict[str, Any], reporter: Reporter, *, trust_remote_code: bool
-) -> None:
+def merged_dir(train_dir: Path, meta: dict[str, Any], reporter: Reporter | None = None) -> Path:
+    """The cached merged model of a LoRA ``train/`` folder, made once (a folder from_pretrained loads)."""
     from importlib import metadata
 
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    except OSError as exc:
-        raise GlossError(
-            f"Cannot write the merged model cache in {folder.parent}: {exc.strerror or exc}.",
-            "Set GLOSS_HOME to a writable folder.",
-        ) from None
-    try:
-        merge_lora(base, adapter, tmp, reporter, trust_remote_code=trust_remote_code)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        record = record | {"peft": metadata.version("peft"), "files": files}
-        (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if check_merged(folder) is not None:  # not a concurrent merge that finished first: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    reporter = reporter or Reporter()
+    key, record, base, adapter = _source(train_dir, meta, reporter)
+    trust = bool(meta.get("trust_remote_code", False))
+
+    def build(tmp: Path) -> dict[str, Any]:
+        merge_lora(base, adapter, tmp, reporter, trust_remote_code=trust)
+        return {"peft": metadata.version("peft")}
+
+    # cached_folder locks the key: without it, a torchrun rank found another's merge unloadable (tests/test_sharded.py)
+    folder = cache_dir("merged", WHAT) / key
+    return cached_folder(folder, MARKER, record, build, what=WHAT, reporter=reporter)
 
 
 def load_merged(
@@ -206,7 +163,7 @@ def load_merged(
     try:
         return load_causal_lm(str(folder), dtype=dtype, device=device, trust_remote_code=trust)
     except (GlossError, SafetensorError) as exc:
-        reporter.warn(f"the merged model cache {folder} does not load ({_first_line(exc)}); rebuilding it")
+        reporter.warn(f"the {WHAT} cache {folder} does not load ({_first_line(exc)}); rebuilding it")
     shutil.rmtree(folder, ignore_errors=True)
     folder = merged_dir(train_dir, meta, reporter)
     return load_causal_lm(str(folder), dtype=dtype, device=device, trust_remote_code=trust)
