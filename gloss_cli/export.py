@@ -136,7 +136,7 @@ def export_gguf(
         else:
             with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".staged-") as staged:
                 if adapter_dir is None:
-                    _link_model(base_model_dir, Path(staged))
+                    link_model(base_model_dir, Path(staged))
                 else:
                     merge_lora(base_model_dir, Path(adapter_dir), Path(staged), reporter)
                 if tokenizer_dir is not None:
@@ -160,7 +160,7 @@ def _check_inputs(base_model_dir: Path, adapter_dir: Path | None, mode: str) -> 
         raise GlossError("A GGUF LoRA export needs the adapter folder.", "Pass the PEFT adapter, or mode='merged'.")
 
 
-def _link_model(model_dir: Path, dest: Path) -> None:
+def link_model(model_dir: Path, dest: Path) -> None:
     """A view of the model folder (links, not copies) whose tokenizer_config.json may be rewritten."""
     for path in model_dir.iterdir():
         if path.is_file():

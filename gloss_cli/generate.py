@@ -15,8 +15,9 @@ appends its share of the users to a part file and rank 0 merges the parts into t
 Generation backends are chosen by name and meet the small :class:`Generator` protocol: ``hf`` (transformers,
 batched with left padding) lives here, and searches with gloss's batched beam search
 (``gloss_cli.backends.torch_beam``, each prompt prefilled once) or with transformers ``generate`` (``--search``; the
-same beams either way); ``llama-cpp`` is imported from ``gloss_cli.backends.llama_cpp`` only when
-chosen, and must offer ``load_generator(train_dir, meta, *, options, reporter) -> Generator``.
+same beams either way); ``llama-cpp`` (gloss's beam search on llama.cpp) and ``ct2`` (CTranslate2's own beam search)
+are imported from ``gloss_cli.backends`` only when chosen, and offer
+``load_generator(train_dir, meta, *, options, reporter) -> Generator``.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ from gloss_cli.project import Project
 from gloss_cli.prompt import build_prompt, item_text
 
 SPLITS = ("validation", "test")
-BACKENDS = ("hf", "llama-cpp")
+BACKENDS = ("hf", "llama-cpp", "ct2")
+MODULES = {"llama-cpp": "gloss_cli.backends.llama_cpp", "ct2": "gloss_cli.backends.ct2"}  # the backends besides hf
+CPU_BACKENDS = (("llama-cpp", "llama_cpp"), ("ct2", "ctranslate2"))  # default_backend's order on a CPU: (name, module)
 SEARCHES = ("gloss", "hf")
 QUERIES = "queries.jsonl"
 SETTINGS = "settings.json"
-LIBRARIES = ("torch", "transformers", "peft", "llama_cpp_python")
+LIBRARIES = ("torch", "transformers", "peft", "llama_cpp_python", "ctranslate2")
 
 
 class Generator(Protocol):
@@ -81,7 +84,7 @@ class GenerateOptions:
     num_return: int = 5
     max_new_tokens: int = 50
     batch_size: int = 0  # 0: the backend's default (hf: up to 256 on CUDA with search gloss, 64 with hf; 8 on CPU)
-    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    dtype: str = "auto"  # hf: bf16 on CUDA, fp32 on CPU; ct2: int8; llama-cpp: unused (its q8_0 export)
     search: str = "gloss"  # hf backend: gloss's batched beam search, or hf (transformers generate); same beams
     catalog_only: bool = False  # beams may only spell catalog titles (gloss search only; backends/trie.py)
     stop_at_newline: bool = False  # a beam also finishes at the end of its line (recommend: the query is that line)
@@ -97,7 +100,7 @@ class GenerateOptions:
             raise GlossError(f"--num-return {self.num_return} must be between 1 and --beams {self.beams}.", "Fix it.")
         if self.catalog_only and (self.backend, self.search) != ("hf", "gloss"):
             raise GlossError(
-                "--catalog-only needs the gloss search.", "Drop --backend llama-cpp and --search hf, or --catalog-only."
+                "--catalog-only needs the gloss search.", "Use --backend hf --search gloss, or drop --catalog-only."
             )
 
 
@@ -250,16 +253,16 @@ def _gloss_cuda_batch(trained: Trained, beams: int = 5, max_new_tokens: int = 64
 
 
 def default_backend() -> str:
-    """On a CPU, llama.cpp (the trained model is exported to a merged GGUF once, then cached) when
-    llama-cpp-python is installed; transformers on a GPU or without llama-cpp-python."""
+    """On a CPU, llama.cpp when llama-cpp-python is installed (the trained model exported to a merged GGUF once,
+    then cached), else CTranslate2 when ctranslate2 is installed (converted once, then cached), else transformers;
+    transformers on a GPU (ct2 runs on the CPU only)."""
     import importlib.util
 
     from gloss_cli.models import cuda_possible
 
-    # llama_cpp first: without it the answer is hf, and torch's CUDA check (an import of torch) is not needed
-    if importlib.util.find_spec("llama_cpp") is not None and not cuda_possible():
-        return "llama-cpp"
-    return "hf"
+    # the packages first: without either the answer is hf, and torch's CUDA check (an import of torch) is not needed
+    found = [name for name, module in CPU_BACKENDS if importlib.util.find_spec(module) is not None]
+    return found[0] if found and not cuda_possible() else "hf"
 
 
 def refuse_pick_model(meta: dict[str, Any]) -> None:
@@ -274,13 +277,16 @@ def refuse_pick_model(meta: dict[str, Any]) -> None:
 def open_generator(train_dir: Path, meta: dict[str, Any], options: GenerateOptions, reporter: Reporter) -> Generator:
     """The backend named by ``options.backend``, loaded with the trained model."""
     refuse_pick_model(meta)
-    if options.backend == "llama-cpp":
+    if options.backend in MODULES:
+        name = MODULES[options.backend]
         try:
-            module = importlib.import_module("gloss_cli.backends.llama_cpp")
+            module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name != "gloss_cli.backends.llama_cpp":
+            if exc.name != name:
                 raise
-            raise GlossError("The llama-cpp backend is not part of this gloss version.", "Use --backend hf.") from None
+            raise GlossError(
+                f"The {options.backend} backend is not part of this gloss version.", "Use --backend hf."
+            ) from None
         generator: Generator = module.load_generator(train_dir, meta, options=options, reporter=reporter)
         if options.stop_at_newline:
             generator.stop_at_line_end()
@@ -461,7 +467,7 @@ def run(
     if here.several:
         if options.backend != "hf":
             raise GlossError(
-                "--backend llama-cpp runs as one process (llama.cpp uses every core itself).",
+                f"--backend {options.backend} runs as one process (it uses every core itself).",
                 "Run it without torchrun, or pass --backend hf.",
             )
         from gloss_cli.models import pick_device

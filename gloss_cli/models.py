@@ -286,8 +286,8 @@ def weights_location(ref: ModelRef, reporter: Reporter | None = None) -> str:
 
 
 def cpu_threads() -> int | None:
-    """``GLOSS_THREADS``: CPU threads for torch and llama.cpp (default: theirs, i.e. every core). On a machine
-    shared with other jobs fewer threads can be much faster (benchmarks/README.md: 1 thread beat 2 on a busy
+    """``GLOSS_THREADS``: CPU threads for torch, llama.cpp and CTranslate2 (default: theirs, i.e. every core). On a
+    machine shared with other jobs fewer threads can be much faster (benchmarks/README.md: 1 thread beat 2 on a busy
     2-core machine), because the workers spin while they wait for each other."""
     value = os.environ.get("GLOSS_THREADS", "").strip()
     if not value:

@@ -34,7 +34,7 @@ class RunPlan:
     eval_users: int = 300  # test users generated for and evaluated (0 = all); 200 left a CI touching 0
     retriever: str = "bm25"
     model: str | None = None
-    backend: str | None = None  # None: llama.cpp on a CPU when installed, else transformers (recommend's default)
+    backend: str | None = None  # None: on a CPU llama.cpp, else ct2, when installed; else transformers (recommend's)
     method: str = "lora"  # full: full fine-tuning
     loss: str = "completion"  # target tokens only: better on validation than full-text in every run so far
     lr: float = 2e-3  # CPU: validation loss after 3 min: 5e-4 3.78, 1e-3 3.68, 2e-3 3.58, 4e-3 3.55; full: 2e-4
@@ -176,8 +176,15 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
         index.run(project, plan.retriever, command=f"gloss index --retriever {plan.retriever}", reporter=reporter)
 
     backend = plan.backend or generate.default_backend()
+    # ct2 generates in its own int8 unless a dtype was asked for: the default training dtype (bf16 where the CPU has
+    # it) is transformers' choice, and CTranslate2 refuses a bf16 its CPU build lacks
+    generate_dtype = "auto" if backend == "ct2" and plan.dtype is None else dtype
     options = generate.GenerateOptions(
-        backend=backend, beams=plan.beams, num_return=plan.beams, dtype=dtype, stop_at_newline=plan.stop_at_newline
+        backend=backend,
+        beams=plan.beams,
+        num_return=plan.beams,
+        dtype=generate_dtype,
+        stop_at_newline=plan.stop_at_newline,
     )
     wanted = {
         "limit": plan.eval_users,
@@ -197,7 +204,7 @@ def run_all(project: Project, plan: RunPlan, *, reporter: Reporter | None = None
             limit=plan.eval_users,
             overwrite=retrained or (bool(before) and any(before.get(k) != v for k, v in wanted.items())),
             command=f"gloss generate --split test --limit {plan.eval_users} --backend {backend} --beams "
-            f"{plan.beams} --num-return {plan.beams} --dtype {dtype}"
+            f"{plan.beams} --num-return {plan.beams} --dtype {generate_dtype}"
             + (" --stop-at-newline" if plan.stop_at_newline else ""),
             reporter=reporter,
         )

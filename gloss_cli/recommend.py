@@ -108,9 +108,9 @@ class Recommender:
                 f"--backend does not apply to recipe {recipe.name()}: it generates nothing.", "Drop --backend."
             )
         if recipe.uses_model or "sasrec" in recipe.lists:
-            # OpenMP threads (torch's and llama.cpp's) that spin at ggml's and torch's barriers wait for peers that a
+            # OpenMP threads (torch's, llama.cpp's, CTranslate2's) that spin at their barriers wait for peers that a
             # busy machine does not run: on 2 cores shared with one other job, one call took 75 s instead of 3.5 s
-            # (benchmarks/README.md). Read when the runtime loads, so set before either is imported.
+            # (benchmarks/README.md). Read when the runtime loads, so set before any of them is imported.
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.reporter = reporter or Reporter()
         self.recipe, self.k = recipe, k
@@ -252,15 +252,16 @@ def generate_options(
     validation) beams, max_new_tokens and, on its backend, dtype, when it returned at least the recipe's queries;
     else ``beams`` or the recipe's query count as beams. A beam ends at the end of its title line only where the
     stage's did (no stage: it does), so that the queries served are the ones evaluated. The backend: ``backend``,
-    else this machine's default (llama.cpp on a CPU where installed: the two backends return the same beams up to
-    float noise)."""
+    else this machine's default (on a CPU llama.cpp, else ct2, where installed: llama.cpp returns transformers'
+    beams up to float noise; ct2's search stops once ``beams`` hypotheses have finished, so its lower beams can
+    differ, gloss_cli.backends.ct2)."""
     params: dict[str, Any] = {}
     for split in ("test", "validation"):
         found = (project.stage(f"generate/{split}") or {}).get("params", {})
         if found.get("num_return", 0) >= recipe.queries:
             params = found
             break
-    chosen = backend or default_backend()  # the fastest here (llama.cpp on a CPU), whatever the stage ran on
+    chosen = backend or default_backend()  # the fastest here (llama.cpp or ct2 on a CPU), whatever the stage ran on
     return GenerateOptions(
         backend=chosen,
         beams=beams or int(params.get("beams", recipe.queries)),

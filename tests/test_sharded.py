@@ -156,12 +156,13 @@ def test_merge_orders_by_the_plan_and_keeps_a_user_once(tmp_path: Path) -> None:
     assert (folder / "parts").is_dir()
 
 
-def test_llama_cpp_is_one_process(monkeypatch: pytest.MonkeyPatch, synthetic: Path) -> None:
+@pytest.mark.parametrize("backend", ["llama-cpp", "ct2"])
+def test_cpu_backends_are_one_process(monkeypatch: pytest.MonkeyPatch, synthetic: Path, backend: str) -> None:
     assert runner.invoke(app, ["data", "--source", str(synthetic), "-p", "proj", "-q"]).exit_code == 0
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)
-    result = runner.invoke(app, ["generate", "--backend", "llama-cpp", "-p", "proj"])
-    assert result.exit_code == 1 and "--backend llama-cpp runs as one process" in result.stderr
+    result = runner.invoke(app, ["generate", "--backend", backend, "-p", "proj"])
+    assert result.exit_code == 1 and f"--backend {backend} runs as one process" in result.stderr
     assert "torchrun" in result.stderr and "Traceback" not in result.output
 
 

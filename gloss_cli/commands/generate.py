@@ -32,7 +32,13 @@ def generate(
         typer.Option("--users", help="Only these user ids (repeat the option, or separate ids with commas)."),
     ] = None,
     limit: Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="Only the first N users of the split (0: all).")] = 0,
-    backend: Annotated[str, typer.Option(help="hf (transformers) or llama-cpp.")] = "hf",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="hf (transformers), llama-cpp (gloss's beam search on a q8_0 GGUF) or ct2 (CTranslate2's beam "
+            "search on int8 weights; CPU). The GGUF and the CTranslate2 model are converted once and cached."
+        ),
+    ] = "hf",
     beams: Annotated[int, typer.Option(min=1, max=MAX_QUERIES, help="Beam width (the paper: 5).")] = 5,
     num_return: Annotated[
         int, typer.Option(min=1, max=MAX_QUERIES, help="Titles kept per user, best beam first (<= --beams).")
@@ -46,7 +52,10 @@ def generate(
             help="Users per generate call (0: auto; hf: 256 on CUDA, 64 with --search hf, 8 on CPU).",
         ),
     ] = 0,
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.")] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(help="auto (hf: bf16 on CUDA, fp32 on CPU; ct2: int8), bf16, fp16 or fp32 (llama-cpp: q8_0)."),
+    ] = "auto",
     search: Annotated[
         str,
         typer.Option(
@@ -92,6 +101,8 @@ def generate(
       gloss generate --split validation --limit 100 --beams 5 --num-return 5
 
       gloss generate --split test --search hf          # transformers generate instead (same beams, slower)
+
+      gloss generate --split test --backend ct2        # CTranslate2 on the CPU (int8; converted once)
 
       gloss generate --split validation --catalog-only   # every beam a catalog title
 

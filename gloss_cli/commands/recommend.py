@@ -48,7 +48,10 @@ def recommend(
     encoder: EncoderOpt = None,
     recipe: RecipeOpt = None,
     backend: Annotated[
-        str | None, typer.Option(help="llama-cpp or hf (default: llama-cpp if the model was exported to GGUF).")
+        str | None,
+        typer.Option(
+            help="ct2, llama-cpp or hf (default on a CPU: llama-cpp if installed, else ct2 if installed, else hf)."
+        ),
     ] = None,
     profile: Annotated[
         bool,

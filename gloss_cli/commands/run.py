@@ -69,7 +69,11 @@ def run(
         ),
     ] = None,
     backend: Annotated[
-        str | None, typer.Option(help="Generation backend: hf or llama-cpp (default: llama-cpp on a CPU if installed).")
+        str | None,
+        typer.Option(
+            help="Generation backend: hf, llama-cpp or ct2 (default on a CPU: llama-cpp if installed, else ct2 if "
+            "installed, else hf)."
+        ),
     ] = None,
     project: ProjectOpt = DEFAULT_PROJECT_PATH,
     json_: JsonOpt = False,
