@@ -76,11 +76,12 @@ def test_a_library_an_extra_left_out_is_one_line_naming_the_extra(
 
 
 def test_the_run_extra_is_what_the_main_job_imports() -> None:
-    """The README's main command installs '.[run]': train + bm25 + plot, and none of the dense or llama extras."""
+    """The README's main command installs '.[run]': train + bm25 + plot + ct2 (a prebuilt wheel), and none of the
+    dense or llama extras."""
     import tomllib
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert extras["run"] == ["gloss[train,bm25,plot]"]
+    assert extras["run"] == ["gloss[train,bm25,plot,ct2]"] and extras["ct2"] == ["ctranslate2>=4.5"]
     readme = (REPO / "README.md").read_text()
     main = readme.split("<!-- main-command -->")[1].split("<!-- /main-command -->")[0]
     assert "-e '.[run]'" in main and "llama" not in main
