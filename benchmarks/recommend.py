@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="users recommended for first, not timed")
     parser.add_argument("--processes", type=int, default=7, help="whole-process runs (0: none)")
     parser.add_argument("--retriever", default="bm25", help="bm25 or a dense retriever (minilm, e5, ...)")
-    parser.add_argument("--backend", default=None, help="llama-cpp or hf (default: gloss recommend's)")
+    parser.add_argument("--backend", default=None, help="ct2, llama-cpp or hf (default: gloss recommend's)")
     parser.add_argument("-k", type=int, default=10, help="items per user")
     parser.add_argument("--recipe", default="gloss", help="a recipe (gloss recipes lists the presets)")
     args = parser.parse_args(argv)
