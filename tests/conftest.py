@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from gloss_cli.console import Reporter
+
 REPO = Path(__file__).resolve().parent.parent
 # The real Amazon 2014 mirror (CI and the project's machines have ../shared beside the repo).
 # Resolved now: tests chdir into tmp_path, so a relative GLOSS_DATA_DIR must not be read later.
@@ -66,6 +68,40 @@ def write_gz_csv(path: Path, header: list[str], rows: list[list[object]]) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gzip.compress(buf.getvalue().encode("utf-8")))
     return path
+
+
+class Recording(Reporter):
+    """A Reporter that keeps its info and warning lines (tests read them) instead of printing them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.infos: list[str] = []
+        self.warnings: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.infos.append(message)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+CACHE_DAMAGES = ("truncated", "header", "marker", "no-marker")
+
+
+def damage_cache(folder: Path, weights: str, marker: str, how: str) -> None:
+    """Damage a folder of gloss_cli.cache one way of ``CACHE_DAMAGES``: the weights cut in half, their header
+    overwritten at the same size (only loading finds it), the marker unreadable, or the marker gone."""
+    path = folder / weights
+    if how == "truncated":
+        with path.open("r+b") as file:
+            file.truncate(path.stat().st_size // 2)
+    elif how == "header":
+        with path.open("r+b") as file:
+            file.write(b"\xff" * 64)
+    elif how == "marker":
+        (folder / marker).write_text("{not json")
+    else:
+        (folder / marker).unlink()
 
 
 def synthetic_rows(seed: int = 7, users: int = 60, items: int = 40) -> tuple[list[list[object]], list[list[object]]]:

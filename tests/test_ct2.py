@@ -27,7 +27,7 @@ from gloss_cli.console import Reporter
 from gloss_cli.errors import GlossError
 from gloss_cli.generate import GenerateOptions, default_backend, open_generator
 from gloss_cli.prompt import build_prompt
-from tests.conftest import REPO
+from tests.conftest import CACHE_DAMAGES, REPO, Recording, damage_cache
 from tests.tiny_model import build_tiny_llama
 
 pytest.importorskip("ctranslate2")
@@ -45,19 +45,6 @@ PROMPTS = [
     build_prompt([]),
 ]
 Beams = list[list[tuple[str, float]]]
-
-
-class Recording(Reporter):
-    def __init__(self) -> None:
-        super().__init__()
-        self.infos: list[str] = []
-        self.warnings: list[str] = []
-
-    def info(self, message: str) -> None:
-        self.infos.append(message)
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
 
 
 def only_tokenizer_files(folder: str, names: list[str]) -> list[str]:
@@ -227,17 +214,8 @@ def test_conversion_is_made_once_and_a_damaged_one_rebuilt(sharp: tuple[Path, An
     assert not any("converting" in message for message in again.infos) and not again.warnings
     assert weights.stat().st_mtime_ns == made and ct2_folders() == [folder]
 
-    for damage in ("truncated", "header", "marker", "no-marker"):
-        if damage == "truncated":
-            with weights.open("r+b") as file:
-                file.truncate(weights.stat().st_size // 2)
-        elif damage == "header":  # the same size, an unreadable header: only loading finds it
-            with weights.open("r+b") as file:
-                file.write(b"\xff" * 64)
-        elif damage == "marker":
-            (folder / "gloss-ct2.json").write_text("{not json")
-        else:
-            (folder / "gloss-ct2.json").unlink()
+    for damage in CACHE_DAMAGES:
+        damage_cache(folder, weights.name, "gloss-ct2.json", damage)
         reporter = Recording()
         assert_same(generate(train, meta, "ct2", reporter=reporter, max_new_tokens=8), want)
         assert len(reporter.warnings) == 1 and "rebuilding it" in reporter.warnings[0], damage

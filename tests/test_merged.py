@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gloss_cli.cli import app
+from tests.conftest import CACHE_DAMAGES, Recording, damage_cache
 
 runner = CliRunner()
 
@@ -105,31 +106,15 @@ def test_merged_model_gives_the_adapters_beams_and_a_new_adapter_a_new_merge(per
 
 
 def test_a_damaged_cache_is_rebuilt_with_one_warning(perturbed: Path) -> None:
-    from gloss_cli.console import Reporter
     from gloss_cli.models import load_trained
-
-    warnings: list[str] = []
-
-    class Recording(Reporter):
-        def warn(self, message: str) -> None:
-            warnings.append(message)
 
     want = beams(perturbed)
     (folder,) = merged_folders()
-    weights = folder / "model.safetensors"
-    for damage in ("truncated", "header", "marker", "no-marker"):
-        if damage == "truncated":
-            with weights.open("r+b") as file:
-                file.truncate(weights.stat().st_size // 2)
-        elif damage == "header":  # the same size, an unreadable safetensors header: only loading finds it
-            with weights.open("r+b") as file:
-                file.write(b"\xff" * 64)
-        elif damage == "marker":
-            (folder / "gloss-merged.json").write_text("{not json")
-        else:
-            (folder / "gloss-merged.json").unlink()
-        warnings.clear()
-        load_trained(perturbed, device="cpu", dtype="fp32", reporter=Recording())
+    for damage in CACHE_DAMAGES:
+        damage_cache(folder, "model.safetensors", "gloss-merged.json", damage)
+        reporter = Recording()
+        load_trained(perturbed, device="cpu", dtype="fp32", reporter=reporter)
+        warnings = reporter.warnings
         assert len(warnings) == 1 and "rebuilding it" in warnings[0] and "\n" not in warnings[0], damage
         assert merged_folders() == [folder]
     assert_same(beams(perturbed), want)
