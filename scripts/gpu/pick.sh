@@ -17,18 +17,8 @@ set -euo pipefail
 runs=${GLOSS_RUNS:-/root/gloss-runs}
 pool="transitions order=lm candidates=20"
 fused="transitions order=fused candidates=20"
-g() { /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli "$@"; }
-evaluate() {  # PROJECT RECIPES...
-  local p=$1 r s; shift
-  for r in "$@"; do
-    for s in validation test; do
-      g eval -p "$p" -q --split $s -k 5 -k 10 --recipe "$r" --name "$(echo "$r" | tr -c 'a-z0-9\n' '-' | sed 's/-*$//')-$s"
-    done
-  done
-}
-pack() { (cd "$runs" && tar -czf pick.tgz.part --ignore-failed-read \
-  pick/*/{manifest.json,train/meta.json,eval/*/metrics.json,eval/*/per_user.parquet} 2> /dev/null \
-  && mv pick.tgz.part pick.tgz) || true; }
+# shellcheck source=scripts/gpu/jobs.sh
+source "$(dirname "$0")/jobs.sh"  # g, evaluate, pack
 for d in ${PICK_DATASETS:-beauty}; do
   p=$runs/pick/$d
   # shellcheck disable=SC2086  # PICK_DATA_ARGS and PICK_TRAIN_FLAGS are word lists
@@ -42,5 +32,5 @@ for d in ${PICK_DATASETS:-beauty}; do
     g rerank -p "$p" -q --split $s --recipe "$pool users=all"
   done
   evaluate "$p" "$pool users=all" "$fused users=all" "transitions users=all"
-  pack
+  pack pick
 done

@@ -7,18 +7,8 @@
 # $GLOSS_RUNS/sasrec.tgz after each project (a lease can end mid-way); the `wait` call copies it into $OUT.
 set -euo pipefail
 runs=${GLOSS_RUNS:-/root/gloss-runs}
-g() { /usr/bin/time -f '%e s %M KB' python3 -m gloss_cli "$@"; }
-evaluate() {  # PROJECT RECIPES...
-  local p=$1 r s; shift
-  for r in "$@"; do
-    for s in validation test; do
-      g eval -p "$p" -q --split $s -k 5 -k 10 --recipe "$r" --name "$(echo "$r" | tr -c 'a-z0-9\n' '-' | sed 's/-*$//')-$s"
-    done
-  done
-}
-pack() { (cd "$runs" && tar -czf sasrec.tgz.part --ignore-failed-read \
-  sasrec/*/{manifest.json,sasrec/meta.json,eval/*/metrics.json,eval/*/per_user.parquet} 2> /dev/null \
-  && mv sasrec.tgz.part sasrec.tgz) || true; }
+# shellcheck source=scripts/gpu/jobs.sh
+source "$(dirname "$0")/jobs.sh"  # g, evaluate, pack
 for d in ${SASREC_DATASETS:-toys sports beauty}; do
   for t in file shuffle; do
     p=$runs/sasrec/$d-$t
@@ -26,7 +16,7 @@ for d in ${SASREC_DATASETS:-toys sports beauty}; do
     echo "== sasrec $d $t"
     g sasrec -p "$p"
     evaluate "$p" sasrec "transitions users=all" "lists=sasrec,transitions users=all"
-    pack
+    pack sasrec
   done
 done
 p=$runs/sasrec/beauty-bce  # the published setting: one sampled negative, dropout 0.5 (Kang & McAuley 2018)
@@ -34,4 +24,4 @@ g data --dataset beauty -p "$p"
 echo "== sasrec beauty bce"
 g sasrec -p "$p" --loss bce --dropout 0.5 --epochs 400 --patience 20
 evaluate "$p" sasrec
-pack
+pack sasrec
