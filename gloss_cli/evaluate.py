@@ -378,10 +378,17 @@ def _run_reranked(
     items = load_items(project.path("data"))
     item_ids = items.get_column("item_id").to_list()
     key_of = {item: i for i, item in enumerate(item_ids)}
-    split_df = load_split(project.path("data"), split)
-    split_df = split_df.filter(pl.col("user_id").is_in(frame.get_column("user_id").unique().to_list()))
-    users = split_df.get_column("user_id").to_list()
-    qs = QuerySet(stage, users, split_df.get_column("target").to_list(), split_df.get_column("history").to_list(), [])
+    titles = dict(zip(item_ids, items.get_column("title").to_list(), strict=True))
+    # the users gloss rerank scored, chosen as it chose them: a user whose pool was empty has no row in the frame
+    # and counts as a miss (leaving them out made "every user" fewer than every user)
+    scored, _, _ = recipe_queries(project, recipe, split, load_split(project.path("data"), split), titles)
+    users = scored.users
+    if len(users) != record["metrics"].get("users", len(users)) or not set(frame["user_id"].unique()) <= set(users):
+        raise GlossError(
+            f"The pools in {stage} were scored for other users than recipe {recipe.name()} covers now.",
+            f"Run gloss rerank --split {split} --retriever {retriever} --recipe '{recipe.explicit()}' again.",
+        )
+    qs = QuerySet(stage, users, scored.targets, scored.histories, [])
     pool = record["params"]
     name = name or f"{recipe.name()}-{pool['retriever']}-{split}".replace("/", "_")
     params = {

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from gloss_cli.cli import app
 from gloss_cli.prompt import LETTERS
+from tests.conftest import synthetic_rows, write_gz_csv
 from tests.tiny_model import build_tiny_llama
 
 torch = pytest.importorskip("torch")
@@ -87,11 +88,18 @@ def test_pick_examples_hold_the_target_and_answer_with_its_letter(synthetic: Pat
         assert tokenizer.decode(ids[:start]).count(". Title: ") == len(pool)
 
 
-def test_train_pick_then_rerank_and_eval(synthetic: Path, tiny_letters: Path) -> None:
+def test_train_pick_then_rerank_and_eval(tmp_path: Path, tiny_letters: Path) -> None:
     from gloss_cli.models import load_trained
     from gloss_cli.pick import fit_prompts, letter_ids, pool_recipe
 
-    invoke("data", "--source", str(synthetic))
+    inter, items = synthetic_rows()
+    # a user of items no train sequence leads anywhere: an empty transitions pool, which eval must count as a miss
+    inter += [["UCOLD", f"I9{i:02d}", 1_400_000_000 + i * 86_400] for i in range(3)]
+    items += [[f"I9{i:02d}", f"cold w{i}_1"] for i in range(3)]
+    source = tmp_path / "src"
+    write_gz_csv(source / "interactions.csv.gz", ["user_id", "item_id", "timestamp"], inter)
+    write_gz_csv(source / "items.csv.gz", ["item_id", "title"], items)
+    invoke("data", "--source", str(source))
     args = ["--model", str(tiny_letters), "--task", "pick", "--pool", POOL, "--method", "full", "--lr", "3e-3"]
     invoke("train", *args, "--epochs", "3", "--batch-size", "8", "--json")
     meta = json.loads(Path("proj/train/meta.json").read_text())
@@ -108,7 +116,9 @@ def test_train_pick_then_rerank_and_eval(synthetic: Path, tiny_letters: Path) ->
 
     out = json.loads(invoke("rerank", "--recipe", f"{POOL} users=all", "--json").stdout)
     frame = pl.read_parquet(f"proj/{STAGE}/candidates.parquet")
-    assert out["metrics"]["users"] == frame["user_id"].n_unique() > 10
+    test_users = pl.read_parquet("proj/data/test.parquet")["user_id"]
+    assert out["metrics"]["users"] == test_users.len() == frame["user_id"].n_unique() + 1 > 10
+    assert "UCOLD" in test_users and "UCOLD" not in frame["user_id"]
     assert frame["tokens"].to_list() == [1] * frame.height
     assert all(math.isfinite(x) and x <= 0 for x in frame["logprob"].to_list())
     total = frame.group_by("user_id").agg(p=pl.col("logprob").exp().sum())["p"].to_list()
@@ -128,7 +138,9 @@ def test_train_pick_then_rerank_and_eval(synthetic: Path, tiny_letters: Path) ->
     assert mine["logprob"].to_list() == pytest.approx(want, abs=1e-4)
 
     res = json.loads(invoke("eval", "--split", "test", "--recipe", f"{POOL} users=all", "-k", "5", "--json").stdout)
-    assert res["source"] == STAGE and res["users"] == out["metrics"]["users"]
+    assert res["source"] == STAGE and res["users"] == out["metrics"]["users"]  # the cold user too
+    cold = pl.read_parquet(f"proj/eval/{res['run']}/per_user.parquet").filter(pl.col("user_id") == "UCOLD")
+    assert cold["n_recommended"].to_list() == [0] and cold["recall@5"].to_list() == [0.0]
     assert 0 <= res["metrics"]["recall@5"] <= 1 and 0 <= res["metrics"]["ndcg@5"] <= res["metrics"]["recall@5"]
     trec = Path(f"proj/eval/{res['run']}/run.trec").read_text().splitlines()
     first = [line.split()[2] for line in trec if line.split()[0] == user]
