@@ -9,7 +9,8 @@
 #   transitions        the pool's own order (the no-model list it is measured against: declared here, before any
 #                      test row exists)
 # What the CPU needs to compare them (manifest, train/meta.json, metrics, per-user rows) is packed into
-# $GLOSS_RUNS/pick.tgz after each project (a lease can end mid-way); the `wait` call copies it into $OUT.
+# $GLOSS_RUNS/pick-results.tgz after each project (a lease can end mid-way); the `wait` call copies it into $OUT.
+# --max-seq-len 2048: at 1024, Qwen's tokens for a pool of 20 Beauty titles left no room for a history (session 17).
 # Settings (environment): PICK_DATASETS (default beauty), PICK_MODEL (qwen2.5-0.5b), PICK_LIMIT_USERS (6000: about
 # 10 min of Qwen training on an H100; 0 = all), PICK_EPOCHS (2), PICK_TRAIN_FLAGS (more `gloss train` flags),
 # PICK_DATA_ARGS (replaces `--dataset DATASET`, e.g. `--source DIR` for a dry run on a CPU).
@@ -26,7 +27,7 @@ for d in ${PICK_DATASETS:-beauty}; do
   echo "== pick $d"
   # shellcheck disable=SC2086
   g train -p "$p" --task pick --pool "$pool" --model "${PICK_MODEL:-qwen2.5-0.5b}" --loss completion \
-    --batch-size 32 --epochs "${PICK_EPOCHS:-2}" --patience 1 --lr 5e-4 --max-seq-len 1024 \
+    --batch-size 32 --epochs "${PICK_EPOCHS:-2}" --patience 1 --lr 5e-4 --max-seq-len 2048 \
     --limit-users "${PICK_LIMIT_USERS:-6000}" ${PICK_TRAIN_FLAGS:-}
   for s in validation test; do
     g rerank -p "$p" -q --split $s --recipe "$pool users=all"

@@ -30,7 +30,8 @@
 #         bash scripts/gpu/run.sh test NAME [generate flags]   (generate the test split of an earlier run)
 #         bash scripts/gpu/run.sh bench NAME SCRIPT [flags]   (a benchmark as a job)
 #         bash scripts/gpu/run.sh script NAME FILE [args]   (a bash script as a job, e.g. scripts/gpu/sasrec.sh)
-#         bash scripts/gpu/run.sh wait SECONDS        (follows the logs; copies results to $OUT when all have ended)
+#         bash scripts/gpu/run.sh wait SECONDS        (follows the logs; copies each run's NAME.tgz and the script jobs'
+#                                                     NAME-results.tgz to $OUT)
 # Several runs may share the GPU (a 135M model leaves room); each is a project folder /root/gloss-runs/NAME.
 # Their generation steps take turns (flock): each sizes its batches from the free GPU memory, and concurrent
 # searches sized that way ran out of memory (docs/RESULTS.md, 2026-11-29); alone, each also measures its speed.
@@ -176,6 +177,12 @@ case "${1:-}" in
         {"$name","$name-catalog"}/generate/*/{queries.jsonl,settings.json} "$name"/rerank/*/candidates.parquet \
         {"$name","$name-catalog"}/eval/*/{metrics.json,per_user.parquet} 2>/dev/null) || true
     done
+    # the script jobs' packed results (scripts/gpu/jobs.sh: pack), each as complete as its last project
+    if [ -n "${OUT:-}" ]; then
+      for f in "$runs"/*-results.tgz; do
+        if [ -e "$f" ]; then cp "$f" "$OUT/"; fi
+      done
+    fi
     ;;
   *) sed -n '2,15p' "$0"; exit 2 ;;
 esac

@@ -4,7 +4,7 @@
 # Each project is $GLOSS_RUNS/sasrec/DATASET-TIES: gloss data, gloss sasrec (the default grid, chosen on validation
 # NDCG@10), then gloss eval of sasrec, transitions and both fused, validation and test, K = 5 and 10, every user,
 # history excluded. Everything the CPU needs to compare them (meta.json, metrics, per-user rows) is packed into
-# $GLOSS_RUNS/sasrec.tgz after each project (a lease can end mid-way); the `wait` call copies it into $OUT.
+# $GLOSS_RUNS/sasrec-results.tgz after each project (a lease can end mid-way); the `wait` call copies it into $OUT.
 # Settings (environment): SASREC_DATASETS (default "toys sports beauty"), SASREC_TIES ("file shuffle"),
 # SASREC_FLAGS (more `gloss sasrec` flags, e.g. "--dropout 0.5": a setting declared before the run, not the grid),
 # SASREC_BCE (1: then the published-number check; 0: not).
