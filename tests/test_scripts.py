@@ -93,3 +93,54 @@ def test_scripts_benchmarks_and_the_readme_use_no_removed_flag() -> None:
     assert found == []
     for script in sorted((REPO / "scripts").rglob("*.sh")):  # and every shell script parses
         assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0, script
+
+
+def _scaled(root: Path, queries: list[str], logprobs: list[float], stages: dict[str, object]) -> Path:
+    """A project as scripts/gpu/scaling.sh leaves one: test queries, a scored pool, a manifest with stage records."""
+    import polars as pl
+
+    (root / "generate" / "test").mkdir(parents=True)
+    (root / "generate" / "test" / "queries.jsonl").write_text("".join(q + "\n" for q in queries))
+    pools = root / "rerank" / "test-transitions-20-bm25"
+    pools.mkdir(parents=True)
+    users = [json.loads(q)["user_id"] for q in queries]
+    pl.DataFrame(
+        {"user_id": users, "item_id": ["I1"] * len(users), "pool_rank": [1] * len(users), "logprob": logprobs}
+    ).write_parquet(pools / "candidates.parquet")
+    (root / "manifest.json").write_text(json.dumps({"stages": stages}))
+    return root
+
+
+def _scaling(*args: str) -> subprocess.CompletedProcess[str]:
+    script = REPO / "scripts" / "gpu" / "scaling.py"
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=False)
+
+
+def test_scaling_check_finds_any_difference_and_the_table_divides_by_n_times_one_gpu(tmp_path: Path) -> None:
+    lines = [json.dumps({"user_id": u, "queries": [f"t{u}"]}) for u in ("a", "b", "c")]
+    train = {"train": {"duration_s": 50.0, "metrics": {"tokens_per_s": 1000.0, "losses": [{"val_loss": 2.5}]}}}
+    gen1 = {"generate/test": {"duration_s": 30.0, "metrics": {"users": 3, "users_per_s": 10.0, "seconds": 0.3}}}
+    one = _scaled(tmp_path / "m-g1", lines, [-1.0, -2.0, -3.0], gen1)
+    (tmp_path / "m-t1").mkdir()
+    (tmp_path / "m-t1" / "manifest.json").write_text(json.dumps({"stages": train}))
+    ranks = [{"rank": 0, "seconds": 0.2}, {"rank": 1, "seconds": 0.25}]  # the slowest process's loop counts
+    gen2 = {
+        "generate/test": {"duration_s": 20.0, "metrics": {"users": 3, "users_new": 3, "seconds": 9.0, "ranks": ranks}}
+    }
+    two = _scaled(tmp_path / "m-g2", lines, [-1.0, -2.0, -3.00001], gen2)
+    done = _scaling("check", str(one), str(two))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((two / "check.json").read_text())["equal"] is True
+
+    other = _scaled(tmp_path / "m-g3", [*lines[:2], lines[2].replace("tc", "tx")], [-1.0, -2.0, -3.1], gen2)
+    done = _scaling("check", str(one), str(other))
+    verdict = json.loads((other / "check.json").read_text())
+    assert done.returncode == 1 and verdict["equal"] is False and verdict["queries_identical"] == 2
+    assert verdict["logprob_max_abs_diff"] > 0.09
+
+    table = _scaling("table", str(tmp_path))
+    assert table.returncode == 0, table.stderr
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| m |")]
+    assert rows[0].startswith("| m | 1 | 1,000 | 1.00 | 2.500 | 50 | 10.0 (30 s) | 1.00 |")
+    assert rows[1].startswith("| m | 2 |  |  |  |  | 12.0 (20 s) | 0.60 |") and rows[1].endswith("| yes |")
+    assert rows[2].endswith("| **no** |")

@@ -14,6 +14,6 @@ evaluate() {
 }
 pack() {
   (cd "$runs" && tar -czf "$1-results.tgz.part" --ignore-failed-read \
-    "$1"/*/{manifest.json,train/meta.json,sasrec/meta.json,eval/*/metrics.json,eval/*/per_user.parquet} 2> /dev/null \
+    "$1"/*/{manifest.json,check.json,train/meta.json,sasrec/meta.json,eval/*/metrics.json,eval/*/per_user.parquet} 2> /dev/null \
     && mv "$1-results.tgz.part" "$1-results.tgz") || true
 }
