@@ -141,6 +141,18 @@ def test_rerank_scores_each_pool_and_eval_orders_it(
     want = sorted(value, key=lambda i: (-value[i], mine.filter(pl.col("item_id") == i)["pool_rank"][0]))[:5]
     fused_run = Path("proj/eval/lis+model2-rrf-xseen-fused6-bm25-test/run.trec").read_text().splitlines()
     assert [line.split()[2] for line in fused_run[:5]] == want
+    # users generated after the pools were scored: eval refuses pools that cover other users than the recipe now
+    # does (it would have reported 8 users as the 10 generate covers), one line, and leaves every run as it was
+    from typer.testing import CliRunner
+
+    from gloss_cli.cli import app
+
+    invoke("generate", "--split", "test", "--max-new-tokens", "12", "--batch-size", "4", "--limit", "10")
+    runs = {p: p.stat().st_mtime_ns for p in Path("proj/eval").rglob("*") if p.is_file()}
+    result = CliRunner().invoke(app, ["eval", "--split", "test", "--recipe", f"{POOL} order=lm", "-p", "proj"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.startswith("error: The pools in rerank/test-") and "scored for other users" in result.output
+    assert {p: p.stat().st_mtime_ns for p in Path("proj/eval").rglob("*") if p.is_file()} == runs
 
 
 def test_rerank_bad_input_says_what_to_do(synthetic: Path, tiny: Path) -> None:  # noqa: F811

@@ -1,4 +1,4 @@
-# Shared by the GPU job scripts (sasrec.sh, pick.sh): source it, with `runs` set to $GLOSS_RUNS.
+# Shared by the GPU job scripts (sasrec.sh, pick.sh, scaling.sh): source it, with `runs` set to $GLOSS_RUNS.
 # g ARGS: gloss, timed. evaluate PROJECT RECIPES...: each recipe on validation and test, K = 5 and 10, each run named
 # after its recipe. pack NAME: NAME/* projects' manifests, train and sasrec metadata, metrics and per-user rows into
 # $runs/NAME-results.tgz (written aside, then renamed: a lease that ends mid-way leaves the last complete one); run.sh's
