@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import gzip
 import io
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,6 +87,47 @@ class Recording(Reporter):
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
+
+
+def gloss_in_fresh_process(args: list[str], packages: tuple[str, ...]) -> tuple[str, list[str]]:
+    """``gloss ARGS`` in a fresh interpreter (CliRunner there; it must exit 0): its stdout, and the modules of
+    ``packages`` it imported (what a user's shell would load, which this process's imports would hide)."""
+    code = (
+        "import sys; from gloss_cli.cli import app; from typer.testing import CliRunner; "
+        f"r = CliRunner().invoke(app, {args!r}); assert r.exit_code == 0, r.output; print(r.stdout); "
+        f"print([m for m in sys.modules if m.split('.')[0] in {packages!r}], file=sys.stderr)"
+    )
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout, ast.literal_eval(done.stderr.strip().splitlines()[-1])
+
+
+def transformers_beams(
+    model: Any, tokenizer: Any, prompts: list[str], beams: int = 5, max_new_tokens: int = 50, **generate: Any
+) -> list[list[tuple[str, float]]]:
+    """transformers' own beam search, one prompt at a time, as GLoSS calls it (``generate``: more of its arguments,
+    e.g. ``early_stopping``): per prompt, every returned text with its sequence score. The reference the llama.cpp
+    and CTranslate2 backends are checked against."""
+    import torch
+
+    results = []
+    for prompt in prompts:
+        inputs = tokenizer([prompt], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(
+                **inputs,
+                num_beams=beams,
+                num_return_sequences=beams,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                output_scores=True,
+                return_dict_in_generate=True,
+                **generate,
+            )
+        texts = tokenizer.batch_decode(out.sequences[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+        results.append(list(zip(texts, out.sequences_scores.tolist(), strict=True)))
+    return results
 
 
 CACHE_DAMAGES = ("truncated", "header", "marker", "no-marker")

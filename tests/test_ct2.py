@@ -11,9 +11,7 @@ token limit.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,15 +25,14 @@ from gloss_cli.console import Reporter
 from gloss_cli.errors import GlossError
 from gloss_cli.generate import GenerateOptions, default_backend, open_generator
 from gloss_cli.prompt import build_prompt
-from tests.conftest import CACHE_DAMAGES, REPO, Recording, damage_cache
+from tests.conftest import CACHE_DAMAGES, Recording, damage_cache, gloss_in_fresh_process, transformers_beams
+from tests.test_torch_beam import EOS, sharpened
 from tests.tiny_model import build_tiny_llama
 
 pytest.importorskip("ctranslate2")
 torch = pytest.importorskip("torch")
 
 runner = CliRunner()
-SCALE = 8.0
-EOS = 2
 PROMPTS = [
     build_prompt(["w1_2 w2_1", "w3_4 w4_3"]),
     build_prompt(["w10_3 w3_10"]),
@@ -71,15 +68,7 @@ def sharp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
     root = tmp_path_factory.mktemp("ct2")
     tiny = build_tiny_llama(root / "tiny")
     newline = load_tokenizer(str(tiny))("Title: x\n", add_special_tokens=False)["input_ids"][-1]
-    model = AutoModelForCausalLM.from_pretrained(tiny)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.mul_(SCALE)
-        head = model.lm_head.weight
-        common = head[98] + head[188] + head[93]
-        head[EOS] += 0.8 * common
-        head[newline] += 0.8 * common
+    model = sharpened(AutoModelForCausalLM.from_pretrained(tiny), rows=(EOS, newline))
     meta = write_train(root / "train", model, tiny)
     return root / "train", meta
 
@@ -100,25 +89,16 @@ def early_stopping_beams(
 
     model = AutoModelForCausalLM.from_pretrained(train / "model", dtype=torch.float32).eval()
     tokenizer = load_tokenizer(str(train / "tokenizer"))
-    found = []
-    for prompt in prompts:
-        inputs = tokenizer([prompt], return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(
-                **inputs,
-                num_beams=beams,
-                num_return_sequences=beams,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                early_stopping=True,
-                eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-        texts = tokenizer.batch_decode(out.sequences[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
-        found.append(list(zip(texts, out.sequences_scores.tolist(), strict=True)))
-    return found
+    return transformers_beams(
+        model,
+        tokenizer,
+        prompts,
+        beams,
+        max_new_tokens,
+        early_stopping=True,
+        eos_token_id=stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def text(generated: str) -> str:
@@ -280,16 +260,9 @@ def test_recommend_on_ct2_imports_neither_torch_nor_transformers(trained: Path) 
     args = ["recommend", "--user", user, "-p", str(trained), "--backend", "ct2", "--json", "-q"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
-    code = (
-        "import sys; from gloss_cli.cli import app; from typer.testing import CliRunner; "
-        f"r = CliRunner().invoke(app, {args!r}); assert r.exit_code == 0, r.output; print(r.stdout); "
-        "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft')], file=sys.stderr)"
-    )
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == "[]"
-    assert json.loads(done.stdout)["queries"] == json.loads(first.stdout)["queries"]
+    out, imported = gloss_in_fresh_process(args, ("torch", "transformers", "peft"))
+    assert imported == []
+    assert json.loads(out)["queries"] == json.loads(first.stdout)["queries"]
 
 
 def test_missing_ctranslate2_is_one_line(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,7 @@ import pytest
 from gloss_cli.backends.llama_cpp import BeamSearch, log_softmax
 from gloss_cli.errors import GlossError
 from gloss_cli.prompt import build_prompt
+from tests.conftest import transformers_beams
 from tests.tiny_model import build_tiny_llama
 
 PROMPTS = [
@@ -94,29 +95,6 @@ def adapter(tiny: Path) -> Path:
     return folder
 
 
-def hf_beams(model: Any, tokenizer: Any, prompts: list[str], beams: int = 5) -> list[list[tuple[str, float]]]:
-    """transformers' own beam search, as GLoSS calls it (the reference the llama.cpp backend must reproduce)."""
-    import torch
-
-    results = []
-    for prompt in prompts:
-        inputs = tokenizer([prompt], return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(
-                **inputs,
-                num_beams=beams,
-                num_return_sequences=beams,
-                do_sample=False,
-                max_new_tokens=50,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-        n = inputs.input_ids.shape[1]
-        texts = tokenizer.batch_decode(out.sequences[:, n:], skip_special_tokens=True)
-        results.append(list(zip(texts, out.sequences_scores.tolist(), strict=True)))
-    return results
-
-
 @pytest.fixture(scope="session")
 def hf_tokenizer(tiny: Path) -> Any:
     from transformers import AutoTokenizer
@@ -128,7 +106,7 @@ def hf_tokenizer(tiny: Path) -> Any:
 def hf_base(tiny: Path, hf_tokenizer: Any) -> list[list[tuple[str, float]]]:
     from transformers import AutoModelForCausalLM
 
-    return hf_beams(AutoModelForCausalLM.from_pretrained(tiny), hf_tokenizer, PROMPTS)
+    return transformers_beams(AutoModelForCausalLM.from_pretrained(tiny), hf_tokenizer, PROMPTS)
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +115,7 @@ def hf_lora(tiny: Path, adapter: Path, hf_tokenizer: Any) -> list[list[tuple[str
     from transformers import AutoModelForCausalLM
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), adapter)
-    return hf_beams(model, hf_tokenizer, PROMPTS)
+    return transformers_beams(model, hf_tokenizer, PROMPTS)
 
 
 def generator(model: Path, lora: Path | None = None, **kwargs: Any) -> Any:

@@ -4,9 +4,6 @@ adapter, a damaged cache rebuilt, and inference that never imports peft."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gloss_cli.cli import app
-from tests.conftest import CACHE_DAMAGES, Recording, damage_cache
+from tests.conftest import CACHE_DAMAGES, Recording, damage_cache, gloss_in_fresh_process
 
 runner = CliRunner()
 
@@ -137,15 +134,6 @@ def test_recommend_on_transformers_never_imports_peft(trained: Path) -> None:
     args = ["recommend", "--user", user, "-p", "p", "--backend", "hf", "--json", "-q"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
-    code = (
-        "import sys; from gloss_cli.cli import app; from typer.testing import CliRunner; "
-        f"r = CliRunner().invoke(app, {args!r}); assert r.exit_code == 0, r.output; "
-        "print(r.stdout); "
-        "print([m for m in sys.modules if m.split('.')[0] in ('peft', 'bitsandbytes')], file=sys.stderr)"
-    )
-    root = str(Path(__file__).resolve().parent.parent)
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == "[]"
-    assert json.loads(done.stdout)["queries"] == json.loads(first.stdout)["queries"]
+    out, imported = gloss_in_fresh_process(args, ("peft", "bitsandbytes"))
+    assert imported == []
+    assert json.loads(out)["queries"] == json.loads(first.stdout)["queries"]
